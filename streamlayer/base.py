@@ -1,0 +1,138 @@
+"""What every streamlayer layer shares: config, serializer, connections,
+validation and the retry boundary.
+
+Name validation and the capacity lookup are Channels' own
+(:class:`channels.layers.BaseChannelLayer`); this class only turns the spec's
+rules into clear exceptions and wires the shared pieces together.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, TypeVar
+
+from channels.layers import BaseChannelLayer
+
+from .config import LayerConfig
+from .connections import ConnectionManager
+from .retry import retry_transient
+from .serializers import MessageSerializer, registry
+
+__all__ = ["RESERVED_KEY", "LayerStats", "StreamlayerLayer"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: The key under which a message carries its process-specific destination(s).
+#: Shared with channels_redis; a message from a caller must not contain it.
+RESERVED_KEY = "__asgi_channel__"
+
+
+@dataclass
+class LayerStats:
+    """Counters of one layer instance (process-local)."""
+
+    sent: int = 0
+    received: int = 0
+    full: int = 0
+    expired: int = 0
+    dropped: int = 0
+    decode_errors: int = 0
+    retries: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
+    """Base class of the three streamlayer backends."""
+
+    extensions: ClassVar[list[str]] = ["groups", "flush"]
+    #: Random bytes put before each serialized message unless the config says otherwise.
+    default_random_prefix_length: ClassVar[int] = 0
+
+    def __init__(self, **options: Any) -> None:
+        self.config = LayerConfig.from_options(options)
+        super().__init__(expiry=self.config.expiry, capacity=self.config.capacity)
+        # BaseChannelLayer.get_capacity() reads this compiled list.
+        self.channel_capacity = list(self.config.channel_capacity)
+        self.prefix = self.config.prefix
+        self.group_expiry = self.config.group_expiry
+        prefix_length = self.config.random_prefix_length
+        self._serializer: MessageSerializer = registry.get_serializer(
+            self.config.serializer_format,
+            symmetric_encryption_keys=list(self.config.symmetric_encryption_keys),
+            random_prefix_length=(
+                self.default_random_prefix_length if prefix_length is None else prefix_length
+            ),
+            expiry=self.config.expiry,
+        )
+        self.connections = ConnectionManager(self.config.hosts)
+        self.stats = LayerStats()
+
+    def __repr__(self) -> str:
+        hosts = ", ".join(h.describe() for h in self.config.hosts)
+        return f"<{type(self).__name__} prefix={self.prefix!r} hosts=[{hosts}]>"
+
+    # --- serialization ---------------------------------------------------------
+
+    def serialize(self, message: dict[str, Any]) -> bytes:
+        return self._serializer.serialize(message)
+
+    def deserialize(self, data: bytes) -> dict[str, Any]:
+        return self._serializer.deserialize(data)
+
+    def try_deserialize(self, data: bytes, where: str) -> dict[str, Any] | None:
+        """Decode ``data``; a corrupt or undecryptable entry is logged, counted and skipped."""
+        try:
+            message = self.deserialize(data)
+        except Exception as exc:
+            self.stats.decode_errors += 1
+            logger.warning("skipped an undecodable message on %s: %r", where, exc)
+            return None
+        if not isinstance(message, dict):
+            self.stats.decode_errors += 1
+            logger.warning("skipped a message on %s that is not a dict", where)
+            return None
+        return message
+
+    # --- validation: clear exceptions, never asserts ---------------------------
+
+    def check_channel(self, channel: Any, *, receive: bool = False) -> str:
+        self.require_valid_channel_name(channel, receive=receive)
+        return str(channel)
+
+    def check_group(self, group: Any) -> str:
+        self.require_valid_group_name(group)
+        return str(group)
+
+    def check_message(self, message: Any) -> dict[str, Any]:
+        if not isinstance(message, dict):
+            raise TypeError(f"message must be a dict, got {type(message).__name__}")
+        if RESERVED_KEY in message:
+            raise ValueError(f"message must not contain the reserved key {RESERVED_KEY!r}")
+        return message
+
+    # --- the retry boundary ------------------------------------------------------
+
+    async def with_retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis operation under the shared retry policy (see :mod:`streamlayer.retry`)."""
+        return await retry_transient(
+            call, timeout=self.config.retry_timeout, what=what, on_retry=self._count_retry
+        )
+
+    def _count_retry(self, error: BaseException) -> None:
+        self.stats.retries += 1
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop background work and close this event loop's connections."""
+        await self.connections.close()
+
+    async def close_pools(self) -> None:
+        """channels_redis' name for :meth:`close`."""
+        await self.close()

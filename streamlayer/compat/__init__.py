@@ -1,0 +1,7 @@
+"""Layers that keep channels_redis' wire format, for migrations and mixed fleets."""
+
+from __future__ import annotations
+
+from .core import RedisChannelLayer
+
+__all__ = ["RedisChannelLayer"]

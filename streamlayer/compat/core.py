@@ -1,0 +1,463 @@
+"""The classic sorted-set channel layer, wire-compatible with ``channels_redis.core`` 4.x.
+
+Same keys, same bytes, same sharding as the incumbent (see :mod:`streamlayer.keys`),
+so old and new processes can share one Redis during a migration. What changes
+is everything that does not show on the wire:
+
+* a send is one round trip (one script: trim expired, check capacity, add, set TTL)
+  instead of four;
+* a normal-channel receive is one blocking pop; a cancelled receive parks the
+  message it was fetching for the next receive instead of losing it;
+* process-specific channels are read by one background reader per inbox that
+  pops in batches and hands messages to local queues, so ``receive()`` is a
+  plain await;
+* transient connection errors are retried (one policy, ``retry_timeout``
+  seconds) inside send, receive and group_send;
+* messages older than ``expiry`` are never handed out, even when read late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ..base import RESERVED_KEY, StreamlayerLayer
+from ..exceptions import ChannelFull, LayerClosed
+from ..keys import (
+    classic_backup_key,
+    classic_channel_key,
+    classic_group_key,
+    non_local_name,
+    scan_pattern,
+)
+from ..local import LocalChannels
+from ..scripts import (
+    CLASSIC_GROUP_MEMBERS,
+    CLASSIC_GROUP_SEND,
+    CLASSIC_RESTORE_BACKUP,
+    CLASSIC_SEND,
+)
+
+__all__ = ["RedisChannelLayer"]
+
+logger = logging.getLogger(__name__)
+
+#: How many messages the inbox reader pops per round trip when its inbox is busy.
+READ_BATCH = 256
+#: Longest single blocking pop; also bounded by half the socket timeout.
+BLOCK_SECONDS = 5.0
+_SCAN_COUNT = 1000
+
+
+@dataclass
+class _Popped:
+    """A message taken off a normal channel, kept with what is needed to put it back."""
+
+    shard: int
+    key: str
+    member: bytes
+    score: float
+    message: dict[str, Any]
+
+
+class _InboxReader:
+    """Pops one process inbox (``<prefix><name>!``) and hands messages to local channels.
+
+    Runs in one event loop while receivers wait, and stops by itself when
+    none are left; the layer starts it again on the next receive.
+    """
+
+    def __init__(self, layer: RedisChannelLayer, inbox: str) -> None:
+        self.layer = layer
+        self.inbox = inbox
+        self.key = classic_channel_key(layer.prefix, inbox)
+        self.shard = layer.connections.shard_for(inbox)
+        self.loop = asyncio.get_running_loop()
+        self.task = self.loop.create_task(self._run(), name=f"streamlayer-inbox-{inbox}")
+
+    def usable_from(self, loop: asyncio.AbstractEventLoop) -> bool:
+        return not self.task.done() and self.loop is loop
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+    async def _run(self) -> None:
+        layer = self.layer
+        try:
+            while layer.local.waiting():
+                popped = await layer.with_retry(f"read inbox {self.key!r}", self._pop)
+                for member, score in popped:
+                    layer.dispatch_inbox(member, score)
+                layer.local.sweep(time.time())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.error("inbox reader for %s stopped: %r", self.key, exc)
+            layer.local.fail(exc)
+
+    async def _pop(self) -> list[tuple[bytes, float]]:
+        client = self.layer.connections.client(self.shard)
+        batch: list[tuple[bytes, float]] = await client.zpopmin(self.key, READ_BATCH)
+        if batch:
+            return batch
+        timeout = self.layer.connections.block_timeout(self.shard, BLOCK_SECONDS)
+        result = await client.bzpopmin(self.key, timeout=timeout)
+        return [] if result is None else [(result[1], result[2])]
+
+
+class RedisChannelLayer(StreamlayerLayer):
+    """Sorted-set channel layer; drop-in for ``channels_redis.core.RedisChannelLayer``."""
+
+    default_random_prefix_length = 12  # sorted-set members must be unique
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.client_prefix = uuid.uuid4().hex
+        #: Messages of this process's specific channels, fetched but not yet received.
+        self.local = LocalChannels(self.get_capacity)
+        self._readers: dict[str, _InboxReader] = {}
+        #: Normal-channel messages whose receive was cancelled while they were in flight.
+        self._parked: dict[str, deque[_Popped]] = {}
+        self._fetches: set[asyncio.Task[_Popped]] = set()
+        #: Fetches still running for receives that were cancelled, per channel.
+        self._orphans: dict[str, deque[asyncio.Task[_Popped]]] = {}
+        #: (shard, key) pairs whose channels_redis $inflight backup was already restored.
+        self._restored: set[tuple[int, str]] = set()
+
+    @property
+    def expiry_ttl(self) -> int:
+        """Key TTL in whole seconds (EXPIRE takes integers; never 0, which deletes)."""
+        return max(1, math.ceil(self.expiry))
+
+    # --- channel layer API --------------------------------------------------------
+
+    async def new_channel(self, prefix: str = "specific") -> str:
+        """A new process-specific channel name, received through this layer's inbox."""
+        return f"{prefix}.{self.client_prefix}!{uuid.uuid4().hex}"
+
+    async def send(self, channel: str, message: dict[str, Any]) -> None:
+        """Send ``message`` to ``channel``; raises ChannelFull when it is at capacity."""
+        self.check_message(message)
+        self.check_channel(channel)
+        if "!" in channel:
+            message = {**message, RESERVED_KEY: channel}
+            shard = self.connections.shard_for(non_local_name(channel))
+        else:
+            shard = self.connections.shard_for(channel)
+        key = classic_channel_key(self.prefix, channel)
+        capacity = self.get_capacity(channel)
+        data = self.serialize(message)  # serialized once: a retried send adds the same member
+        now = time.time()
+        args = [data, now, now - self.expiry, capacity, self.expiry_ttl]
+        stored = await self.with_retry(
+            f"send to {channel!r}",
+            lambda: CLASSIC_SEND(self.connections.client(shard), [key], args),
+        )
+        if not stored:
+            self.stats.full += 1
+            raise ChannelFull(f"channel {channel!r} is at its capacity of {capacity} messages")
+        self.stats.sent += 1
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        """The next message on ``channel``. Cancelling it loses no message."""
+        self.check_channel(channel)
+        if "!" in channel:
+            message = await self._receive_local(channel)
+        else:
+            message = await self._receive_normal(channel)
+        self.stats.received += 1
+        return message
+
+    # --- process-specific channels ------------------------------------------------------
+
+    async def _receive_local(self, channel: str) -> dict[str, Any]:
+        inbox = non_local_name(channel)
+        if not inbox.endswith(f".{self.client_prefix}!"):
+            raise ValueError(
+                f"cannot receive on {channel!r}: it was not made by this layer's new_channel()"
+            )
+        loop = asyncio.get_running_loop()
+        reader = self._readers.get(inbox)
+        if reader is not None and not reader.usable_from(loop):
+            if not reader.task.done() and not reader.loop.is_closed():
+                raise RuntimeError(
+                    "receive() on process-specific channels from two event loops at once: "
+                    "use one layer per event loop"
+                )
+            reader = None
+        if reader is None and not self.local.has_queued(channel):
+            # The task first runs after get() below has registered this receiver.
+            self._readers[inbox] = _InboxReader(self, inbox)
+        return await self.local.get(channel)
+
+    def dispatch_inbox(self, member: bytes, score: float) -> None:
+        """Decode one inbox entry and hand it to its local channel(s)."""
+        if score < time.time() - self.expiry:
+            self.stats.expired += 1
+            return
+        message = self.try_deserialize(member, "the process inbox")
+        if message is None:
+            return
+        target = message.pop(RESERVED_KEY, None)
+        channels = [target] if isinstance(target, str) else list(target or ())
+        deadline = score + self.expiry
+        for channel in channels:
+            copy = dict(message) if len(channels) > 1 else message
+            self.local.deliver(channel, copy, deadline)
+
+    # --- normal channels ----------------------------------------------------------------
+
+    async def _receive_normal(self, channel: str) -> dict[str, Any]:
+        parked = self._parked.get(channel)
+        if parked:
+            popped = parked.popleft()
+            if not parked:
+                del self._parked[channel]
+            return popped.message
+        fetch = self._adopt_orphan(channel) or self._start_fetch(channel)
+        try:
+            popped = await asyncio.shield(fetch)
+        except asyncio.CancelledError:
+            if not fetch.cancelled():
+                # The pop may already be on its way back: let it land, and leave
+                # it to the next receive on this channel (adopted or parked).
+                self._orphans.setdefault(channel, deque()).append(fetch)
+                fetch.add_done_callback(self._park)
+            raise
+        return popped.message
+
+    def _start_fetch(self, channel: str) -> asyncio.Task[_Popped]:
+        fetch = asyncio.ensure_future(self._fetch_normal(channel))
+        self._fetches.add(fetch)
+        fetch.add_done_callback(self._fetches.discard)
+        return fetch
+
+    def _adopt_orphan(self, channel: str) -> asyncio.Task[_Popped] | None:
+        """Reuse a fetch left running by a cancelled receive: keeps FIFO order."""
+        orphans = self._orphans.get(channel)
+        if not orphans:
+            return None
+        fetch = orphans.popleft()
+        if not orphans:
+            del self._orphans[channel]
+        fetch.remove_done_callback(self._park)
+        return fetch
+
+    def _park(self, fetch: asyncio.Task[_Popped]) -> None:
+        """Done-callback of an orphaned fetch: keep its message for the next receive."""
+        for channel, orphans in self._orphans.items():
+            if fetch in orphans:
+                orphans.remove(fetch)
+                if not orphans:
+                    del self._orphans[channel]
+                break
+        else:
+            return  # adopted by a receive in the meantime: it hands the message over
+        if fetch.cancelled() or fetch.exception() is not None:
+            return
+        popped = fetch.result()
+        self._parked.setdefault(channel, deque()).append(popped)
+
+    async def _fetch_normal(self, channel: str) -> _Popped:
+        key = classic_channel_key(self.prefix, channel)
+        while True:
+            popped = await self._pop_normal(channel, key)
+            if popped is None:
+                continue
+            shard, member, score = popped
+            if score < time.time() - self.expiry:
+                self.stats.expired += 1
+                continue
+            message = self.try_deserialize(member, f"channel {channel!r}")
+            if message is not None:
+                message.pop(RESERVED_KEY, None)  # group_send names the channel; drop it
+                return _Popped(shard, key, member, score, message)
+
+    async def _pop_normal(self, channel: str, key: str) -> tuple[int, bytes, float] | None:
+        """Block on the channel's home shard; when that times out, look at the others.
+
+        We put a normal channel on the shard its name hashes to, so its capacity
+        and order hold; channels_redis spreads sends round-robin over the shards,
+        and the sweep of the other shards picks those up in a mixed fleet.
+        """
+        home = self.connections.shard_for(channel)
+        await self._restore_backup_once(home, key)
+        timeout = self.connections.block_timeout(home, BLOCK_SECONDS)
+        result = await self.with_retry(
+            f"receive on {channel!r}",
+            lambda: self.connections.client(home).bzpopmin(key, timeout=timeout),
+        )
+        if result is not None:
+            return home, result[1], result[2]
+        for shard in range(self.connections.ring_size):
+            if shard == home:
+                continue
+            await self._restore_backup_once(shard, key)
+            found = await self.with_retry(
+                f"receive on {channel!r}",
+                lambda shard=shard: self.connections.client(shard).zpopmin(key, 1),
+            )
+            if found:
+                return shard, found[0][0], found[0][1]
+        return None
+
+    async def _restore_backup_once(self, shard: int, key: str) -> None:
+        """Return what a crashed channels_redis receiver left in flight (once per channel)."""
+        if (shard, key) in self._restored:
+            return
+        moved = await self.with_retry(
+            f"restore {classic_backup_key(key)!r}",
+            lambda: CLASSIC_RESTORE_BACKUP(
+                self.connections.client(shard), [key, classic_backup_key(key)], []
+            ),
+        )
+        if moved:
+            logger.info("restored %d in-flight message(s) into %s", moved, key)
+        self._restored.add((shard, key))
+
+    # --- groups ------------------------------------------------------------------------
+
+    async def group_add(self, group: str, channel: str) -> None:
+        """Add ``channel`` to ``group`` (membership lasts ``group_expiry`` seconds)."""
+        self.check_group(group)
+        self.check_channel(channel)
+        key = classic_group_key(self.prefix, group)
+        shard = self.connections.shard_for(group)
+
+        async def add() -> None:
+            pipe = self.connections.client(shard).pipeline(transaction=False)
+            pipe.zadd(key, {channel: time.time()})
+            pipe.expire(key, self.group_expiry)
+            await pipe.execute()
+
+        await self.with_retry(f"group_add to {group!r}", add)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        """Remove ``channel`` from ``group``; a channel that is not a member is ignored."""
+        self.check_group(group)
+        self.check_channel(channel)
+        key = classic_group_key(self.prefix, group)
+        shard = self.connections.shard_for(group)
+        await self.with_retry(
+            f"group_discard from {group!r}",
+            lambda: self.connections.client(shard).zrem(key, channel),
+        )
+
+    async def group_send(self, group: str, message: dict[str, Any]) -> None:
+        """Send ``message`` to every member of ``group``; full members are skipped."""
+        self.check_group(group)
+        self.check_message(message)
+        members = await self._group_members(group)
+        plan = self._plan_group_send(members, message)
+        now = time.time()
+        results = await asyncio.gather(
+            *(self._group_send_shard(group, shard, batch, now) for shard, batch in plan.items())
+        )
+        full = sum(results)
+        self.stats.sent += len(members) - full
+        if full:
+            self.stats.full += full
+            logger.info("%d of %d channels over capacity in group %s", full, len(members), group)
+
+    async def _group_members(self, group: str) -> list[str]:
+        key = classic_group_key(self.prefix, group)
+        shard = self.connections.shard_for(group)
+        cutoff = time.time() - self.group_expiry
+        raw = await self.with_retry(
+            f"group_send to {group!r}",
+            lambda: CLASSIC_GROUP_MEMBERS(self.connections.client(shard), [key], [cutoff]),
+        )
+        return [m.decode("utf8") for m in raw]
+
+    def _plan_group_send(
+        self, members: Iterable[str], message: dict[str, Any]
+    ) -> dict[int, list[tuple[str, bytes, int]]]:
+        """Per shard: (key, payload, capacity). Local channels of one process share a
+        key, so they share one payload that names all of them (as channels_redis does)."""
+        targets: dict[str, list[str]] = {}
+        for channel in members:
+            targets.setdefault(classic_channel_key(self.prefix, channel), []).append(channel)
+        plan: dict[int, list[tuple[str, bytes, int]]] = {}
+        for key, channels in targets.items():
+            payload = {**message, RESERVED_KEY: channels}
+            shard = self.connections.shard_for(non_local_name(channels[0]))
+            entry = (key, self.serialize(payload), self.get_capacity(channels[0]))
+            plan.setdefault(shard, []).append(entry)
+        return plan
+
+    async def _group_send_shard(
+        self, group: str, shard: int, batch: list[tuple[str, bytes, int]], now: float
+    ) -> int:
+        keys = [key for key, _, _ in batch]
+        args: list[Any] = [data for _, data, _ in batch]
+        args += [capacity for _, _, capacity in batch]
+        args += [now, now - self.expiry, self.expiry_ttl]
+        full: int = await self.with_retry(
+            f"group_send to {group!r}",
+            lambda: CLASSIC_GROUP_SEND(self.connections.client(shard), keys, args),
+        )
+        return full
+
+    # --- flush and close -------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Delete every key of this prefix on every shard, and drop local state."""
+        await self._stop_background(LayerClosed("the channel layer was flushed"))
+        self._parked.clear()
+        self.local.clear()
+        for shard in range(self.connections.ring_size):
+            await self.with_retry("flush", lambda shard=shard: self._delete_prefix(shard))
+        await self.connections.close()
+
+    async def _delete_prefix(self, shard: int) -> None:
+        client = self.connections.client(shard)
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=scan_pattern(self.prefix), count=_SCAN_COUNT):
+            batch.append(key)
+            if len(batch) >= _SCAN_COUNT:
+                await client.unlink(*batch)
+                batch = []
+        if batch:
+            await client.unlink(*batch)
+
+    async def close(self) -> None:
+        """Stop readers, return parked normal-channel messages to Redis, close connections."""
+        await self._stop_background(LayerClosed("the channel layer was closed"))
+        await self._return_parked()
+        await super().close()
+
+    async def _stop_background(self, error: BaseException) -> None:
+        self.local.fail(error)
+        readers, self._readers = list(self._readers.values()), {}
+        loop = asyncio.get_running_loop()
+        for reader in readers:
+            if reader.loop is loop:
+                await reader.stop()
+        fetches = [f for f in self._fetches if f.get_loop() is loop]
+        for fetch in fetches:
+            fetch.cancel()
+        self._orphans.clear()
+        await asyncio.gather(*fetches, return_exceptions=True)
+        self._restored.clear()
+
+    async def _return_parked(self) -> None:
+        """Put messages parked by cancelled receives back at the head of their channels."""
+        parked, self._parked = self._parked, {}
+        for queue in parked.values():
+            for popped in queue:
+                await self.with_retry(
+                    "return a parked message",
+                    lambda p=popped: self.connections.client(p.shard).zadd(
+                        p.key, {p.member: p.score}
+                    ),
+                )

@@ -1,0 +1,176 @@
+"""Connection pools: one module owns them all.
+
+redis-py's asyncio connections belong to the event loop that opened them.
+Django code reaches a layer from many loops (``async_to_sync`` in a view, a
+management command or a Celery task runs each call on a fresh loop), so every
+pool here is kept per host *and* per running loop. A small guard task in each
+loop closes that loop's pools when the loop winds down (``asyncio.run`` and
+asgiref cancel every remaining task before closing a loop), and pools of
+loops found closed are dropped, so nothing is reused across loops or leaked.
+
+The shard choice for a key is the same CRC-based consistent hash that
+channels_redis uses, so both put a given channel or group on the same server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from redis import asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
+
+from .config import HostSpec
+
+__all__ = ["ConnectionManager", "consistent_hash", "create_pool"]
+
+logger = logging.getLogger(__name__)
+
+#: redis-py's default socket timeout; blocking reads must stay well inside it.
+DEFAULT_SOCKET_TIMEOUT = 5.0
+
+
+def consistent_hash(value: str | bytes, ring_size: int) -> int:
+    """Map ``value`` onto one of ``ring_size`` shards (channels_redis' ring: CRC32 mod 4096)."""
+    if ring_size == 1:
+        return 0
+    raw = value.encode("utf8") if isinstance(value, str) else value
+    bucket = binascii.crc32(raw) & 0xFFF
+    return int(bucket / (4096 / float(ring_size)))
+
+
+def _pool_kwargs(spec: HostSpec) -> dict[str, Any]:
+    kwargs = dict(spec.kwargs)
+    # Retries belong to streamlayer.retry alone: one policy, one documented bound.
+    kwargs.setdefault("retry", Retry(NoBackoff(), 0))
+    return kwargs
+
+
+def create_pool(spec: HostSpec) -> tuple[aioredis.ConnectionPool, list[aioredis.Redis]]:
+    """A connection pool for ``spec`` plus the extra clients it owns (Sentinel's)."""
+    kwargs = _pool_kwargs(spec)
+    if spec.is_sentinel:
+        sentinel = Sentinel(
+            list(spec.sentinels),
+            sentinel_kwargs=None if spec.sentinel_kwargs is None else dict(spec.sentinel_kwargs),
+        )
+        pool = SentinelConnectionPool(spec.master_name, sentinel, **kwargs)
+        return pool, list(sentinel.sentinels)
+    if spec.url is not None:
+        return aioredis.ConnectionPool.from_url(spec.url, **kwargs), []
+    return aioredis.ConnectionPool(**kwargs), []
+
+
+def socket_timeout(spec: HostSpec) -> float | None:
+    """The socket timeout redis-py will use for ``spec`` (None: wait forever)."""
+    if "socket_timeout" in spec.kwargs:
+        value = spec.kwargs["socket_timeout"]
+        return None if value is None else float(value)
+    return DEFAULT_SOCKET_TIMEOUT
+
+
+class _LoopClients:
+    """The clients of one event loop; closed by its guard task when the loop winds down."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, manager: ConnectionManager) -> None:
+        self.loop = loop
+        self.clients: dict[int, aioredis.Redis] = {}
+        self.extras: list[aioredis.Redis] = []
+        self._manager = manager
+        self._guard = loop.create_task(self._guard_loop(), name="streamlayer-connection-guard")
+
+    def client(self, index: int) -> aioredis.Redis:
+        client = self.clients.get(index)
+        if client is None:
+            pool, extras = create_pool(self._manager.hosts[index])
+            client = aioredis.Redis(connection_pool=pool)
+            self.clients[index] = client
+            self.extras.extend(extras)
+        return client
+
+    async def _guard_loop(self) -> None:
+        try:
+            await asyncio.get_running_loop().create_future()
+        finally:
+            self._manager._forget(self)
+            await self._close_clients()
+
+    async def _close_clients(self) -> None:
+        clients, extras = list(self.clients.values()), self.extras
+        self.clients, self.extras = {}, []
+        for client in [*clients, *extras]:
+            try:
+                await client.aclose(close_connection_pool=True)
+            except Exception:  # a dead connection must not stop the others closing
+                logger.debug("error closing a Redis client", exc_info=True)
+
+    async def close(self) -> None:
+        """Close every client now (from inside this loop) and stop the guard."""
+        self._guard.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._guard
+        await self._close_clients()
+
+
+class ConnectionManager:
+    """Owns the Redis clients of one layer: per host (shard) and per event loop."""
+
+    def __init__(self, hosts: Sequence[HostSpec]) -> None:
+        if not hosts:
+            raise ValueError("at least one host is required")
+        self.hosts = tuple(hosts)
+        self._loops: dict[asyncio.AbstractEventLoop, _LoopClients] = {}
+
+    @property
+    def ring_size(self) -> int:
+        return len(self.hosts)
+
+    def shard_for(self, name: str | bytes) -> int:
+        return consistent_hash(name, len(self.hosts))
+
+    def client(self, index: int) -> aioredis.Redis:
+        """The client for shard ``index`` in the running event loop (created lazily)."""
+        loop = asyncio.get_running_loop()
+        clients = self._loops.get(loop)
+        if clients is None:
+            self._drop_closed_loops()
+            clients = self._loops[loop] = _LoopClients(loop, self)
+        return clients.client(index)
+
+    def block_timeout(self, index: int, wanted: float) -> float:
+        """How long a blocking command on shard ``index`` may wait: at most ``wanted``,
+        and at most half the socket timeout, so an idle wait never looks like a dead socket."""
+        timeout = socket_timeout(self.hosts[index])
+        if timeout is None:
+            return wanted
+        return max(0.01, min(wanted, timeout / 2))
+
+    async def close(self) -> None:
+        """Close this loop's clients; forget those of loops that are already closed."""
+        self._drop_closed_loops()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # pragma: no cover - close() is always awaited
+            return
+        clients = self._loops.pop(loop, None)
+        if clients is not None:
+            await clients.close()
+
+    def open_loops(self) -> int:
+        """How many event loops currently hold clients (for tests and diagnostics)."""
+        self._drop_closed_loops()
+        return len(self._loops)
+
+    def _forget(self, clients: _LoopClients) -> None:
+        if self._loops.get(clients.loop) is clients:
+            del self._loops[clients.loop]
+
+    def _drop_closed_loops(self) -> None:
+        for loop in [loop for loop in self._loops if loop.is_closed()]:
+            del self._loops[loop]

@@ -1,0 +1,50 @@
+"""Redis key names, as pure functions: tests assert them and the docs show them.
+
+The classic layout is channels_redis 4.x's, byte for byte, so that processes
+running it and processes running :mod:`streamlayer.compat.core` share one
+Redis during a migration:
+
+* a channel's messages: ``<prefix><channel>`` (no separator!), a sorted set of
+  serialized messages scored by send time. Every process-specific channel of
+  one process shares the key of its non-local part, ``<prefix><name>!``;
+* the in-flight backup of a channel: ``<channel key>$inflight``;
+* a group: ``<prefix>:group:<group>``, a sorted set of channel names scored by
+  join time.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "classic_backup_key",
+    "classic_channel_key",
+    "classic_group_key",
+    "non_local_name",
+    "scan_pattern",
+]
+
+
+def non_local_name(channel: str) -> str:
+    """The part of a channel name up to and including ``!`` (the whole name if none)."""
+    bang = channel.find("!")
+    return channel if bang < 0 else channel[: bang + 1]
+
+
+def classic_channel_key(prefix: str, channel: str) -> str:
+    """Sorted set holding the messages of ``channel`` (of its process, if it has ``!``)."""
+    return prefix + non_local_name(channel)
+
+
+def classic_backup_key(channel_key: str) -> str:
+    """Where channels_redis parks a message between popping and handing it over."""
+    return channel_key + "$inflight"
+
+
+def classic_group_key(prefix: str, group: str) -> str:
+    """Sorted set of a group's member channels, scored by the time they joined."""
+    return f"{prefix}:group:{group}"
+
+
+def scan_pattern(prefix: str) -> str:
+    """A SCAN MATCH pattern for every key starting with ``prefix`` (glob characters escaped)."""
+    escaped = "".join("\\" + c if c in "*?[]\\" else c for c in prefix)
+    return escaped + "*"

@@ -1,0 +1,133 @@
+"""Per-process delivery of messages to local channels.
+
+A background reader fetches messages for many process-specific channels at
+once; this object holds them until ``receive()`` asks. It is deliberately
+dumb: bounded per-channel queues plus a list of waiting receivers, so that a
+``receive()`` is nothing but an await on a future and can be cancelled at any
+moment without losing or duplicating a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["LocalChannels"]
+
+logger = logging.getLogger(__name__)
+
+Message = dict[str, Any]
+#: A queued message with the wall-clock time after which it must not be delivered.
+_Entry = tuple[float, Message]
+
+
+class LocalChannels:
+    """Bounded queues of delivered-but-not-received messages, one per local channel."""
+
+    def __init__(self, capacity_for: Callable[[str], int]) -> None:
+        self._capacity_for = capacity_for
+        self._queues: dict[str, deque[_Entry]] = {}
+        self._waiters: dict[str, deque[asyncio.Future[_Entry]]] = {}
+        #: Messages thrown away because their channel's queue was full.
+        self.dropped = 0
+        #: Messages that reached their deadline before anyone received them.
+        self.expired = 0
+
+    def waiting(self) -> int:
+        """How many receivers are waiting right now."""
+        return sum(len(w) for w in self._waiters.values())
+
+    def has_queued(self, channel: str) -> bool:
+        return bool(self._queues.get(channel))
+
+    def queued(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def deliver(self, channel: str, message: Message, deadline: float) -> None:
+        """Hand ``message`` to a waiting receiver of ``channel``, or queue it."""
+        if self._wake_one(channel, (deadline, message)):
+            return
+        queue = self._queues.setdefault(channel, deque())
+        if len(queue) >= self._capacity_for(channel):
+            # Nobody has read this channel for a while: its consumer is gone or
+            # stuck. Dropping the oldest keeps memory bounded.
+            queue.popleft()
+            self.dropped += 1
+            logger.warning("local channel %s is full; dropped its oldest message", channel)
+        queue.append((deadline, message))
+
+    async def get(self, channel: str) -> Message:
+        """The next message of ``channel``, waiting for one if needed. Cancellation-safe."""
+        message = self._pop_live(channel)
+        if message is not None:
+            return message
+        while True:
+            deadline, message = await self._wait(channel)
+            if deadline >= time.time():
+                return message
+            self.expired += 1
+
+    def fail(self, error: BaseException) -> None:
+        """Wake every waiting receiver with ``error`` (the reader gave up, or the layer closed)."""
+        waiters, self._waiters = self._waiters, {}
+        for queue in waiters.values():
+            for future in queue:
+                if not future.done():
+                    future.set_exception(error)
+
+    def clear(self) -> None:
+        self._queues.clear()
+
+    def sweep(self, now: float) -> None:
+        """Forget queues whose messages have all expired (their consumer is gone)."""
+        for channel in [c for c, q in self._queues.items() if q and q[-1][0] < now]:
+            self.expired += len(self._queues.pop(channel))
+
+    def _pop_live(self, channel: str) -> Message | None:
+        queue = self._queues.get(channel)
+        now = time.time()
+        while queue:
+            deadline, message = queue.popleft()
+            if not queue:
+                del self._queues[channel]
+            if deadline >= now:
+                return message
+            self.expired += 1
+        return None
+
+    async def _wait(self, channel: str) -> _Entry:
+        future: asyncio.Future[_Entry] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(channel, deque())
+        waiters.append(future)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                # The message arrived in the same instant we were cancelled:
+                # give it to the next receiver instead of losing it.
+                self._requeue(channel, future.result())
+            raise
+        finally:
+            current = self._waiters.get(channel)
+            if current is not None:
+                if future in current:
+                    current.remove(future)
+                if not current:
+                    del self._waiters[channel]
+
+    def _requeue(self, channel: str, entry: _Entry) -> None:
+        if not self._wake_one(channel, entry):
+            self._queues.setdefault(channel, deque()).appendleft(entry)
+
+    def _wake_one(self, channel: str, entry: _Entry) -> bool:
+        waiters = self._waiters.get(channel)
+        while waiters:
+            future = waiters.popleft()
+            if not future.done():
+                future.set_result(entry)
+                return True
+        return False

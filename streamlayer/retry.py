@@ -1,0 +1,84 @@
+"""The one retry policy of streamlayer: transient Redis errors are retried with
+exponential backoff and jitter for at most ``retry_timeout`` seconds.
+
+redis-py's own connection-level retries are switched off in
+:mod:`streamlayer.connections`, so this is the only place where a command is
+repeated and the bound a user configures is the bound they get.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import tenacity
+from redis import exceptions as redis_errors
+
+from .exceptions import RedisUnavailable
+
+__all__ = ["TRANSIENT_ERRORS", "retry_transient"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Errors that say "the server is not reachable right now", not "the command is wrong".
+#: ReadOnlyError is what a demoted master answers during a Sentinel failover;
+#: BusyLoadingError (a ConnectionError) is a restarted server loading its data.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,
+    ConnectionError,
+    TimeoutError,
+)
+
+_INITIAL_WAIT = 0.05
+_MAX_WAIT = 1.0
+
+
+async def retry_transient(
+    call: Callable[[], Awaitable[T]],
+    *,
+    timeout: float,
+    what: str,
+    on_retry: Callable[[BaseException], None] | None = None,
+) -> T:
+    """Await ``call()``, retrying transient errors for up to ``timeout`` seconds.
+
+    The first attempt runs outside tenacity so the happy path costs nothing.
+    ``what`` names the operation and the server in the final error message.
+    ``on_retry`` is told about each transient failure (used to report disconnects).
+    """
+    try:
+        return await call()
+    except TRANSIENT_ERRORS as first:
+        if on_retry is not None:
+            on_retry(first)
+        logger.info("retrying %s after %s: %s", what, type(first).__name__, first)
+
+    def _notify(state: tenacity.RetryCallState) -> None:
+        if on_retry is not None and state.outcome is not None:
+            error = state.outcome.exception()
+            if error is not None:
+                on_retry(error)
+
+    retrying = tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_exception_type(TRANSIENT_ERRORS),
+        wait=tenacity.wait_exponential_jitter(initial=_INITIAL_WAIT, max=_MAX_WAIT),
+        stop=tenacity.stop_after_delay(timeout),
+        after=_notify,
+        reraise=False,
+    )
+    try:
+        async for attempt in retrying:
+            with attempt:
+                return await call()
+    except tenacity.RetryError as exc:
+        cause = exc.last_attempt.exception()
+        raise RedisUnavailable(
+            f"{what}: Redis still unreachable after retrying for {timeout:g}s "
+            f"(retry_timeout): {cause}"
+        ) from cause
+    raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
