@@ -66,7 +66,7 @@ async def retry_transient(
 
     retrying = tenacity.AsyncRetrying(
         retry=tenacity.retry_if_exception_type(TRANSIENT_ERRORS),
-        wait=tenacity.wait_exponential_jitter(initial=_INITIAL_WAIT, max=_MAX_WAIT),
+        wait=tenacity.wait_random_exponential(multiplier=_INITIAL_WAIT, max=_MAX_WAIT),
         stop=tenacity.stop_after_delay(timeout),
         after=_notify,
         reraise=False,
