@@ -202,7 +202,7 @@ class SentinelSetup:
                 f"sentinel parallel-syncs {self.master_name} 1",
             ),
         ).start()
-        _wait_until(self._sentinel_sees_replica, _START_TIMEOUT, "sentinel to find the replica")
+        _wait_until(self._sentinel_sees_replica, 30, "sentinel to see the replica in sync")
         return self
 
     def _sentinel_sees_replica(self) -> bool:
@@ -210,7 +210,15 @@ class SentinelSetup:
             return False
         with self.sentinel.client() as client:
             replicas = client.sentinel_slaves(self.master_name)
-            return any(r.get("is_slave") and not r.get("is_sdown") for r in replicas)
+            # A failover needs a replica the sentinel has seen in sync (it re-reads
+            # replicas' INFO every 10 s, so this can take that long after startup).
+            return any(
+                r.get("is_slave")
+                and not r.get("is_sdown")
+                and not r.get("is_disconnected")
+                and r.get("master-link-status") == "ok"
+                for r in replicas
+            )
 
     def host_entry(self) -> dict[str, object]:
         """The ``hosts`` entry a layer uses to reach this master through the sentinel."""

@@ -1,0 +1,146 @@
+"""The shared config surface: accepted forms, defaults, and errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import pytest
+
+from streamlayer.compat.core import RedisChannelLayer
+from streamlayer.config import DEFAULT_HOST, ConfigError, HostSpec, LayerConfig
+
+from .layers import LAYERS, layer_class
+
+
+def build(**options: Any) -> LayerConfig:
+    return LayerConfig.from_options(options)
+
+
+def test_defaults_match_the_incumbent() -> None:
+    config = build()
+    assert config.hosts == (HostSpec(url=DEFAULT_HOST),)
+    assert (config.prefix, config.expiry, config.group_expiry) == ("asgi", 60, 86400)
+    assert (config.capacity, config.channel_capacity) == (100, ())
+    assert config.serializer_format == "msgpack"
+    assert config.symmetric_encryption_keys == ()
+
+
+def test_config_is_immutable() -> None:
+    config = build()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.prefix = "other"  # type: ignore[misc]
+    spec = build(hosts=[{"address": "redis://h:1", "socket_timeout": 3}]).hosts[0]
+    with pytest.raises(TypeError):
+        spec.kwargs["socket_timeout"] = 4  # type: ignore[index]
+
+
+def test_every_host_form() -> None:
+    config = build(
+        hosts=[
+            "redis://:secret@127.0.0.1:6379/0",
+            "rediss://cache.example:6380",
+            "unix:///var/run/redis.sock",
+            ("127.0.0.1", 6381),
+            {"address": "rediss://h:6379", "ssl_cert_reqs": None},
+            {"host": "127.0.0.1", "port": 6382, "db": 2},
+            {
+                "sentinels": [("127.0.0.1", 26379)],
+                "master_name": "mymaster",
+                "sentinel_kwargs": {"password": "s"},
+                "db": 1,
+            },
+        ]
+    )
+    url, tls, unix, pair, tls_dict, params, sentinel = config.hosts
+    assert url.url == "redis://:secret@127.0.0.1:6379/0"
+    assert url.describe() == "redis://127.0.0.1:6379"  # never the password
+    assert tls.describe() == "rediss://cache.example:6380"
+    assert unix.describe() == "unix:///var/run/redis.sock"
+    assert dict(pair.kwargs) == {"host": "127.0.0.1", "port": 6381}
+    assert tls_dict.url == "rediss://h:6379" and dict(tls_dict.kwargs) == {"ssl_cert_reqs": None}
+    assert dict(params.kwargs) == {"host": "127.0.0.1", "port": 6382, "db": 2}
+    assert sentinel.is_sentinel and sentinel.master_name == "mymaster"
+    assert sentinel.sentinels == (("127.0.0.1", 26379),)
+    assert dict(sentinel.kwargs) == {"db": 1}
+    assert dict(sentinel.sentinel_kwargs or {}) == {"password": "s"}
+    assert sentinel.describe() == "sentinel://127.0.0.1:26379/mymaster"
+
+
+def test_channel_capacity_keeps_order_and_compiles_globs() -> None:
+    config = build(
+        capacity=5,
+        channel_capacity={"http.request": 200, "http.response!*": 10, re.compile(r"^ws\..+"): 20},
+    )
+    assert config.capacity_for("http.request") == 200
+    assert config.capacity_for("http.response!abc") == 10
+    assert config.capacity_for("ws.send") == 20
+    assert config.capacity_for("other") == 5
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"hosts": "redis://localhost:6379"}, TypeError, r"hosts=\['redis://localhost:6379'\]"),
+        ({"hosts": []}, ConfigError, "hosts is empty"),
+        ({"hosts": [42]}, TypeError, r"hosts\[0\] must be a URL"),
+        ({"hosts": ["http://x"]}, ConfigError, r"hosts\[0\] must be a redis://"),
+        ({"hosts": [("h", "6379")]}, TypeError, r"hosts\[0\] must be a \(host, port\) pair"),
+        ({"hosts": [{"sentinels": [("h", 1)]}]}, TypeError, "master_name"),
+        ({"hosts": [{"master_name": "m"}]}, TypeError, "'sentinels'"),
+        ({"hosts": [{"master_name": "m", "sentinels": ["h"]}]}, TypeError, "each sentinel"),
+        ({"expiry": -1}, ConfigError, "expiry must be greater than 0"),
+        ({"expiry": "60"}, TypeError, "expiry must be a number"),
+        ({"expiry": True}, TypeError, "expiry must be a number"),
+        ({"group_expiry": 0}, ConfigError, "group_expiry must be at least 1"),
+        ({"group_expiry": 1.5}, TypeError, "group_expiry must be a whole number"),
+        ({"capacity": 0}, ConfigError, "capacity must be at least 1"),
+        ({"channel_capacity": [("a", 1)]}, TypeError, "channel_capacity must be a dict"),
+        ({"channel_capacity": {"a": -1}}, ConfigError, r"channel_capacity\['a'\]"),
+        ({"channel_capacity": {1: 1}}, TypeError, "glob strings or compiled regexes"),
+        ({"symmetric_encryption_keys": "secret"}, TypeError, r"\[SECRET_KEY\]"),
+        ({"symmetric_encryption_keys": [""]}, TypeError, "non-empty strings"),
+        ({"serializer_format": 3}, TypeError, "serializer_format"),
+        ({"prefix": b"asgi"}, TypeError, "prefix must be a string"),
+        ({"random_prefix_length": -2}, TypeError, "random_prefix_length"),
+        ({"on_disconnect": 1}, TypeError, "on_disconnect must be a message type"),
+        ({"retry_timeout": 0}, ConfigError, "retry_timeout must be greater than 0"),
+        ({"expirey": 10}, ConfigError, "'expirey' \\(did you mean 'expiry'\\?\\)"),
+    ],
+)
+def test_bad_values_name_the_key(options: dict[str, Any], error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        build(**options)
+
+
+def test_config_error_is_a_value_error() -> None:
+    assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("layer_path", LAYERS)
+def test_every_layer_accepts_every_key(layer_path: str) -> None:
+    """Switching BACKEND is the only edit: keys a backend does not use are accepted."""
+    layer = layer_class(layer_path)(
+        hosts=[("127.0.0.1", 1)],
+        prefix="p",
+        expiry=30,
+        group_expiry=600,
+        capacity=10,
+        channel_capacity={"a*": 5},
+        symmetric_encryption_keys=["k" * 32],
+        serializer_format="json",
+        random_prefix_length=12,
+        on_disconnect="redis.disconnect",
+        on_reconnect="redis.reconnect",
+        retry_timeout=3,
+    )
+    assert layer.get_capacity("abc") == 5
+    assert layer.config.on_reconnect == "redis.reconnect"
+
+
+def test_unknown_serializer_format_is_clear() -> None:
+    from streamlayer.serializers import SerializerDoesNotExist
+
+    with pytest.raises(SerializerDoesNotExist, match="'yaml'"):
+        RedisChannelLayer(serializer_format="yaml")

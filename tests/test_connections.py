@@ -1,0 +1,220 @@
+"""Connections: per-loop pools that never leak, shard choice, unix sockets, TLS, Sentinel."""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import datetime
+import threading
+from pathlib import Path
+
+import pytest
+from asgiref.sync import async_to_sync
+
+from streamlayer.compat.core import RedisChannelLayer
+from streamlayer.connections import consistent_hash
+
+from .servers import RedisServer, SentinelSetup, free_port
+
+
+def incumbent_hash(value: str, ring_size: int) -> int:
+    """channels_redis' ring, restated here as the oracle."""
+    if ring_size == 1:
+        return 0
+    bigval = binascii.crc32(value.encode("utf8")) & 0xFFF
+    return int(bigval / (4096 / float(ring_size)))
+
+
+def test_consistent_hash_matches_channels_redis() -> None:
+    from channels_redis.utils import _consistent_hash
+
+    names = [f"group-{i}" for i in range(500)] + ["specific.abc!", "http.request", "ü-name"]
+    for ring in (1, 2, 3, 5, 8):
+        for name in names:
+            assert consistent_hash(name, ring) == _consistent_hash(name, ring)
+            assert consistent_hash(name, ring) == incumbent_hash(name, ring)
+    assert {consistent_hash(n, 3) for n in names} == {0, 1, 2}
+
+
+async def wait_for_clients(server: RedisServer, expected: int) -> int:
+    """Poll (bounded) until the server counts ``expected`` clients; return the last count."""
+    count = -1
+    for _ in range(200):
+        count = await asyncio.to_thread(server.connected_clients)
+        if count == expected:
+            return count
+        await asyncio.sleep(0.01)
+    return count
+
+
+async def test_no_connection_outlives_its_event_loop(fresh_server: RedisServer) -> None:
+    """async_to_sync runs each call on a fresh loop; every loop's pool is closed with it."""
+    layer = RedisChannelLayer(hosts=[fresh_server.url], prefix="loops")
+    baseline = await asyncio.to_thread(fresh_server.connected_clients)  # the checker itself
+
+    def sync_caller() -> None:
+        for i in range(30):
+            async_to_sync(layer.send)("loops", {"type": "n", "i": i})
+            async_to_sync(layer.group_add)("g", "loops")
+        async_to_sync(layer.group_send)("g", {"type": "g"})
+
+    threads = [threading.Thread(target=sync_caller) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    await asyncio.to_thread(lambda: [t.join() for t in threads])
+    assert await wait_for_clients(fresh_server, baseline) == baseline
+    assert layer.connections.open_loops() == 0
+    received = [await asyncio.wait_for(layer.receive("loops"), 5) for _ in range(93)]
+    assert len(received) == 93
+    await layer.flush()
+    await layer.close()
+    assert await wait_for_clients(fresh_server, baseline) == baseline
+
+
+async def test_close_releases_connections(fresh_server: RedisServer) -> None:
+    layer = RedisChannelLayer(hosts=[fresh_server.url], prefix="close")
+    baseline = await asyncio.to_thread(fresh_server.connected_clients)
+    channel = await layer.new_channel()
+    waiting = asyncio.ensure_future(layer.receive(channel))
+    await layer.send("close", {"type": "x"})
+    await asyncio.sleep(0.05)  # let the reader start its blocking read
+    await layer.close()
+    with pytest.raises(Exception, match="closed"):
+        await asyncio.wait_for(waiting, 5)
+    assert await wait_for_clients(fresh_server, baseline) == baseline
+    assert [t for t in asyncio.all_tasks() if "streamlayer" in t.get_name()] == []
+
+
+async def test_unix_socket(redis_server: RedisServer, prefix: str) -> None:
+    layer = RedisChannelLayer(hosts=[f"unix://{redis_server.unix_socket}"], prefix=prefix)
+    channel = await layer.new_channel()
+    await layer.send(channel, {"type": "over-a-socket"})
+    assert await asyncio.wait_for(layer.receive(channel), 5) == {"type": "over-a-socket"}
+    with redis_server.client() as client:
+        unix_clients = [c for c in client.client_list() if "U" in c["flags"]]
+    assert unix_clients, "no client connected over the unix socket"
+    await layer.flush()
+    await layer.close()
+
+
+async def test_sharding_puts_keys_where_channels_redis_would(
+    shard_servers: list[RedisServer], prefix: str
+) -> None:
+    hosts = [("127.0.0.1", s.port) for s in shard_servers]
+    layer = RedisChannelLayer(hosts=hosts, prefix=prefix)
+    groups = [f"room-{i}" for i in range(12)]
+    for group in groups:
+        await layer.group_add(group, "member")
+    for group in groups:
+        home = shard_servers[incumbent_hash(group, 3)]
+        with home.client() as client:
+            assert client.exists(f"{prefix}:group:{group}"), group
+    await layer.flush()
+    for server in shard_servers:
+        with server.client() as client:
+            assert client.keys(f"{prefix}*") == []
+    await layer.close()
+
+
+# --- TLS ---------------------------------------------------------------------------
+
+
+def _write_certificates(directory: Path) -> tuple[Path, Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    import ipaddress
+
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "server.crt", directory / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path, cert_path
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> tuple[RedisServer, int, Path]:
+    cert, key, ca = _write_certificates(tmp_path)
+    tls_port = free_port()
+    server = RedisServer(
+        extra_args=(
+            "--tls-port", str(tls_port),
+            "--tls-cert-file", str(cert),
+            "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(ca),
+            "--tls-auth-clients", "no",
+        )  # fmt: skip
+    )
+    try:
+        server.start()
+    except RuntimeError as exc:
+        server.cleanup()
+        pytest.skip(f"this redis-server was built without TLS: {str(exc)[-200:]}")
+    yield server, tls_port, ca  # type: ignore[misc]
+    server.cleanup()
+
+
+@pytest.mark.parametrize("verify", ["ca-file", "no-verify"])
+async def test_tls(tls_server: tuple[RedisServer, int, Path], verify: str, prefix: str) -> None:
+    server, tls_port, ca = tls_server
+    extra = {"ssl_ca_certs": str(ca)} if verify == "ca-file" else {"ssl_cert_reqs": None}
+    layer = RedisChannelLayer(
+        hosts=[{"address": f"rediss://127.0.0.1:{tls_port}", **extra}], prefix=prefix
+    )
+    channel = await layer.new_channel()
+    await layer.send(channel, {"type": "secret"})
+    assert await asyncio.wait_for(layer.receive(channel), 5) == {"type": "secret"}
+    await layer.flush()
+    await layer.close()
+
+
+# --- Sentinel ----------------------------------------------------------------------
+
+
+@pytest.mark.sentinel
+async def test_sentinel_failover_is_survived(prefix: str) -> None:
+    """Kill nothing by hand: ask the sentinel to fail over and keep using the layer."""
+    setup = SentinelSetup().start()
+    try:
+        layer = RedisChannelLayer(hosts=[setup.host_entry()], prefix=prefix, retry_timeout=30)
+        channel = await layer.new_channel()
+        await layer.group_add("failover", channel)
+        await layer.send(channel, {"type": "before"})
+        assert await asyncio.wait_for(layer.receive(channel), 5) == {"type": "before"}
+        old_port = setup.current_master_port()
+        new_port = await asyncio.to_thread(setup.failover)
+        assert new_port != old_port
+        await layer.group_send("failover", {"type": "after"})
+        assert await asyncio.wait_for(layer.receive(channel), 30) == {"type": "after"}
+        await layer.send("failover.normal", {"type": "normal-after"})
+        received = await asyncio.wait_for(layer.receive("failover.normal"), 30)
+        assert received == {"type": "normal-after"}
+        await layer.flush()
+        await layer.close()
+    finally:
+        setup.cleanup()
