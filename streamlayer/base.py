@@ -88,7 +88,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
     def try_deserialize(self, data: bytes, where: str) -> dict[str, Any] | None:
         """Decode ``data``; a corrupt or undecryptable entry is logged, counted and skipped."""
         try:
-            message = self.deserialize(data)
+            message: Any = self.deserialize(data)
         except Exception as exc:
             self.stats.decode_errors += 1
             logger.warning("skipped an undecodable message on %s: %r", where, exc)

@@ -56,11 +56,13 @@ def create_pool(spec: HostSpec) -> tuple[aioredis.ConnectionPool, list[aioredis.
     """A connection pool for ``spec`` plus the extra clients it owns (Sentinel's)."""
     kwargs = _pool_kwargs(spec)
     if spec.is_sentinel:
-        sentinel = Sentinel(
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(spec.sentinels),
             sentinel_kwargs=None if spec.sentinel_kwargs is None else dict(spec.sentinel_kwargs),
         )
-        pool = SentinelConnectionPool(spec.master_name, sentinel, **kwargs)
+        pool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
+            spec.master_name, sentinel, **kwargs
+        )
         return pool, list(sentinel.sentinels)
     if spec.url is not None:
         return aioredis.ConnectionPool.from_url(spec.url, **kwargs), []

@@ -39,11 +39,11 @@ class LuaScript:
         self, client: aioredis.Redis, keys: Sequence[Any], args: Sequence[Any]
     ) -> Any:
         try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
             # First use on this server, or its script cache was emptied by a restart.
             await client.script_load(self.source)
-            return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
 
 
 CLASSIC_SEND = LuaScript(

@@ -15,7 +15,6 @@ from streamlayer import ChannelFull
 
 from .conftest import LayerFactory
 
-
 RECEIVE_TIMEOUT = 10
 
 

@@ -6,6 +6,7 @@ import asyncio
 import binascii
 import datetime
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -158,30 +159,35 @@ def _write_certificates(directory: Path) -> tuple[Path, Path, Path]:
 
 
 @pytest.fixture
-def tls_server(tmp_path: Path) -> tuple[RedisServer, int, Path]:
+def tls_server(tmp_path: Path) -> Iterator[tuple[RedisServer, int, Path]]:
     cert, key, ca = _write_certificates(tmp_path)
     tls_port = free_port()
     server = RedisServer(
         extra_args=(
-            "--tls-port", str(tls_port),
-            "--tls-cert-file", str(cert),
-            "--tls-key-file", str(key),
-            "--tls-ca-cert-file", str(ca),
-            "--tls-auth-clients", "no",
-        )  # fmt: skip
+            "--tls-port",
+            str(tls_port),
+            "--tls-cert-file",
+            str(cert),
+            "--tls-key-file",
+            str(key),
+            "--tls-ca-cert-file",
+            str(ca),
+            "--tls-auth-clients",
+            "no",
+        )
     )
     try:
         server.start()
     except RuntimeError as exc:
         server.cleanup()
         pytest.skip(f"this redis-server was built without TLS: {str(exc)[-200:]}")
-    yield server, tls_port, ca  # type: ignore[misc]
+    yield server, tls_port, ca
     server.cleanup()
 
 
 @pytest.mark.parametrize("verify", ["ca-file", "no-verify"])
 async def test_tls(tls_server: tuple[RedisServer, int, Path], verify: str, prefix: str) -> None:
-    server, tls_port, ca = tls_server
+    _server, tls_port, ca = tls_server
     extra = {"ssl_ca_certs": str(ca)} if verify == "ca-file" else {"ssl_cert_reqs": None}
     layer = RedisChannelLayer(
         hosts=[{"address": f"rediss://127.0.0.1:{tls_port}", **extra}], prefix=prefix

@@ -102,7 +102,9 @@ async def test_client_pause_is_waited_out(
     assert await asyncio.wait_for(layer.receive("during-pause"), 10) == {"type": "p"}
 
 
-async def test_server_restart_is_retried(layer: StreamlayerLayer, fresh_server: RedisServer) -> None:
+async def test_server_restart_is_retried(
+    layer: StreamlayerLayer, fresh_server: RedisServer
+) -> None:
     specific = await layer.new_channel()
     receiving = asyncio.ensure_future(layer.receive(specific))
     await wait_for_blocked_clients(fresh_server, 1)

@@ -114,7 +114,9 @@ async def test_same_keys(pair: tuple[RedisChannelLayer, Any], redis_server: Redi
     assert ours_keys == theirs_keys
     prefix = ours.prefix
     inbox = theirs_channel[: theirs_channel.index("!") + 1]
-    assert ours_keys == sorted([f"{prefix}:group:keys-group", f"{prefix}keys.normal", prefix + inbox])
+    assert ours_keys == sorted(
+        [f"{prefix}:group:keys-group", f"{prefix}keys.normal", prefix + inbox]
+    )
     assert all(ttl > 0 for ttl in ttls.values())
 
 

@@ -27,7 +27,10 @@ import uuid
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, cast
+
+from redis.asyncio import Redis
 
 from ..base import RESERVED_KEY, StreamlayerLayer
 from ..exceptions import ChannelFull, LayerClosed
@@ -66,6 +69,21 @@ class _Popped:
     member: bytes
     score: float
     message: dict[str, Any]
+
+
+async def _zpopmin(client: Redis, key: str, count: int) -> list[tuple[bytes, float]]:
+    """ZPOPMIN, typed: (member, score) pairs, lowest score first."""
+    popped = await client.zpopmin(key, count)
+    return cast("list[tuple[bytes, float]]", popped)
+
+
+async def _bzpopmin(client: Redis, key: str, timeout: float) -> tuple[bytes, float] | None:
+    """BZPOPMIN on one key, typed: (member, score), or None when ``timeout`` passed."""
+    result = await client.bzpopmin(key, timeout=timeout)
+    if result is None:
+        return None
+    _key, member, score = cast("tuple[bytes, bytes, float]", result)
+    return member, score
 
 
 class _InboxReader:
@@ -107,12 +125,12 @@ class _InboxReader:
 
     async def _pop(self) -> list[tuple[bytes, float]]:
         client = self.layer.connections.client(self.shard)
-        batch: list[tuple[bytes, float]] = await client.zpopmin(self.key, READ_BATCH)
+        batch = await _zpopmin(client, self.key, READ_BATCH)
         if batch:
             return batch
         timeout = self.layer.connections.block_timeout(self.shard, BLOCK_SECONDS)
-        result = await client.bzpopmin(self.key, timeout=timeout)
-        return [] if result is None else [(result[1], result[2])]
+        result = await _bzpopmin(client, self.key, timeout)
+        return [] if result is None else [result]
 
 
 class RedisChannelLayer(StreamlayerLayer):
@@ -137,7 +155,7 @@ class RedisChannelLayer(StreamlayerLayer):
     @property
     def expiry_ttl(self) -> int:
         """Key TTL in whole seconds (EXPIRE takes integers; never 0, which deletes)."""
-        return max(1, math.ceil(self.expiry))
+        return max(1, math.ceil(self.config.expiry))
 
     # --- channel layer API --------------------------------------------------------
 
@@ -295,21 +313,24 @@ class RedisChannelLayer(StreamlayerLayer):
         timeout = self.connections.block_timeout(home, BLOCK_SECONDS)
         result = await self.with_retry(
             f"receive on {channel!r}",
-            lambda: self.connections.client(home).bzpopmin(key, timeout=timeout),
+            lambda: _bzpopmin(self.connections.client(home), key, timeout),
         )
         if result is not None:
-            return home, result[1], result[2]
+            return home, *result
         for shard in range(self.connections.ring_size):
             if shard == home:
                 continue
             await self._restore_backup_once(shard, key)
             found = await self.with_retry(
                 f"receive on {channel!r}",
-                lambda shard=shard: self.connections.client(shard).zpopmin(key, 1),
+                partial(self._zpopmin_one, shard, key),
             )
             if found:
-                return shard, found[0][0], found[0][1]
+                return shard, *found[0]
         return None
+
+    async def _zpopmin_one(self, shard: int, key: str) -> list[tuple[bytes, float]]:
+        return await _zpopmin(self.connections.client(shard), key, 1)
 
     async def _restore_backup_once(self, shard: int, key: str) -> None:
         """Return what a crashed channels_redis receiver left in flight (once per channel)."""
@@ -402,11 +423,11 @@ class RedisChannelLayer(StreamlayerLayer):
         args: list[Any] = [data for _, data, _ in batch]
         args += [capacity for _, _, capacity in batch]
         args += [now, now - self.expiry, self.expiry_ttl]
-        full: int = await self.with_retry(
+        full = await self.with_retry(
             f"group_send to {group!r}",
             lambda: CLASSIC_GROUP_SEND(self.connections.client(shard), keys, args),
         )
-        return full
+        return int(full)
 
     # --- flush and close -------------------------------------------------------------------
 
@@ -416,7 +437,7 @@ class RedisChannelLayer(StreamlayerLayer):
         self._parked.clear()
         self.local.clear()
         for shard in range(self.connections.ring_size):
-            await self.with_retry("flush", lambda shard=shard: self._delete_prefix(shard))
+            await self.with_retry("flush", partial(self._delete_prefix, shard))
         await self.connections.close()
 
     async def _delete_prefix(self, shard: int) -> None:
@@ -455,9 +476,8 @@ class RedisChannelLayer(StreamlayerLayer):
         parked, self._parked = self._parked, {}
         for queue in parked.values():
             for popped in queue:
-                await self.with_retry(
-                    "return a parked message",
-                    lambda p=popped: self.connections.client(p.shard).zadd(
-                        p.key, {p.member: p.score}
-                    ),
-                )
+                await self.with_retry("return a parked message", partial(self._unpop, popped))
+
+    async def _unpop(self, popped: _Popped) -> None:
+        client = self.connections.client(popped.shard)
+        await client.zadd(popped.key, {popped.member: popped.score})
