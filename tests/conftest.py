@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from streamlayer.base import StreamlayerLayer
+from streamlayer.testing import RedisServer, SentinelSetup
 
 from .layers import LAYERS, layer_class
-from .servers import RedisServer, SentinelSetup
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,7 @@ from asgiref.sync import async_to_sync
 
 from streamlayer.compat.core import RedisChannelLayer
 from streamlayer.connections import consistent_hash
-
-from .servers import RedisServer, SentinelSetup, free_port
+from streamlayer.testing import RedisServer, SentinelSetup, free_port
 
 
 def incumbent_hash(value: str, ring_size: int) -> int:

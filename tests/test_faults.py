@@ -16,9 +16,9 @@ import pytest
 
 from streamlayer import RedisUnavailable
 from streamlayer.base import StreamlayerLayer
+from streamlayer.testing import RedisServer
 
 from .layers import layer_class
-from .servers import RedisServer
 
 pytestmark = pytest.mark.faults
 

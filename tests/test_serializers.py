@@ -19,8 +19,7 @@ from streamlayer.serializers import (
     SerializersRegistry,
     registry,
 )
-
-from .servers import RedisServer
+from streamlayer.testing import RedisServer
 
 MESSAGE = {"type": "chat.message", "text": "héllo", "n": [1, 2, 3], "ok": True}
 

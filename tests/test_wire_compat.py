@@ -15,8 +15,7 @@ from channels_redis.serializers import registry as incumbent_registry
 
 from streamlayer.compat.core import RedisChannelLayer
 from streamlayer.serializers import registry
-
-from .servers import RedisServer
+from streamlayer.testing import RedisServer
 
 pytestmark = pytest.mark.compat
 

