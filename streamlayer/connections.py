@@ -27,10 +27,14 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 
 from .config import HostSpec
+from .exceptions import LayerClosed
 
 __all__ = ["ConnectionManager", "consistent_hash", "create_pool"]
 
 logger = logging.getLogger(__name__)
+
+#: How long a winding-down loop's pools wait for the loop's other tasks to finish.
+_TEARDOWN_GRACE = 2.0
 
 #: redis-py's default socket timeout; blocking reads must stay well inside it.
 DEFAULT_SOCKET_TIMEOUT = 5.0
@@ -85,9 +89,21 @@ class _LoopClients:
         self.clients: dict[int, aioredis.Redis] = {}
         self.extras: list[aioredis.Redis] = []
         self._manager = manager
+        #: Set when the loop winds down: from then on no new connection may be opened.
+        self.closing = False
+        self._closed_explicitly = False
         self._guard = loop.create_task(self._guard_loop(), name="streamlayer-connection-guard")
 
+    @property
+    def finished(self) -> bool:
+        """Closed for good: a new set of clients may be made for this loop."""
+        return self._guard.done()
+
     def client(self, index: int) -> aioredis.Redis:
+        if self.closing:
+            # A task of this loop that outlived the cancellation wave (say, a retry
+            # after its connection was closed) must not open a socket nobody will close.
+            raise LayerClosed("the event loop of this connection is shutting down")
         client = self.clients.get(index)
         if client is None:
             pool, extras = create_pool(self._manager.hosts[index])
@@ -100,8 +116,20 @@ class _LoopClients:
         try:
             await asyncio.get_running_loop().create_future()
         finally:
-            self._manager._forget(self)
+            self.closing = True
+            if not self._closed_explicitly:
+                await self._let_other_tasks_finish()
             await self._close_clients()
+
+    @staticmethod
+    async def _let_other_tasks_finish() -> None:
+        """At loop teardown every task was cancelled together; let the others finish
+        their cancellation (and hand their connections back) before the pools close,
+        or a connection still being opened would escape the close."""
+        current = asyncio.current_task()
+        others = {t for t in asyncio.all_tasks() if t is not current and not t.done()}
+        if others:
+            await asyncio.wait(others, timeout=_TEARDOWN_GRACE)
 
     async def _close_clients(self) -> None:
         clients, extras = list(self.clients.values()), self.extras
@@ -114,6 +142,7 @@ class _LoopClients:
 
     async def close(self) -> None:
         """Close every client now (from inside this loop) and stop the guard."""
+        self._closed_explicitly = True
         self._guard.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._guard
@@ -140,7 +169,7 @@ class ConnectionManager:
         """The client for shard ``index`` in the running event loop (created lazily)."""
         loop = asyncio.get_running_loop()
         clients = self._loops.get(loop)
-        if clients is None:
+        if clients is None or clients.finished:
             self._drop_closed_loops()
             clients = self._loops[loop] = _LoopClients(loop, self)
         return clients.client(index)
@@ -168,10 +197,6 @@ class ConnectionManager:
         """How many event loops currently hold clients (for tests and diagnostics)."""
         self._drop_closed_loops()
         return len(self._loops)
-
-    def _forget(self, clients: _LoopClients) -> None:
-        if self._loops.get(clients.loop) is clients:
-            del self._loops[clients.loop]
 
     def _drop_closed_loops(self) -> None:
         for loop in [loop for loop in self._loops if loop.is_closed()]:

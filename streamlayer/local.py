@@ -36,10 +36,12 @@ class LocalChannels:
         self.dropped = 0
         #: Messages that reached their deadline before anyone received them.
         self.expired = 0
+        self._waiting = 0
+        self._next_sweep = 0.0
 
     def waiting(self) -> int:
-        """How many receivers are waiting right now."""
-        return sum(len(w) for w in self._waiters.values())
+        """How many receivers wait without a message yet (O(1): the reader asks every batch)."""
+        return self._waiting
 
     def has_queued(self, channel: str) -> bool:
         return bool(self._queues.get(channel))
@@ -74,6 +76,7 @@ class LocalChannels:
     def fail(self, error: BaseException) -> None:
         """Wake every waiting receiver with ``error`` (the reader gave up, or the layer closed)."""
         waiters, self._waiters = self._waiters, {}
+        self._waiting = 0
         for queue in waiters.values():
             for future in queue:
                 if not future.done():
@@ -83,7 +86,12 @@ class LocalChannels:
         self._queues.clear()
 
     def sweep(self, now: float) -> None:
-        """Forget queues whose messages have all expired (their consumer is gone)."""
+        """Forget queues whose messages have all expired (their consumer is gone).
+
+        Cheap to call often: it does the work at most once a second."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 1.0
         for channel in [c for c, q in self._queues.items() if q and q[-1][0] < now]:
             self.expired += len(self._queues.pop(channel))
 
@@ -103,6 +111,7 @@ class LocalChannels:
         future: asyncio.Future[_Entry] = asyncio.get_running_loop().create_future()
         waiters = self._waiters.setdefault(channel, deque())
         waiters.append(future)
+        self._waiting += 1
         try:
             return await future
         except asyncio.CancelledError:
@@ -116,6 +125,7 @@ class LocalChannels:
             if current is not None:
                 if future in current:
                     current.remove(future)
+                    self._waiting -= 1
                 if not current:
                     del self._waiters[channel]
 
@@ -127,6 +137,7 @@ class LocalChannels:
         waiters = self._waiters.get(channel)
         while waiters:
             future = waiters.popleft()
+            self._waiting -= 1
             if not future.done():
                 future.set_result(entry)
                 return True

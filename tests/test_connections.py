@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
 import datetime
+import gc
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -223,3 +225,48 @@ async def test_sentinel_failover_is_survived(prefix: str) -> None:
         await layer.close()
     finally:
         setup.cleanup()
+
+
+async def test_a_loop_ending_mid_read_leaks_nothing(fresh_server: RedisServer) -> None:
+    """A sync caller gives up on a receive: its loop ends while the inbox reader and a
+    normal-channel fetch are blocked in Redis. Nothing may leak, nothing may be lost."""
+    layer = RedisChannelLayer(hosts=[fresh_server.url], prefix="midread")
+    baseline = await asyncio.to_thread(fresh_server.connected_clients)
+
+    async def give_up(channel: str) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(layer.receive(channel), 0.2)
+
+    def sync_caller() -> str:
+        channel = async_to_sync(layer.new_channel)()
+        async_to_sync(give_up)(channel)
+        async_to_sync(give_up)("midread.normal")
+        return channel
+
+    channel = await asyncio.to_thread(sync_caller)
+    gc.collect()  # an unclosed socket would warn here, and warnings are errors
+    assert await wait_for_clients(fresh_server, baseline) == baseline
+    await layer.send(channel, {"type": "later"})
+    await layer.send("midread.normal", {"type": "later"})
+    assert await asyncio.wait_for(layer.receive(channel), 5) == {"type": "later"}
+    assert await asyncio.wait_for(layer.receive("midread.normal"), 5) == {"type": "later"}
+    await layer.flush()
+    await layer.close()
+
+
+async def test_layer_recovers_if_its_connection_guard_is_cancelled(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """Some code cancels every task of a live loop; the layer must not be bricked."""
+    layer = RedisChannelLayer(hosts=[redis_server.url], prefix=prefix)
+    await layer.send("guarded", {"type": "one"})
+    guards = [t for t in asyncio.all_tasks() if t.get_name() == "streamlayer-connection-guard"]
+    assert guards
+    for guard in guards:
+        guard.cancel()
+    await asyncio.gather(*guards, return_exceptions=True)
+    await layer.send("guarded", {"type": "two"})
+    assert (await asyncio.wait_for(layer.receive("guarded"), 5))["type"] == "one"
+    assert (await asyncio.wait_for(layer.receive("guarded"), 5))["type"] == "two"
+    await layer.flush()
+    await layer.close()

@@ -119,6 +119,8 @@ class _InboxReader:
                 layer.local.sweep(time.time())
         except asyncio.CancelledError:
             raise
+        except LayerClosed as exc:  # its event loop is winding down
+            layer.local.fail(exc)
         except Exception as exc:
             logger.error("inbox reader for %s stopped: %r", self.key, exc)
             layer.local.fail(exc)
