@@ -4,7 +4,7 @@ Redis connections killed and the server paused, and not one socket closed."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import django
@@ -66,44 +66,44 @@ async def everyone_gets(sockets: list[WebsocketCommunicator], text: str) -> None
         assert await communicator.receive_json_from(timeout=15) == {"text": text}
 
 
-async def test_killed_connections_close_no_socket(
+@pytest.fixture
+async def chat(
     sockets: list[WebsocketCommunicator], fresh_server: RedisServer
-) -> None:
+) -> AsyncIterator[Callable[[str], Awaitable[None]]]:
+    """Another server process saying something to the lobby; checked once it works."""
     other_process = RedisChannelLayer(hosts=[fresh_server.url], prefix="consumers")
-    await other_process.group_send("lobby", {"type": "chat.message", "text": "before"})
+
+    async def say(text: str) -> None:
+        await other_process.group_send("lobby", {"type": "chat.message", "text": text})
+
+    await say("before")
     await everyone_gets(sockets, "before")
+    yield say
+    await other_process.close()
+
+
+async def test_killed_connections_close_no_socket(
+    sockets: list[WebsocketCommunicator], fresh_server: RedisServer, chat: Any
+) -> None:
     for round_ in range(3):
         assert fresh_server.kill_clients() >= 1
-        await other_process.group_send(
-            "lobby", {"type": "chat.message", "text": f"after {round_}"}
-        )
+        await chat(f"after {round_}")
         await everyone_gets(sockets, f"after {round_}")
-    await other_process.close()
 
 
 async def test_paused_server_closes_no_socket(
-    sockets: list[WebsocketCommunicator], fresh_server: RedisServer
+    sockets: list[WebsocketCommunicator], fresh_server: RedisServer, chat: Any
 ) -> None:
-    other_process = RedisChannelLayer(hosts=[fresh_server.url], prefix="consumers")
-    await other_process.group_send("lobby", {"type": "chat.message", "text": "warm"})
-    await everyone_gets(sockets, "warm")
     fresh_server.pause(2000)
-    await other_process.group_send("lobby", {"type": "chat.message", "text": "paused"})
+    await chat("paused")
     await everyone_gets(sockets, "paused")
-    await other_process.close()
 
 
 async def test_restarted_server_closes_no_socket(
-    sockets: list[WebsocketCommunicator], fresh_server: RedisServer
+    sockets: list[WebsocketCommunicator], fresh_server: RedisServer, chat: Any
 ) -> None:
-    other_process = RedisChannelLayer(hosts=[fresh_server.url], prefix="consumers")
-    await other_process.group_send("lobby", {"type": "chat.message", "text": "before"})
-    await everyone_gets(sockets, "before")
     fresh_server.stop()
-    sending = asyncio.ensure_future(
-        other_process.group_send("lobby", {"type": "chat.message", "text": "across"})
-    )
+    sending = asyncio.ensure_future(chat("across"))
     await asyncio.to_thread(fresh_server.start)
     await asyncio.wait_for(sending, 15)
     await everyone_gets(sockets, "across")
-    await other_process.close()
