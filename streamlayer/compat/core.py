@@ -239,11 +239,13 @@ class RedisChannelLayer(StreamlayerLayer):
 
     async def _receive_normal(self, channel: str) -> dict[str, Any]:
         parked = self._parked.get(channel)
-        if parked:
+        while parked:
             popped = parked.popleft()
             if not parked:
                 del self._parked[channel]
-            return popped.message
+            if popped.score >= time.time() - self.expiry:
+                return popped.message
+            self.stats.expired += 1
         fetch = self._adopt_orphan(channel) or self._start_fetch(channel)
         try:
             popped = await asyncio.shield(fetch)
