@@ -1,7 +1,8 @@
 """streamlayer: Django Channels layers on Redis.
 
+``streamlayer.StreamsChannelLayer`` is the Redis Streams layer;
 ``streamlayer.compat.core.RedisChannelLayer`` is wire-compatible with
-channels_redis' sorted-set layer. See the documentation for the full list.
+channels_redis' sorted-set layer.
 """
 
 from __future__ import annotations
@@ -9,6 +10,14 @@ from __future__ import annotations
 from .config import LayerConfig
 from .exceptions import ChannelFull, LayerClosed, RedisUnavailable
 from .serializers import registry
+from .streams import StreamsChannelLayer
 
-__all__ = ["ChannelFull", "LayerClosed", "LayerConfig", "RedisUnavailable", "registry"]
+__all__ = [
+    "ChannelFull",
+    "LayerClosed",
+    "LayerConfig",
+    "RedisUnavailable",
+    "StreamsChannelLayer",
+    "registry",
+]
 __version__ = "0.1.0.dev0"

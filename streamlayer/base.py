@@ -42,6 +42,9 @@ class LayerStats:
     dropped: int = 0
     decode_errors: int = 0
     retries: int = 0
+    duplicates: int = 0
+    redelivered: int = 0
+    reconnects: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -118,14 +121,25 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
 
     # --- the retry boundary ------------------------------------------------------
 
-    async def with_retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Run one Redis operation under the shared retry policy (see :mod:`streamlayer.retry`)."""
-        return await retry_transient(
-            call, timeout=self.config.retry_timeout, what=what, on_retry=self._count_retry
-        )
+    async def with_retry(
+        self,
+        what: str,
+        call: Callable[[], Awaitable[T]],
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> T:
+        """Run one Redis operation under the shared retry policy (see :mod:`streamlayer.retry`).
 
-    def _count_retry(self, error: BaseException) -> None:
-        self.stats.retries += 1
+        ``on_error`` hears of every transient error (a reader uses it to notice disconnects).
+        """
+
+        def count(error: BaseException) -> None:
+            self.stats.retries += 1
+            if on_error is not None:
+                on_error(error)
+
+        return await retry_transient(
+            call, timeout=self.config.retry_timeout, what=what, on_retry=count
+        )
 
     # --- lifecycle -----------------------------------------------------------------
 

@@ -80,6 +80,7 @@ class LayerConfig:
     on_disconnect: str | None = None
     on_reconnect: str | None = None
     retry_timeout: float = 10.0
+    claim_after: float | None = None
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> LayerConfig:
@@ -94,6 +95,15 @@ class LayerConfig:
             raise ConfigError(_unknown_keys_message(unknown))
         values = {key: _VALIDATORS[key](value) for key, value in options.items()}
         return cls(**values)
+
+    @property
+    def effective_claim_after(self) -> float:
+        """Seconds before another process takes over a normal-channel entry left pending
+        by a crashed or cancelled reader: ``claim_after``, or by default 10 s, but never
+        so late that the entry has expired by then."""
+        if self.claim_after is not None:
+            return self.claim_after
+        return min(10.0, self.expiry / 2)
 
     def capacity_for(self, channel: str) -> int:
         """The capacity of ``channel``: the first matching pattern wins, else ``capacity``."""
@@ -292,6 +302,7 @@ _VALIDATORS: dict[str, Any] = {
     "on_disconnect": _message_type("on_disconnect"),
     "on_reconnect": _message_type("on_reconnect"),
     "retry_timeout": _positive_number("retry_timeout"),
+    "claim_after": lambda value: None if value is None else _positive_number("claim_after")(value),
 }
 
 

@@ -19,7 +19,13 @@ __all__ = [
     "classic_channel_key",
     "classic_group_key",
     "non_local_name",
+    "process_id_of",
     "scan_pattern",
+    "stream_channel_key",
+    "stream_cursor_key",
+    "stream_group_key",
+    "stream_history_key",
+    "stream_inbox_key",
 ]
 
 
@@ -48,3 +54,44 @@ def scan_pattern(prefix: str) -> str:
     """A SCAN MATCH pattern for every key starting with ``prefix`` (glob characters escaped)."""
     escaped = "".join("\\" + c if c in "*?[]\\" else c for c in prefix)
     return escaped + "*"
+
+
+# --- the Streams layout ------------------------------------------------------------
+#
+# Every key carries a hash tag ({...}) naming what decides its shard and its Redis
+# Cluster slot: the process id for an inbox, the channel for a normal channel, the
+# group for a group's membership and its (future) history, so scripts only ever
+# touch keys of one slot.
+
+
+def process_id_of(channel: str) -> str:
+    """The process part of a process-specific channel ``<name>.<process id>!<local>``."""
+    bang = channel.find("!")
+    if bang < 0:
+        raise ValueError(f"{channel!r} is not a process-specific channel (no '!')")
+    return channel[:bang].rsplit(".", 1)[-1]
+
+
+def stream_inbox_key(prefix: str, process_id: str) -> str:
+    """Stream holding every message for one process's channels."""
+    return f"{prefix}:s:inbox:{{{process_id}}}"
+
+
+def stream_cursor_key(prefix: str, process_id: str) -> str:
+    """The id of the last inbox entry the process handed on (same slot as its inbox)."""
+    return f"{prefix}:s:cursor:{{{process_id}}}"
+
+
+def stream_channel_key(prefix: str, channel: str) -> str:
+    """Stream of a normal channel, read through one consumer group."""
+    return f"{prefix}:s:chan:{{{channel}}}"
+
+
+def stream_group_key(prefix: str, group: str) -> str:
+    """Sorted set of a group's member channels, scored by the time they joined."""
+    return f"{prefix}:s:group:{{{group}}}"
+
+
+def stream_history_key(prefix: str, group: str) -> str:
+    """Reserved: the capped stream of a group's recent messages (for replay)."""
+    return f"{prefix}:s:history:{{{group}}}"

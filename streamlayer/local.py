@@ -38,10 +38,21 @@ class LocalChannels:
         self.expired = 0
         self._waiting = 0
         self._next_sweep = 0.0
+        #: When each channel last had a receive(): who to tell about disconnects.
+        self._touched: dict[str, float] = {}
 
     def waiting(self) -> int:
         """How many receivers wait without a message yet (O(1): the reader asks every batch)."""
         return self._waiting
+
+    def touch(self, channel: str) -> None:
+        """Note that ``channel`` is being received from (it has a live consumer)."""
+        self._touched[channel] = time.monotonic()
+
+    def active_channels(self, window: float) -> list[str]:
+        """Channels received from within the last ``window`` seconds."""
+        since = time.monotonic() - window
+        return [c for c, at in self._touched.items() if at >= since]
 
     def has_queued(self, channel: str) -> bool:
         return bool(self._queues.get(channel))
@@ -84,6 +95,7 @@ class LocalChannels:
 
     def clear(self) -> None:
         self._queues.clear()
+        self._touched.clear()
 
     def sweep(self, now: float) -> None:
         """Forget queues whose messages have all expired (their consumer is gone).
@@ -92,6 +104,9 @@ class LocalChannels:
         if now < self._next_sweep:
             return
         self._next_sweep = now + 1.0
+        idle_since = time.monotonic() - 600
+        for channel in [c for c, at in self._touched.items() if at < idle_since]:
+            del self._touched[channel]
         for channel in [c for c, q in self._queues.items() if q and q[-1][0] < now]:
             self.expired += len(self._queues.pop(channel))
 

@@ -20,6 +20,10 @@ __all__ = [
     "CLASSIC_GROUP_SEND",
     "CLASSIC_RESTORE_BACKUP",
     "CLASSIC_SEND",
+    "STREAM_ACK",
+    "STREAM_GROUP_MEMBERS",
+    "STREAM_GROUP_SEND",
+    "STREAM_SEND",
     "LuaScript",
 ]
 
@@ -112,5 +116,87 @@ for i = 1, #parked, 2 do
 end
 redis.call('DEL', KEYS[2])
 return #parked / 2
+""",
+)
+
+
+# --- Streams layer -------------------------------------------------------------------
+
+# Shared by STREAM_SEND and STREAM_GROUP_SEND: append one payload to one stream.
+_STREAM_APPEND = """
+local function already_there(key, tag, scan)
+    local recent = redis.call('XREVRANGE', key, '+', '-', 'COUNT', scan)
+    for _, entry in ipairs(recent) do
+        local fields = entry[2]
+        for j = 1, #fields, 2 do
+            if fields[j] == 'i' and fields[j + 1] == tag then
+                return entry[1]
+            end
+        end
+    end
+    return false
+end
+
+local function append(key, payload, tag, capacity, minid, ttl, retry)
+    if retry == '1' then
+        -- A retry after a lost reply: the first attempt may have landed.
+        local found = already_there(key, tag, capacity + 1)
+        if found then
+            return found
+        end
+    end
+    redis.call('XTRIM', key, 'MINID', minid)
+    if redis.call('XLEN', key) >= capacity then
+        return false
+    end
+    local id = redis.call('XADD', key, '*', 'd', payload, 'i', tag)
+    redis.call('PEXPIRE', key, ttl)
+    return id
+end
+"""
+
+STREAM_SEND = LuaScript(
+    "stream_send",
+    _STREAM_APPEND
+    + """
+-- KEYS[1]: the destination stream (a process inbox or a normal channel)
+-- ARGV[1]: payload   ARGV[2]: dedup tag   ARGV[3]: capacity
+-- ARGV[4]: MINID (entries older than expiry are trimmed)   ARGV[5]: key TTL in ms
+-- ARGV[6]: '1' when this call retries an attempt whose reply was lost
+-- Returns the entry id, or false when the stream is at capacity.
+return append(KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6])
+""",
+)
+
+STREAM_GROUP_SEND = LuaScript(
+    "stream_group_send",
+    _STREAM_APPEND
+    + """
+-- KEYS[1..n]: destination streams on this shard
+-- ARGV[1..n]: payloads   ARGV[n+1..2n]: dedup tags   ARGV[2n+1..3n]: capacities
+-- ARGV[3n+1]: MINID   ARGV[3n+2]: key TTL in ms   ARGV[3n+3]: '1' on a retry
+-- Returns how many destinations were full (and skipped).
+local n = #KEYS
+local minid, ttl, retry = ARGV[3 * n + 1], ARGV[3 * n + 2], ARGV[3 * n + 3]
+local full = 0
+for i = 1, n do
+    if not append(KEYS[i], ARGV[i], ARGV[n + i], tonumber(ARGV[2 * n + i]), minid, ttl, retry) then
+        full = full + 1
+    end
+end
+return full
+""",
+)
+
+STREAM_GROUP_MEMBERS = CLASSIC_GROUP_MEMBERS  # same sorted set semantics, other key names
+
+STREAM_ACK = LuaScript(
+    "stream_ack",
+    """
+-- KEYS[1]: a normal channel's stream   ARGV[1]: consumer group   ARGV[2..]: entry ids
+-- Acknowledges the entries and deletes them: a delivered message leaves no trace.
+local ids = {unpack(ARGV, 2)}
+redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
+return redis.call('XDEL', KEYS[1], unpack(ids))
 """,
 )

@@ -12,6 +12,7 @@ from streamlayer.base import StreamlayerLayer
 
 LAYERS = [
     "streamlayer.compat.core.RedisChannelLayer",
+    "streamlayer.StreamsChannelLayer",
 ]
 
 

@@ -1,0 +1,506 @@
+"""``streamlayer.StreamsChannelLayer``: the channel layer on Redis Streams.
+
+* A **process-specific channel** (``<name>.<process id>!<local id>``) is served
+  by its process's inbox stream and :class:`~streamlayer.inbox.InboxReader`.
+* A **normal channel** is a stream read through one consumer group; each
+  receiving process is a consumer. An entry is acknowledged and deleted when
+  ``receive()`` hands it over; entries left pending by a crashed or cancelled
+  reader are taken over with XAUTOCLAIM after ``claim_after`` seconds.
+* A **group** is a sorted set of member channels scored by join time;
+  ``group_send`` reads it (one round trip) and writes the payload once per
+  destination stream, one script per shard.
+
+A send is one script call: trim expired entries, check capacity, append (with
+a dedup tag so a retry after a lost reply does not deliver twice), refresh the
+TTL. See ``docs/architecture.rst`` for the full picture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from .base import RESERVED_KEY, StreamlayerLayer
+from .exceptions import ChannelFull, LayerClosed
+from .inbox import BLOCK_SECONDS, Entry, InboxReader, RecentTags, stream_entries
+from .keys import (
+    process_id_of,
+    scan_pattern,
+    stream_channel_key,
+    stream_group_key,
+    stream_inbox_key,
+)
+from .local import LocalChannels
+from .scripts import STREAM_ACK, STREAM_GROUP_MEMBERS, STREAM_GROUP_SEND, STREAM_SEND, LuaScript
+
+__all__ = ["StreamsChannelLayer"]
+
+logger = logging.getLogger(__name__)
+
+#: The consumer group every process joins on a normal channel's stream.
+CONSUMER_GROUP = "streamlayer"
+_SCAN_COUNT = 1000
+_CLAIM_BATCH = 16
+
+
+@dataclass
+class InboxPosition:
+    """Where this process is in its inbox; outlives any one reader task."""
+
+    last_id: str = "0-0"
+    written_cursor: str | None = None
+    trimmed_to: str | None = None
+
+
+@dataclass
+class _NormalChannel:
+    """This process's bookkeeping for one normal channel it receives from."""
+
+    key: str
+    shard: int
+    group_ready: bool = False
+    #: Entries read from Redis but not yet acknowledged (skipped when re-reading pending ones).
+    in_flight: set[bytes] = field(default_factory=set)
+    #: Entries taken over or found pending, to hand out before reading new ones.
+    held: deque[Entry] = field(default_factory=deque)
+    #: Set when a receive was cancelled mid-read: our consumer may own unread entries.
+    check_pending: bool = True
+    next_claim: float = 0.0
+
+
+class StreamsChannelLayer(StreamlayerLayer):
+    """Channel layer on Redis Streams: nothing lost on a reconnect, one round trip per send."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.process_id = uuid.uuid4().hex
+        self.position = InboxPosition()
+        self.local = LocalChannels(self.get_capacity)
+        self._reader: InboxReader | None = None
+        self._normal: dict[str, _NormalChannel] = {}
+        self._recent = RecentTags()
+
+    @property
+    def key_ttl_ms(self) -> int:
+        """TTL of every stream key: a stream idle for ``expiry`` holds only expired entries."""
+        return max(1000, math.ceil(self.config.expiry * 1000))
+
+    @property
+    def claim_after(self) -> float:
+        return self.config.effective_claim_after
+
+    def _min_id(self) -> str:
+        """Entries older than this have expired (stream ids start with milliseconds)."""
+        return f"{max(0, int((time.time() - self.config.expiry) * 1000))}-0"
+
+    # --- channel layer API --------------------------------------------------------
+
+    async def new_channel(self, prefix: str = "specific") -> str:
+        """A new process-specific channel name, served by this process's inbox."""
+        return f"{prefix}.{self.process_id}!{uuid.uuid4().hex}"
+
+    async def send(self, channel: str, message: dict[str, Any]) -> None:
+        """Send ``message`` to ``channel``; raises ChannelFull when its backlog is at capacity."""
+        self.check_message(message)
+        self.check_channel(channel)
+        if "!" in channel:
+            message = {**message, RESERVED_KEY: channel}
+            process_id = process_id_of(channel)
+            key, shard = stream_inbox_key(self.prefix, process_id), self._shard(process_id)
+        else:
+            key, shard = stream_channel_key(self.prefix, channel), self._shard(channel)
+        capacity = self.get_capacity(channel)
+        args = [self.serialize(message), secrets.token_hex(8), capacity]
+        stored = await self._idempotent(f"send to {channel!r}", STREAM_SEND, shard, [key], args)
+        if stored is None:
+            self.stats.full += 1
+            raise ChannelFull(f"channel {channel!r} is at its capacity of {capacity} messages")
+        self.stats.sent += 1
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        """The next message on ``channel``. Cancelling it loses and duplicates nothing."""
+        self.check_channel(channel)
+        if "!" in channel:
+            message = await self._receive_local(channel)
+        else:
+            message = await self._receive_normal(channel)
+        self.stats.received += 1
+        return message
+
+    def _shard(self, name: str) -> int:
+        return self.connections.shard_for(name)
+
+    async def _idempotent(
+        self, what: str, script: LuaScript, shard: int, keys: list[str], args: list[Any]
+    ) -> Any:
+        """Call an appending script; attempts after the first tell it to look for the
+        entry a lost reply may have hidden, so a retried send is stored once."""
+        attempts = 0
+
+        async def call() -> Any:
+            nonlocal attempts
+            retry = "1" if attempts else "0"
+            attempts += 1
+            client = self.connections.client(shard)
+            return await script(client, keys, [*args, self._min_id(), self.key_ttl_ms, retry])
+
+        return await self.with_retry(what, call)
+
+    # --- process-specific channels ------------------------------------------------------
+
+    async def _receive_local(self, channel: str) -> dict[str, Any]:
+        if process_id_of(channel) != self.process_id:
+            raise ValueError(
+                f"cannot receive on {channel!r}: it was not made by this layer's new_channel()"
+            )
+        self.local.touch(channel)
+        loop = asyncio.get_running_loop()
+        reader = self._reader
+        if reader is not None and not reader.usable_from(loop):
+            if not reader.task.done() and not reader.loop.is_closed():
+                raise RuntimeError(
+                    "receive() on process-specific channels from two event loops at once: "
+                    "use one layer per event loop"
+                )
+            reader = None
+        if reader is None and not self.local.has_queued(channel):
+            # The task first runs after get() below has registered this receiver.
+            self._reader = InboxReader(self)
+        return await self.local.get(channel)
+
+    def dispatch_inbox(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        """Decode one inbox entry and hand it to its local channel(s)."""
+        sent_ms = int(entry_id.split(b"-", 1)[0])
+        if sent_ms < (time.time() - self.config.expiry) * 1000:
+            self.stats.expired += 1
+            return
+        if self._recent.seen(fields.get(b"i", entry_id)):
+            self.stats.duplicates += 1
+            return
+        message = self.try_deserialize(fields.get(b"d", b""), "the process inbox")
+        if message is None:
+            return
+        target = message.pop(RESERVED_KEY, None)
+        channels = [target] if isinstance(target, str) else list(target or ())
+        deadline = sent_ms / 1000 + self.config.expiry
+        for channel in channels:
+            self.local.deliver(channel, dict(message) if len(channels) > 1 else message, deadline)
+
+    def connection_lost(self) -> None:
+        """The inbox reader lost Redis: tell every active local channel."""
+        self.stats.reconnects += 1
+        if self.config.on_disconnect:
+            self._tell_active({"type": self.config.on_disconnect})
+
+    def connection_back(self, recovered: bool) -> None:
+        """The inbox reader is back; ``recovered`` says whether nothing can have been lost."""
+        logger.warning("inbox of %s reconnected (recovered=%s)", self.process_id, recovered)
+        if self.config.on_reconnect:
+            self._tell_active({"type": self.config.on_reconnect, "recovered": recovered})
+
+    def _tell_active(self, message: dict[str, Any]) -> None:
+        deadline = time.time() + self.config.expiry
+        for channel in self.local.active_channels(self.config.expiry):
+            self.local.deliver(channel, dict(message), deadline)
+
+    # --- normal channels ------------------------------------------------------------------
+
+    async def _receive_normal(self, channel: str) -> dict[str, Any]:
+        state = self._normal.get(channel)
+        if state is None:
+            key = stream_channel_key(self.prefix, channel)
+            state = self._normal[channel] = _NormalChannel(key, self._shard(channel))
+        while True:
+            entry = await self._next_entry(channel, state)
+            if entry is None:
+                continue
+            message = await self._hand_over(channel, state, entry)
+            if message is not None:
+                return message
+
+    async def _next_entry(self, channel: str, state: _NormalChannel) -> Entry | None:
+        if state.held:
+            return state.held.popleft()
+        await self._ensure_group(channel, state)
+        if state.check_pending or time.monotonic() >= state.next_claim:
+            await self._collect_stragglers(channel, state)
+            if state.held:
+                return state.held.popleft()
+        return await self._read_new(channel, state)
+
+    async def _ensure_group(self, channel: str, state: _NormalChannel) -> None:
+        if state.group_ready:
+            return
+
+        async def create() -> None:
+            client = self.connections.client(state.shard)
+            try:
+                await client.xgroup_create(state.key, CONSUMER_GROUP, id="0", mkstream=True)
+                await client.pexpire(state.key, self.key_ttl_ms)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+        await self.with_retry(f"join the consumers of {channel!r}", create)
+        state.group_ready = True
+
+    async def _read_new(self, channel: str, state: _NormalChannel) -> Entry | None:
+        block = self.connections.block_timeout(state.shard, BLOCK_SECONDS)
+
+        async def read() -> Any:
+            client = self.connections.client(state.shard)
+            return await client.xreadgroup(
+                CONSUMER_GROUP,
+                self.process_id,
+                {state.key: ">"},
+                count=1,
+                block=int(block * 1000),
+            )
+
+        try:
+            response = await self.with_retry(f"receive on {channel!r}", read)
+        except asyncio.CancelledError:
+            # The server may have delivered an entry to us whose reply we dropped.
+            state.check_pending = True
+            raise
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc) and "no longer exists" not in str(exc):
+                raise
+            state.group_ready = False  # the stream expired or was flushed: join again
+            return None
+        entries = stream_entries(response)
+        if not entries:
+            return None
+        state.in_flight.add(entries[0][0])
+        return entries[0]
+
+    async def _collect_stragglers(self, channel: str, state: _NormalChannel) -> None:
+        """Entries our consumer owns but nobody received (a receive cancelled mid-read),
+        and, every ``claim_after / 2`` seconds, entries other consumers left pending for
+        longer than ``claim_after`` (a crashed worker): both go to ``held``."""
+        claim = time.monotonic() >= state.next_claim
+        client_for = self.connections.client
+
+        async def own_pending() -> list[Entry]:
+            response = await client_for(state.shard).xreadgroup(
+                CONSUMER_GROUP, self.process_id, {state.key: "0"}, count=_CLAIM_BATCH
+            )
+            return stream_entries(response)
+
+        async def take_over() -> list[Entry]:
+            response = await client_for(state.shard).xautoclaim(
+                state.key,
+                CONSUMER_GROUP,
+                self.process_id,
+                min_idle_time=int(self.claim_after * 1000),
+                start_id="0-0",
+                count=_CLAIM_BATCH,
+            )
+            return [(_bytes(i), f or {}) for i, f in (response[1] or []) if i is not None]
+
+        found: list[Entry] = []
+        if state.check_pending:
+            found += await self.with_retry(f"pending entries of {channel!r}", own_pending)
+            state.check_pending = False
+        if claim:
+            claimed = await self.with_retry(f"claim stale entries of {channel!r}", take_over)
+            self.stats.redelivered += len(claimed)
+            found += claimed
+            state.next_claim = time.monotonic() + self.claim_after / 2
+            await self.with_retry(
+                f"prune consumers of {channel!r}", lambda: self._prune_consumers(state)
+            )
+        known = state.in_flight | {entry_id for entry_id, _ in state.held}
+        for entry_id, fields in found:
+            if entry_id not in known:
+                known.add(entry_id)
+                state.in_flight.add(entry_id)
+                state.held.append((entry_id, fields))
+
+    async def _prune_consumers(self, state: _NormalChannel) -> None:
+        """Forget consumers (processes) that are idle, own nothing, and are long gone."""
+        client = self.connections.client(state.shard)
+        try:
+            consumers = await client.xinfo_consumers(state.key, CONSUMER_GROUP)
+        except ResponseError:
+            return  # the stream or group vanished: nothing to prune
+        gone_after_ms = int(max(60.0, 6 * self.claim_after) * 1000)
+        for consumer in consumers:
+            name = consumer["name"]
+            name = name.decode() if isinstance(name, bytes) else name
+            if (
+                name != self.process_id
+                and int(consumer["pending"]) == 0
+                and int(consumer["idle"]) > gone_after_ms
+            ):
+                await client.xgroup_delconsumer(state.key, CONSUMER_GROUP, name)
+
+    async def _hand_over(
+        self, channel: str, state: _NormalChannel, entry: Entry
+    ) -> dict[str, Any] | None:
+        """Acknowledge and delete ``entry``, then return its message (None: skip it)."""
+        entry_id, fields = entry
+        message: dict[str, Any] | None = None
+        if not fields:
+            pass  # deleted while pending (trimmed as expired): just acknowledge it
+        elif int(entry_id.split(b"-", 1)[0]) < (time.time() - self.config.expiry) * 1000:
+            self.stats.expired += 1
+        else:
+            message = self.try_deserialize(fields.get(b"d", b""), f"channel {channel!r}")
+        ack = asyncio.ensure_future(
+            self.with_retry(
+                f"acknowledge on {channel!r}",
+                lambda: STREAM_ACK(
+                    self.connections.client(state.shard), [state.key], [CONSUMER_GROUP, entry_id]
+                ),
+            )
+        )
+        try:
+            await asyncio.shield(ack)
+        except asyncio.CancelledError:
+            # Hand it to the next receive instead (acknowledging twice is harmless).
+            state.held.appendleft(entry)
+            raise
+        state.in_flight.discard(entry_id)
+        if message is not None:
+            message.pop(RESERVED_KEY, None)
+        return message
+
+    # --- groups ---------------------------------------------------------------------------
+
+    async def group_add(self, group: str, channel: str) -> None:
+        """Add ``channel`` to ``group`` (membership lasts ``group_expiry`` seconds)."""
+        self.check_group(group)
+        self.check_channel(channel)
+        key, shard = stream_group_key(self.prefix, group), self._shard(group)
+
+        async def add() -> None:
+            pipe = self.connections.client(shard).pipeline(transaction=False)
+            pipe.zadd(key, {channel: time.time()})
+            pipe.expire(key, self.group_expiry)
+            await pipe.execute()
+
+        await self.with_retry(f"group_add to {group!r}", add)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        """Remove ``channel`` from ``group``; a channel that is not a member is ignored."""
+        self.check_group(group)
+        self.check_channel(channel)
+        key, shard = stream_group_key(self.prefix, group), self._shard(group)
+        await self.with_retry(
+            f"group_discard from {group!r}",
+            lambda: self.connections.client(shard).zrem(key, channel),
+        )
+
+    async def group_send(self, group: str, message: dict[str, Any]) -> None:
+        """Send ``message`` to every member of ``group``: one payload per destination
+        stream, one script per shard; full destinations are skipped and counted."""
+        self.check_group(group)
+        self.check_message(message)
+        members = await self._group_members(group)
+        plan = self._plan_group_send(members, message)
+        results = await asyncio.gather(
+            *(
+                self._idempotent(f"group_send to {group!r}", STREAM_GROUP_SEND, shard, keys, args)
+                for shard, (keys, args) in plan.items()
+            )
+        )
+        full = sum(int(r) for r in results)
+        self.stats.sent += len(members) - full
+        if full:
+            self.stats.full += full
+            logger.info("%d destination(s) of group %s are full", full, group)
+
+    async def _group_members(self, group: str) -> list[str]:
+        key, shard = stream_group_key(self.prefix, group), self._shard(group)
+        cutoff = time.time() - self.group_expiry
+        raw = await self.with_retry(
+            f"group_send to {group!r}",
+            lambda: STREAM_GROUP_MEMBERS(self.connections.client(shard), [key], [cutoff]),
+        )
+        return [m.decode("utf8") for m in raw]
+
+    def _plan_group_send(
+        self, members: Iterable[str], message: dict[str, Any]
+    ) -> dict[int, tuple[list[str], list[Any]]]:
+        """Per shard: the destination keys and the script arguments (payloads, dedup tags,
+        capacities). Local channels of one process share its inbox and one payload."""
+        inboxes: dict[str, list[str]] = {}
+        destinations: list[tuple[int, str, dict[str, Any], int]] = []
+        for channel in members:
+            if "!" in channel:
+                inboxes.setdefault(process_id_of(channel), []).append(channel)
+            else:
+                key = stream_channel_key(self.prefix, channel)
+                cap = self.get_capacity(channel)
+                destinations.append((self._shard(channel), key, message, cap))
+        for process_id, channels in inboxes.items():
+            key = stream_inbox_key(self.prefix, process_id)
+            payload = {**message, RESERVED_KEY: channels}
+            cap = self.get_capacity(channels[0])
+            destinations.append((self._shard(process_id), key, payload, cap))
+        by_shard: dict[int, list[tuple[str, bytes, str, int]]] = {}
+        for shard, key, payload, cap in destinations:
+            entry = (key, self.serialize(payload), secrets.token_hex(8), cap)
+            by_shard.setdefault(shard, []).append(entry)
+        plan: dict[int, tuple[list[str], list[Any]]] = {}
+        for shard, entries in by_shard.items():
+            keys = [e[0] for e in entries]
+            args: list[Any] = [e[1] for e in entries] + [e[2] for e in entries]
+            args += [e[3] for e in entries]
+            plan[shard] = (keys, args)
+        return plan
+
+    # --- flush and close ------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Delete every key of this layer's prefix on every shard, and drop local state."""
+        await self._stop_reader(LayerClosed("the channel layer was flushed"))
+        self.local.clear()
+        self._normal.clear()
+        self.position = InboxPosition()
+        for shard in range(self.connections.ring_size):
+            await self.with_retry("flush", partial(self._delete_keys, shard))
+        await self.connections.close()
+
+    async def _delete_keys(self, shard: int) -> None:
+        client = self.connections.client(shard)
+        batch: list[bytes] = []
+        pattern = scan_pattern(f"{self.prefix}:s:")
+        async for key in client.scan_iter(match=pattern, count=_SCAN_COUNT):
+            batch.append(key)
+            if len(batch) >= _SCAN_COUNT:
+                await client.unlink(*batch)
+                batch = []
+        if batch:
+            await client.unlink(*batch)
+
+    async def close(self) -> None:
+        """Stop the inbox reader and close this event loop's connections.
+
+        Nothing is lost: unread inbox entries stay in Redis (until they expire), and
+        unacknowledged normal-channel entries go to another consumer after ``claim_after``.
+        """
+        await self._stop_reader(LayerClosed("the channel layer was closed"))
+        await super().close()
+
+    async def _stop_reader(self, error: BaseException) -> None:
+        self.local.fail(error)
+        reader, self._reader = self._reader, None
+        if reader is not None and reader.loop is asyncio.get_running_loop():
+            await reader.stop()
+
+
+def _bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
