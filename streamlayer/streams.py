@@ -258,48 +258,73 @@ class StreamsChannelLayer(StreamlayerLayer):
     async def _read_new(self, channel: str, state: _NormalChannel) -> Entry | None:
         block = self.connections.block_timeout(state.shard, BLOCK_SECONDS)
 
-        async def read() -> Any:
+        def lost_reply(error: BaseException) -> None:
+            # The server may have delivered an entry whose reply never reached us: it
+            # sits in our pending list, and goes out first, before anything newer.
+            state.check_pending = True
+
+        async def read() -> list[Entry]:
+            if state.check_pending:
+                await self._collect_own_pending(state)
+                if state.held:
+                    return []
             client = self.connections.client(state.shard)
-            return await client.xreadgroup(
+            response = await client.xreadgroup(
                 CONSUMER_GROUP,
                 self.process_id,
                 {state.key: ">"},
                 count=1,
                 block=int(block * 1000),
             )
+            return stream_entries(response)
 
         try:
-            response = await self.with_retry(f"receive on {channel!r}", read)
+            entries = await self.with_retry(f"receive on {channel!r}", read, on_error=lost_reply)
         except asyncio.CancelledError:
-            # The server may have delivered an entry to us whose reply we dropped.
-            state.check_pending = True
+            lost_reply(asyncio.CancelledError())
             raise
         except ResponseError as exc:
             if "NOGROUP" not in str(exc) and "no longer exists" not in str(exc):
                 raise
             state.group_ready = False  # the stream expired or was flushed: join again
             return None
-        entries = stream_entries(response)
+        if state.held:
+            return state.held.popleft()
         if not entries:
             return None
         state.in_flight.add(entries[0][0])
         return entries[0]
 
+    async def _collect_own_pending(self, state: _NormalChannel) -> None:
+        """Move entries our consumer owns but nobody received into ``held``, oldest first."""
+        client = self.connections.client(state.shard)
+        response = await client.xreadgroup(
+            CONSUMER_GROUP, self.process_id, {state.key: "0"}, count=_CLAIM_BATCH
+        )
+        self._hold(state, stream_entries(response))
+        state.check_pending = False
+
+    def _hold(self, state: _NormalChannel, entries: list[Entry]) -> None:
+        known = state.in_flight | {entry_id for entry_id, _ in state.held}
+        for entry_id, fields in entries:
+            if entry_id not in known:
+                known.add(entry_id)
+                state.in_flight.add(entry_id)
+                state.held.append((entry_id, fields))
+
     async def _collect_stragglers(self, channel: str, state: _NormalChannel) -> None:
         """Entries our consumer owns but nobody received (a receive cancelled mid-read),
         and, every ``claim_after / 2`` seconds, entries other consumers left pending for
         longer than ``claim_after`` (a crashed worker): both go to ``held``."""
-        claim = time.monotonic() >= state.next_claim
-        client_for = self.connections.client
-
-        async def own_pending() -> list[Entry]:
-            response = await client_for(state.shard).xreadgroup(
-                CONSUMER_GROUP, self.process_id, {state.key: "0"}, count=_CLAIM_BATCH
+        if state.check_pending:
+            await self.with_retry(
+                f"pending entries of {channel!r}", partial(self._collect_own_pending, state)
             )
-            return stream_entries(response)
+        if time.monotonic() < state.next_claim:
+            return
 
         async def take_over() -> list[Entry]:
-            response = await client_for(state.shard).xautoclaim(
+            response = await self.connections.client(state.shard).xautoclaim(
                 state.key,
                 CONSUMER_GROUP,
                 self.process_id,
@@ -309,24 +334,13 @@ class StreamsChannelLayer(StreamlayerLayer):
             )
             return [(_bytes(i), f or {}) for i, f in (response[1] or []) if i is not None]
 
-        found: list[Entry] = []
-        if state.check_pending:
-            found += await self.with_retry(f"pending entries of {channel!r}", own_pending)
-            state.check_pending = False
-        if claim:
-            claimed = await self.with_retry(f"claim stale entries of {channel!r}", take_over)
-            self.stats.redelivered += len(claimed)
-            found += claimed
-            state.next_claim = time.monotonic() + self.claim_after / 2
-            await self.with_retry(
-                f"prune consumers of {channel!r}", lambda: self._prune_consumers(state)
-            )
-        known = state.in_flight | {entry_id for entry_id, _ in state.held}
-        for entry_id, fields in found:
-            if entry_id not in known:
-                known.add(entry_id)
-                state.in_flight.add(entry_id)
-                state.held.append((entry_id, fields))
+        claimed = await self.with_retry(f"claim stale entries of {channel!r}", take_over)
+        self.stats.redelivered += len(claimed)
+        self._hold(state, claimed)
+        state.next_claim = time.monotonic() + self.claim_after / 2
+        await self.with_retry(
+            f"prune consumers of {channel!r}", partial(self._prune_consumers, state)
+        )
 
     async def _prune_consumers(self, state: _NormalChannel) -> None:
         """Forget consumers (processes) that are idle, own nothing, and are long gone."""

@@ -22,7 +22,7 @@ from .layers import layer_class
 
 pytestmark = pytest.mark.faults
 
-FAULT_LAYERS = ["streamlayer.compat.core.RedisChannelLayer"]
+FAULT_LAYERS = ["streamlayer.compat.core.RedisChannelLayer", "streamlayer.StreamsChannelLayer"]
 
 
 @pytest.fixture(params=FAULT_LAYERS)
