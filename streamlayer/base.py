@@ -9,8 +9,10 @@ rules into clear exceptions and wires the shared pieces together.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, ClassVar, TypeVar
 
 from channels.layers import BaseChannelLayer
@@ -25,6 +27,8 @@ __all__ = ["RESERVED_KEY", "LayerStats", "StreamlayerLayer"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+_SCAN_COUNT = 1000
 
 #: The key under which a message carries its process-specific destination(s).
 #: Shared with channels_redis; a message from a caller must not contain it.
@@ -140,6 +144,52 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         return await retry_transient(
             call, timeout=self.config.retry_timeout, what=what, on_retry=count
         )
+
+    # --- groups and keys: the parts every Redis layer shares ---------------------------
+
+    def group_key(self, group: str) -> str:
+        """The sorted set holding ``group``'s members (each layer names its own)."""
+        raise NotImplementedError
+
+    async def group_add(self, group: str, channel: str) -> None:
+        """Add ``channel`` to ``group`` (membership lasts ``group_expiry`` seconds)."""
+        self.check_group(group)
+        self.check_channel(channel)
+        key, shard = self.group_key(group), self.connections.shard_for(group)
+
+        async def add() -> None:
+            pipe = self.connections.client(shard).pipeline(transaction=False)
+            pipe.zadd(key, {channel: time.time()})
+            pipe.expire(key, self.group_expiry)
+            await pipe.execute()
+
+        await self.with_retry(f"group_add to {group!r}", add)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        """Remove ``channel`` from ``group``; a channel that is not a member is ignored."""
+        self.check_group(group)
+        self.check_channel(channel)
+        key, shard = self.group_key(group), self.connections.shard_for(group)
+        await self.with_retry(
+            f"group_discard from {group!r}",
+            lambda: self.connections.client(shard).zrem(key, channel),
+        )
+
+    async def delete_matching(self, pattern: str) -> None:
+        """UNLINK every key matching the SCAN ``pattern`` on every shard (for flush())."""
+        for shard in range(self.connections.ring_size):
+            await self.with_retry("flush", partial(self._delete_on_shard, shard, pattern))
+
+    async def _delete_on_shard(self, shard: int, pattern: str) -> None:
+        client = self.connections.client(shard)
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=pattern, count=_SCAN_COUNT):
+            batch.append(key)
+            if len(batch) >= _SCAN_COUNT:
+                await client.unlink(*batch)
+                batch = []
+        if batch:
+            await client.unlink(*batch)
 
     # --- lifecycle -----------------------------------------------------------------
 

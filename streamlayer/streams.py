@@ -50,7 +50,6 @@ logger = logging.getLogger(__name__)
 
 #: The consumer group every process joins on a normal channel's stream.
 CONSUMER_GROUP = "streamlayer"
-_SCAN_COUNT = 1000
 _CLAIM_BATCH = 16
 
 
@@ -393,29 +392,8 @@ class StreamsChannelLayer(StreamlayerLayer):
 
     # --- groups ---------------------------------------------------------------------------
 
-    async def group_add(self, group: str, channel: str) -> None:
-        """Add ``channel`` to ``group`` (membership lasts ``group_expiry`` seconds)."""
-        self.check_group(group)
-        self.check_channel(channel)
-        key, shard = stream_group_key(self.prefix, group), self._shard(group)
-
-        async def add() -> None:
-            pipe = self.connections.client(shard).pipeline(transaction=False)
-            pipe.zadd(key, {channel: time.time()})
-            pipe.expire(key, self.group_expiry)
-            await pipe.execute()
-
-        await self.with_retry(f"group_add to {group!r}", add)
-
-    async def group_discard(self, group: str, channel: str) -> None:
-        """Remove ``channel`` from ``group``; a channel that is not a member is ignored."""
-        self.check_group(group)
-        self.check_channel(channel)
-        key, shard = stream_group_key(self.prefix, group), self._shard(group)
-        await self.with_retry(
-            f"group_discard from {group!r}",
-            lambda: self.connections.client(shard).zrem(key, channel),
-        )
+    def group_key(self, group: str) -> str:
+        return stream_group_key(self.prefix, group)
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         """Send ``message`` to every member of ``group``: one payload per destination
@@ -437,7 +415,7 @@ class StreamsChannelLayer(StreamlayerLayer):
             logger.info("%d destination(s) of group %s are full", full, group)
 
     async def _group_members(self, group: str) -> list[str]:
-        key, shard = stream_group_key(self.prefix, group), self._shard(group)
+        key, shard = self.group_key(group), self._shard(group)
         cutoff = time.time() - self.group_expiry
         raw = await self.with_retry(
             f"group_send to {group!r}",
@@ -484,21 +462,8 @@ class StreamsChannelLayer(StreamlayerLayer):
         self.local.clear()
         self._normal.clear()
         self.position = InboxPosition()
-        for shard in range(self.connections.ring_size):
-            await self.with_retry("flush", partial(self._delete_keys, shard))
+        await self.delete_matching(scan_pattern(f"{self.prefix}:s:"))
         await self.connections.close()
-
-    async def _delete_keys(self, shard: int) -> None:
-        client = self.connections.client(shard)
-        batch: list[bytes] = []
-        pattern = scan_pattern(f"{self.prefix}:s:")
-        async for key in client.scan_iter(match=pattern, count=_SCAN_COUNT):
-            batch.append(key)
-            if len(batch) >= _SCAN_COUNT:
-                await client.unlink(*batch)
-                batch = []
-        if batch:
-            await client.unlink(*batch)
 
     async def close(self) -> None:
         """Stop the inbox reader and close this event loop's connections.

@@ -57,7 +57,6 @@ logger = logging.getLogger(__name__)
 READ_BATCH = 256
 #: Longest single blocking pop; also bounded by half the socket timeout.
 BLOCK_SECONDS = 5.0
-_SCAN_COUNT = 1000
 
 
 @dataclass
@@ -352,31 +351,8 @@ class RedisChannelLayer(StreamlayerLayer):
 
     # --- groups ------------------------------------------------------------------------
 
-    async def group_add(self, group: str, channel: str) -> None:
-        """Add ``channel`` to ``group`` (membership lasts ``group_expiry`` seconds)."""
-        self.check_group(group)
-        self.check_channel(channel)
-        key = classic_group_key(self.prefix, group)
-        shard = self.connections.shard_for(group)
-
-        async def add() -> None:
-            pipe = self.connections.client(shard).pipeline(transaction=False)
-            pipe.zadd(key, {channel: time.time()})
-            pipe.expire(key, self.group_expiry)
-            await pipe.execute()
-
-        await self.with_retry(f"group_add to {group!r}", add)
-
-    async def group_discard(self, group: str, channel: str) -> None:
-        """Remove ``channel`` from ``group``; a channel that is not a member is ignored."""
-        self.check_group(group)
-        self.check_channel(channel)
-        key = classic_group_key(self.prefix, group)
-        shard = self.connections.shard_for(group)
-        await self.with_retry(
-            f"group_discard from {group!r}",
-            lambda: self.connections.client(shard).zrem(key, channel),
-        )
+    def group_key(self, group: str) -> str:
+        return classic_group_key(self.prefix, group)
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         """Send ``message`` to every member of ``group``; full members are skipped."""
@@ -395,7 +371,7 @@ class RedisChannelLayer(StreamlayerLayer):
             logger.info("%d of %d channels over capacity in group %s", full, len(members), group)
 
     async def _group_members(self, group: str) -> list[str]:
-        key = classic_group_key(self.prefix, group)
+        key = self.group_key(group)
         shard = self.connections.shard_for(group)
         cutoff = time.time() - self.group_expiry
         raw = await self.with_retry(
@@ -440,20 +416,8 @@ class RedisChannelLayer(StreamlayerLayer):
         await self._stop_background(LayerClosed("the channel layer was flushed"))
         self._parked.clear()
         self.local.clear()
-        for shard in range(self.connections.ring_size):
-            await self.with_retry("flush", partial(self._delete_prefix, shard))
+        await self.delete_matching(scan_pattern(self.prefix))
         await self.connections.close()
-
-    async def _delete_prefix(self, shard: int) -> None:
-        client = self.connections.client(shard)
-        batch: list[bytes] = []
-        async for key in client.scan_iter(match=scan_pattern(self.prefix), count=_SCAN_COUNT):
-            batch.append(key)
-            if len(batch) >= _SCAN_COUNT:
-                await client.unlink(*batch)
-                batch = []
-        if batch:
-            await client.unlink(*batch)
 
     async def close(self) -> None:
         """Stop readers, return parked normal-channel messages to Redis, close connections."""
