@@ -142,7 +142,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
                 on_error(error)
 
         return await retry_transient(
-            call, timeout=self.config.retry_timeout, what=what, on_retry=count
+            call, give_up_after=self.config.retry_timeout, what=what, on_retry=count
         )
 
     # --- groups and keys: the parts every Redis layer shares ---------------------------

@@ -14,15 +14,13 @@ the same inbox (``recovered=True``) or came back without it (``False``).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from .exceptions import LayerClosed
 from .keys import stream_cursor_key, stream_inbox_key
+from .reader import BackgroundReader
 
 if TYPE_CHECKING:
     from .streams import StreamsChannelLayer
@@ -82,7 +80,7 @@ class RecentTags:
         return False
 
 
-class InboxReader:
+class InboxReader(BackgroundReader):
     """Reads one process inbox while receivers wait; owned and restarted by its layer."""
 
     def __init__(self, layer: StreamsChannelLayer) -> None:
@@ -90,42 +88,25 @@ class InboxReader:
         self.key = stream_inbox_key(layer.prefix, layer.process_id)
         self.cursor_key = stream_cursor_key(layer.prefix, layer.process_id)
         self.shard = layer.connections.shard_for(layer.process_id)
-        self.loop = asyncio.get_running_loop()
         self._disconnected = False
-        self.task = self.loop.create_task(self._run(), name=f"streamlayer-inbox-{self.key}")
+        super().__init__(layer.local, self.key)
 
-    def usable_from(self, loop: asyncio.AbstractEventLoop) -> bool:
-        return not self.task.done() and self.loop is loop
-
-    async def stop(self) -> None:
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
-
-    async def _run(self) -> None:
+    async def step(self) -> bool:
         layer = self.layer
-        try:
-            while True:
-                if not layer.local.waiting():
-                    # Nobody waits: trim what we consumed now, not at the next read, so
-                    # senders see the true backlog; stop unless someone came meanwhile.
-                    await layer.with_retry(f"trim inbox {self.key!r}", self._settle)
-                    if not layer.local.waiting():
-                        return
-                entries = await layer.with_retry(
-                    f"read inbox {self.key!r}", self._read, on_error=self._lost_connection
-                )
-                for entry_id, fields in entries:
-                    layer.position.last_id = entry_id.decode()
-                    layer.dispatch_inbox(entry_id, fields)
-                layer.local.sweep(time.time())
-        except asyncio.CancelledError:
-            raise
-        except LayerClosed as exc:  # its event loop is winding down
-            layer.local.fail(exc)
-        except Exception as exc:
-            logger.error("inbox reader for %s stopped: %r", self.key, exc)
-            layer.local.fail(exc)
+        if not layer.local.waiting():
+            # Nobody waits: trim what we consumed now, not at the next read, so
+            # senders see the true backlog; stop unless someone came meanwhile.
+            await layer.with_retry(f"trim inbox {self.key!r}", self._settle)
+            if not layer.local.waiting():
+                return False
+        entries = await layer.with_retry(
+            f"read inbox {self.key!r}", self._read, on_error=self._lost_connection
+        )
+        for entry_id, fields in entries:
+            layer.position.last_id = entry_id.decode()
+            layer.dispatch_inbox(entry_id, fields)
+        layer.local.sweep(time.time())
+        return True
 
     def _lost_connection(self, error: BaseException) -> None:
         if not self._disconnected:
@@ -134,11 +115,40 @@ class InboxReader:
             self.layer.connection_lost()
 
     def _queue_bookkeeping(self, pipe: Any) -> None:
-        """Record our position in the cursor key and trim the entries handed on."""
+        """Check and record our position in the cursor key, and trim the entries handed
+        on. The GET comes first, so every write also tells whether Redis lost the inbox."""
         position = self.layer.position
+        pipe.get(self.cursor_key)
         pipe.set(self.cursor_key, position.last_id, px=self.layer.key_ttl_ms)
         if position.trimmed_to != position.last_id:
             pipe.xtrim(self.key, minid=next_stream_id(position.last_id), approximate=False)
+
+    def _bookkeeping_done(self, stored: Any) -> None:
+        """Tell receivers about a reconnect, or about a reset seen without one."""
+        layer, position = self.layer, self.layer.position
+        intact = self._cursor_intact(stored)
+        position.written_cursor = position.trimmed_to = position.last_id
+        position.cursor_written_at = time.monotonic()
+        if self._disconnected:
+            self._disconnected = False
+            layer.connection_back(intact)
+        elif not intact:
+            # Redis came back empty while this reader was not reading (between two
+            # receives): no read failed, but what was in the inbox is gone.
+            logger.warning("inbox %s was reset while idle", self.key)
+            layer.connection_lost()
+            layer.connection_back(False)
+
+    def _cursor_intact(self, stored: Any) -> bool:
+        """Is the cursor key still the one we wrote, so the inbox is the one we read?"""
+        position = self.layer.position
+        if position.written_cursor is None:
+            return True  # nothing written yet: nothing to lose
+        if stored is not None:
+            return _as_bytes(stored) == position.written_cursor.encode()
+        # Missing. After an idle spell longer than its TTL that is just the TTL.
+        idle = time.monotonic() - position.cursor_written_at
+        return not self._disconnected and idle * 1000 >= self.layer.key_ttl_ms
 
     async def _settle(self) -> None:
         position = self.layer.position
@@ -146,25 +156,15 @@ class InboxReader:
             return
         pipe = self.layer.connections.client(self.shard).pipeline(transaction=False)
         self._queue_bookkeeping(pipe)
-        await pipe.execute()
-        position.written_cursor = position.trimmed_to = position.last_id
+        results = await pipe.execute()
+        self._bookkeeping_done(results[0])
 
     async def _read(self) -> list[Entry]:
         layer, position = self.layer, self.layer.position
-        client = layer.connections.client(self.shard)
-        if self._disconnected:
-            # Back: is this the inbox we were reading, or did Redis come back without it?
-            stored = await client.get(self.cursor_key)
-            recovered = (
-                stored is not None
-                and _as_bytes(stored) == (position.written_cursor or "").encode()
-            )
-            self._disconnected = False
-            layer.connection_back(recovered)
-        pipe = client.pipeline(transaction=False)
+        pipe = layer.connections.client(self.shard).pipeline(transaction=False)
         self._queue_bookkeeping(pipe)
         block = layer.connections.block_timeout(self.shard, BLOCK_SECONDS)
         pipe.xread({self.key: position.last_id}, count=READ_BATCH, block=int(block * 1000))
         results = await pipe.execute()
-        position.written_cursor = position.trimmed_to = position.last_id
+        self._bookkeeping_done(results[0])
         return stream_entries(results[-1])

@@ -41,11 +41,11 @@ _MAX_WAIT = 1.0
 async def retry_transient(
     call: Callable[[], Awaitable[T]],
     *,
-    timeout: float,
+    give_up_after: float,
     what: str,
     on_retry: Callable[[BaseException], None] | None = None,
 ) -> T:
-    """Await ``call()``, retrying transient errors for up to ``timeout`` seconds.
+    """Await ``call()``, retrying transient errors for up to ``give_up_after`` seconds.
 
     The first attempt runs outside tenacity so the happy path costs nothing.
     ``what`` names the operation and the server in the final error message.
@@ -67,7 +67,7 @@ async def retry_transient(
     retrying = tenacity.AsyncRetrying(
         retry=tenacity.retry_if_exception_type(TRANSIENT_ERRORS),
         wait=tenacity.wait_random_exponential(multiplier=_INITIAL_WAIT, max=_MAX_WAIT),
-        stop=tenacity.stop_after_delay(timeout),
+        stop=tenacity.stop_after_delay(give_up_after),
         after=_notify,
         reraise=False,
     )
@@ -78,7 +78,7 @@ async def retry_transient(
     except tenacity.RetryError as exc:
         cause = exc.last_attempt.exception()
         raise RedisUnavailable(
-            f"{what}: Redis still unreachable after retrying for {timeout:g}s "
+            f"{what}: Redis still unreachable after retrying for {give_up_after:g}s "
             f"(retry_timeout): {cause}"
         ) from cause
     raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover

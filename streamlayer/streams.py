@@ -32,6 +32,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from .base import RESERVED_KEY, StreamlayerLayer
+from .cancellation import CancelGuard
 from .exceptions import ChannelFull, LayerClosed
 from .inbox import BLOCK_SECONDS, Entry, InboxReader, RecentTags, stream_entries
 from .keys import (
@@ -42,6 +43,7 @@ from .keys import (
     stream_inbox_key,
 )
 from .local import LocalChannels
+from .reader import reusable_task
 from .scripts import STREAM_ACK, STREAM_GROUP_MEMBERS, STREAM_GROUP_SEND, STREAM_SEND, LuaScript
 
 __all__ = ["StreamsChannelLayer"]
@@ -59,6 +61,7 @@ class InboxPosition:
 
     last_id: str = "0-0"
     written_cursor: str | None = None
+    cursor_written_at: float = 0.0
     trimmed_to: str | None = None
 
 
@@ -73,9 +76,11 @@ class _NormalChannel:
     in_flight: set[bytes] = field(default_factory=set)
     #: Entries taken over or found pending, to hand out before reading new ones.
     held: deque[Entry] = field(default_factory=deque)
-    #: Set when a receive was cancelled mid-read: our consumer may own unread entries.
+    #: Set when a read lost its reply: our consumer may own entries nobody received.
     check_pending: bool = True
     next_claim: float = 0.0
+    #: The one read in progress for this channel; receives await it through a shield.
+    fetch: asyncio.Future[None] | None = None
 
 
 class StreamsChannelLayer(StreamlayerLayer):
@@ -164,16 +169,11 @@ class StreamsChannelLayer(StreamlayerLayer):
                 f"cannot receive on {channel!r}: it was not made by this layer's new_channel()"
             )
         self.local.touch(channel)
-        loop = asyncio.get_running_loop()
         reader = self._reader
-        if reader is not None and not reader.usable_from(loop):
-            if not reader.task.done() and not reader.loop.is_closed():
-                raise RuntimeError(
-                    "receive() on process-specific channels from two event loops at once: "
-                    "use one layer per event loop"
-                )
-            reader = None
-        if reader is None and not self.local.has_queued(channel):
+        running = reusable_task(
+            reader.task if reader else None, "receive() on process-specific channels"
+        )
+        if not running and not self.local.has_queued(channel):
             # The task first runs after get() below has registered this receiver.
             self._reader = InboxReader(self)
         return await self.local.get(channel)
@@ -216,27 +216,44 @@ class StreamsChannelLayer(StreamlayerLayer):
     # --- normal channels ------------------------------------------------------------------
 
     async def _receive_normal(self, channel: str) -> dict[str, Any]:
+        """Hand over a held entry, or wait for the channel's one fetch to hold some.
+
+        The fetch is a task of its own, awaited through a shield: cancelling a
+        receive never interrupts a Redis read halfway, and what the fetch reads
+        after the cancel is held for the next receive, in order.
+        """
+        state = self._normal_state(channel)
+        while True:
+            if state.held:
+                message = await self._hand_over(channel, state, state.held.popleft())
+                if message is not None:
+                    return message
+                continue
+            fetch = state.fetch
+            if fetch is None or not reusable_task(fetch, f"receive() on {channel!r}"):
+                if fetch is not None and not fetch.done():
+                    state.check_pending = True  # abandoned with its loop: it may hold entries
+                fetch = state.fetch = asyncio.ensure_future(self._fetch(channel, state))
+                fetch.add_done_callback(_retrieve_exception)
+            await asyncio.shield(fetch)
+
+    def _normal_state(self, channel: str) -> _NormalChannel:
         state = self._normal.get(channel)
         if state is None:
             key = stream_channel_key(self.prefix, channel)
             state = self._normal[channel] = _NormalChannel(key, self._shard(channel))
-        while True:
-            entry = await self._next_entry(channel, state)
-            if entry is None:
-                continue
-            message = await self._hand_over(channel, state, entry)
-            if message is not None:
-                return message
+        return state
 
-    async def _next_entry(self, channel: str, state: _NormalChannel) -> Entry | None:
-        if state.held:
-            return state.held.popleft()
-        await self._ensure_group(channel, state)
-        if state.check_pending or time.monotonic() >= state.next_claim:
-            await self._collect_stragglers(channel, state)
-            if state.held:
-                return state.held.popleft()
-        return await self._read_new(channel, state)
+    async def _fetch(self, channel: str, state: _NormalChannel) -> None:
+        """Read until at least one entry of ``channel`` is held."""
+        guard = CancelGuard()
+        while not state.held:
+            await self._ensure_group(channel, state)
+            if state.check_pending or time.monotonic() >= state.next_claim:
+                await self._collect_stragglers(channel, state)
+            if not state.held:
+                await self._read_new(channel, state)
+            guard.check()
 
     async def _ensure_group(self, channel: str, state: _NormalChannel) -> None:
         if state.group_ready:
@@ -254,7 +271,8 @@ class StreamsChannelLayer(StreamlayerLayer):
         await self.with_retry(f"join the consumers of {channel!r}", create)
         state.group_ready = True
 
-    async def _read_new(self, channel: str, state: _NormalChannel) -> Entry | None:
+    async def _read_new(self, channel: str, state: _NormalChannel) -> None:
+        """Wait (bounded) for one new entry and hold it; our consumer now owns it."""
         block = self.connections.block_timeout(state.shard, BLOCK_SECONDS)
 
         def lost_reply(error: BaseException) -> None:
@@ -286,13 +304,8 @@ class StreamsChannelLayer(StreamlayerLayer):
             if "NOGROUP" not in str(exc) and "no longer exists" not in str(exc):
                 raise
             state.group_ready = False  # the stream expired or was flushed: join again
-            return None
-        if state.held:
-            return state.held.popleft()
-        if not entries:
-            return None
-        state.in_flight.add(entries[0][0])
-        return entries[0]
+            return
+        self._hold(state, entries)
 
     async def _collect_own_pending(self, state: _NormalChannel) -> None:
         """Move entries our consumer owns but nobody received into ``held``, oldest first."""
@@ -475,10 +488,29 @@ class StreamsChannelLayer(StreamlayerLayer):
         await super().close()
 
     async def _stop_reader(self, error: BaseException) -> None:
+        """Stop this event loop's inbox reader and normal-channel fetches.
+
+        Entries a stopped fetch already holds stay held (a later receive hands
+        them out); those it read without a reply are found again in Redis.
+        """
         self.local.fail(error)
+        loop = asyncio.get_running_loop()
         reader, self._reader = self._reader, None
-        if reader is not None and reader.loop is asyncio.get_running_loop():
+        if reader is not None and reader.loop is loop:
             await reader.stop()
+        fetches = [
+            s.fetch for s in self._normal.values() if s.fetch and s.fetch.get_loop() is loop
+        ]
+        for fetch in fetches:
+            fetch.cancel()
+        await asyncio.gather(*fetches, return_exceptions=True)
+
+
+def _retrieve_exception(fetch: asyncio.Future[None]) -> None:
+    """A fetch whose receive was cancelled fails unobserved; its error is logged here,
+    and the next receive starts a new fetch."""
+    if not fetch.cancelled() and fetch.exception() is not None:
+        logger.info("a normal-channel read failed: %r", fetch.exception())
 
 
 def _bytes(value: Any) -> bytes:

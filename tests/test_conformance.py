@@ -18,8 +18,8 @@ from .conftest import LayerFactory
 RECEIVE_TIMEOUT = 10
 
 
-async def recv(layer, channel, timeout=RECEIVE_TIMEOUT):  # type: ignore[no-untyped-def]
-    return await asyncio.wait_for(layer.receive(channel), timeout)
+async def recv(layer, channel, within=RECEIVE_TIMEOUT):  # type: ignore[no-untyped-def]
+    return await asyncio.wait_for(layer.receive(channel), within)
 
 
 async def assert_empty(layer, channel, wait=0.3):  # type: ignore[no-untyped-def]
@@ -311,7 +311,7 @@ async def test_random_cancellations_lose_and_duplicate_nothing(make_layer: Layer
                 break
             try:
                 message = await asyncio.wait_for(layer.receive(channel), rng.uniform(0, 0.004))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             got.append(message["i"])
         while len(got) < 200:
@@ -340,7 +340,7 @@ async def test_competing_receivers_on_a_normal_channel(make_layer: LayerFactory)
         while len(got) < 200:
             try:
                 got.append((await asyncio.wait_for(layer.receive("jobs"), 0.5))["i"])
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
 
     tasks = [asyncio.ensure_future(work(w)) for w in workers]

@@ -19,7 +19,6 @@ is everything that does not show on the wire:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -33,6 +32,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from ..base import RESERVED_KEY, StreamlayerLayer
+from ..cancellation import CancelGuard
 from ..exceptions import ChannelFull, LayerClosed
 from ..keys import (
     classic_backup_key,
@@ -42,6 +42,7 @@ from ..keys import (
     scan_pattern,
 )
 from ..local import LocalChannels
+from ..reader import BackgroundReader, reusable_task
 from ..scripts import (
     CLASSIC_GROUP_MEMBERS,
     CLASSIC_GROUP_SEND,
@@ -76,16 +77,16 @@ async def _zpopmin(client: Redis, key: str, count: int) -> list[tuple[bytes, flo
     return cast("list[tuple[bytes, float]]", popped)
 
 
-async def _bzpopmin(client: Redis, key: str, timeout: float) -> tuple[bytes, float] | None:
-    """BZPOPMIN on one key, typed: (member, score), or None when ``timeout`` passed."""
-    result = await client.bzpopmin(key, timeout=timeout)
+async def _bzpopmin(client: Redis, key: str, block_seconds: float) -> tuple[bytes, float] | None:
+    """BZPOPMIN on one key, typed: (member, score), or None when ``block_seconds`` passed."""
+    result = await client.bzpopmin(key, timeout=block_seconds)
     if result is None:
         return None
     _key, member, score = cast("tuple[bytes, bytes, float]", result)
     return member, score
 
 
-class _InboxReader:
+class _InboxReader(BackgroundReader):
     """Pops one process inbox (``<prefix><name>!``) and hands messages to local channels.
 
     Runs in one event loop while receivers wait, and stops by itself when
@@ -94,35 +95,19 @@ class _InboxReader:
 
     def __init__(self, layer: RedisChannelLayer, inbox: str) -> None:
         self.layer = layer
-        self.inbox = inbox
         self.key = classic_channel_key(layer.prefix, inbox)
         self.shard = layer.connections.shard_for(inbox)
-        self.loop = asyncio.get_running_loop()
-        self.task = self.loop.create_task(self._run(), name=f"streamlayer-inbox-{inbox}")
+        super().__init__(layer.local, inbox)
 
-    def usable_from(self, loop: asyncio.AbstractEventLoop) -> bool:
-        return not self.task.done() and self.loop is loop
-
-    async def stop(self) -> None:
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
-
-    async def _run(self) -> None:
+    async def step(self) -> bool:
         layer = self.layer
-        try:
-            while layer.local.waiting():
-                popped = await layer.with_retry(f"read inbox {self.key!r}", self._pop)
-                for member, score in popped:
-                    layer.dispatch_inbox(member, score)
-                layer.local.sweep(time.time())
-        except asyncio.CancelledError:
-            raise
-        except LayerClosed as exc:  # its event loop is winding down
-            layer.local.fail(exc)
-        except Exception as exc:
-            logger.error("inbox reader for %s stopped: %r", self.key, exc)
-            layer.local.fail(exc)
+        if not layer.local.waiting():
+            return False
+        popped = await layer.with_retry(f"read inbox {self.key!r}", self._pop)
+        for member, score in popped:
+            layer.dispatch_inbox(member, score)
+        layer.local.sweep(time.time())
+        return True
 
     async def _pop(self) -> list[tuple[bytes, float]]:
         client = self.layer.connections.client(self.shard)
@@ -205,16 +190,11 @@ class RedisChannelLayer(StreamlayerLayer):
             raise ValueError(
                 f"cannot receive on {channel!r}: it was not made by this layer's new_channel()"
             )
-        loop = asyncio.get_running_loop()
         reader = self._readers.get(inbox)
-        if reader is not None and not reader.usable_from(loop):
-            if not reader.task.done() and not reader.loop.is_closed():
-                raise RuntimeError(
-                    "receive() on process-specific channels from two event loops at once: "
-                    "use one layer per event loop"
-                )
-            reader = None
-        if reader is None and not self.local.has_queued(channel):
+        running = reusable_task(
+            reader.task if reader else None, "receive() on process-specific channels"
+        )
+        if not running and not self.local.has_queued(channel):
             # The task first runs after get() below has registered this receiver.
             self._readers[inbox] = _InboxReader(self, inbox)
         return await self.local.get(channel)
@@ -290,9 +270,14 @@ class RedisChannelLayer(StreamlayerLayer):
         self._parked.setdefault(channel, deque()).append(popped)
 
     async def _fetch_normal(self, channel: str) -> _Popped:
-        key = classic_channel_key(self.prefix, channel)
+        key, guard = classic_channel_key(self.prefix, channel), CancelGuard()
         while True:
             popped = await self._pop_normal(channel, key)
+            if guard.requested and popped is not None:
+                # Cancelled by close(), though redis-py returned normally: the member
+                # was popped, so it still goes back to where it came from.
+                await self._unpop(_Popped(popped[0], key, popped[1], popped[2], {}))
+            guard.check()
             if popped is None:
                 continue
             shard, member, score = popped
