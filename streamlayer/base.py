@@ -19,7 +19,9 @@ from channels.layers import BaseChannelLayer
 
 from .config import LayerConfig
 from .connections import ConnectionManager
+from .exceptions import ChannelFull
 from .retry import retry_transient
+from .scripts import GROUP_MEMBERS
 from .serializers import MessageSerializer, registry
 
 __all__ = ["RESERVED_KEY", "LayerStats", "StreamlayerLayer"]
@@ -123,6 +125,33 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
             raise ValueError(f"message must not contain the reserved key {RESERVED_KEY!r}")
         return message
 
+    # --- send and receive: what every layer does around its own storage ---------
+
+    def count_send(self, channel: str, stored: bool, capacity: int) -> None:
+        """Count a send; one the destination had no room for raises ChannelFull."""
+        if not stored:
+            self.stats.full += 1
+            raise ChannelFull(f"channel {channel!r} is at its capacity of {capacity} messages")
+        self.stats.sent += 1
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        """The next message on ``channel``. Cancelling it loses and duplicates nothing."""
+        self.check_channel(channel)
+        if "!" in channel:
+            message = await self._receive_local(channel)
+        else:
+            message = await self._receive_normal(channel)
+        self.stats.received += 1
+        return message
+
+    async def _receive_local(self, channel: str) -> dict[str, Any]:
+        """A process-specific channel's next message (each layer's own)."""
+        raise NotImplementedError
+
+    async def _receive_normal(self, channel: str) -> dict[str, Any]:
+        """A normal channel's next message (each layer's own)."""
+        raise NotImplementedError
+
     # --- the retry boundary ------------------------------------------------------
 
     async def with_retry(
@@ -174,6 +203,34 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
             f"group_discard from {group!r}",
             lambda: self.connections.client(shard).zrem(key, channel),
         )
+
+    async def group_send(self, group: str, message: dict[str, Any]) -> None:
+        """Send ``message`` to every member of ``group``; full members are skipped and
+        counted (the spec lets a group send drop rather than raise)."""
+        self.check_group(group)
+        self.check_message(message)
+        members = await self.group_members(group)
+        full = await self.send_to_members(group, members, message) if members else 0
+        self.stats.sent += len(members) - full
+        if full:
+            self.stats.full += full
+            logger.info("%d of %d channels over capacity in group %s", full, len(members), group)
+
+    async def group_members(self, group: str) -> list[str]:
+        """The live members of ``group``; members older than ``group_expiry`` are dropped."""
+        key, shard = self.group_key(group), self.connections.shard_for(group)
+        cutoff = time.time() - self.group_expiry
+        raw = await self.with_retry(
+            f"group_send to {group!r}",
+            lambda: GROUP_MEMBERS(self.connections.client(shard), [key], [cutoff]),
+        )
+        return [m.decode("utf8") for m in raw]
+
+    async def send_to_members(
+        self, group: str, members: list[str], message: dict[str, Any]
+    ) -> int:
+        """Deliver ``message`` to ``members``; returns how many were full (each layer's own)."""
+        raise NotImplementedError
 
     async def delete_matching(self, pattern: str) -> None:
         """UNLINK every key matching the SCAN ``pattern`` on every shard (for flush())."""

@@ -16,12 +16,11 @@ from redis import asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 __all__ = [
-    "CLASSIC_GROUP_MEMBERS",
     "CLASSIC_GROUP_SEND",
     "CLASSIC_RESTORE_BACKUP",
     "CLASSIC_SEND",
+    "GROUP_MEMBERS",
     "STREAM_ACK",
-    "STREAM_GROUP_MEMBERS",
     "STREAM_GROUP_SEND",
     "STREAM_SEND",
     "LuaScript",
@@ -68,8 +67,8 @@ return 1
 """,
 )
 
-CLASSIC_GROUP_MEMBERS = LuaScript(
-    "classic_group_members",
+GROUP_MEMBERS = LuaScript(
+    "group_members",
     """
 -- KEYS[1]: the group's sorted set of channel names
 -- ARGV[1]: drop members that joined at or before this time (now - group_expiry)
@@ -187,8 +186,6 @@ end
 return full
 """,
 )
-
-STREAM_GROUP_MEMBERS = CLASSIC_GROUP_MEMBERS  # same sorted set semantics, other key names
 
 STREAM_ACK = LuaScript(
     "stream_ack",

@@ -33,7 +33,7 @@ from redis.exceptions import ResponseError
 
 from .base import RESERVED_KEY, StreamlayerLayer
 from .cancellation import CancelGuard
-from .exceptions import ChannelFull, LayerClosed
+from .exceptions import LayerClosed
 from .inbox import BLOCK_SECONDS, Entry, InboxReader, RecentTags, stream_entries
 from .keys import (
     process_id_of,
@@ -44,7 +44,7 @@ from .keys import (
 )
 from .local import LocalChannels
 from .reader import reusable_task
-from .scripts import STREAM_ACK, STREAM_GROUP_MEMBERS, STREAM_GROUP_SEND, STREAM_SEND, LuaScript
+from .scripts import STREAM_ACK, STREAM_GROUP_SEND, STREAM_SEND, LuaScript
 
 __all__ = ["StreamsChannelLayer"]
 
@@ -127,20 +127,7 @@ class StreamsChannelLayer(StreamlayerLayer):
         capacity = self.get_capacity(channel)
         args = [self.serialize(message), secrets.token_hex(8), capacity]
         stored = await self._idempotent(f"send to {channel!r}", STREAM_SEND, shard, [key], args)
-        if stored is None:
-            self.stats.full += 1
-            raise ChannelFull(f"channel {channel!r} is at its capacity of {capacity} messages")
-        self.stats.sent += 1
-
-    async def receive(self, channel: str) -> dict[str, Any]:
-        """The next message on ``channel``. Cancelling it loses and duplicates nothing."""
-        self.check_channel(channel)
-        if "!" in channel:
-            message = await self._receive_local(channel)
-        else:
-            message = await self._receive_normal(channel)
-        self.stats.received += 1
-        return message
+        self.count_send(channel, stored is not None, capacity)
 
     def _shard(self, name: str) -> int:
         return self.connections.shard_for(name)
@@ -408,12 +395,11 @@ class StreamsChannelLayer(StreamlayerLayer):
     def group_key(self, group: str) -> str:
         return stream_group_key(self.prefix, group)
 
-    async def group_send(self, group: str, message: dict[str, Any]) -> None:
-        """Send ``message`` to every member of ``group``: one payload per destination
-        stream, one script per shard; full destinations are skipped and counted."""
-        self.check_group(group)
-        self.check_message(message)
-        members = await self._group_members(group)
+    async def send_to_members(
+        self, group: str, members: list[str], message: dict[str, Any]
+    ) -> int:
+        """One payload per destination stream, one STREAM_GROUP_SEND per shard;
+        returns how many destinations were full."""
         plan = self._plan_group_send(members, message)
         results = await asyncio.gather(
             *(
@@ -421,20 +407,7 @@ class StreamsChannelLayer(StreamlayerLayer):
                 for shard, (keys, args) in plan.items()
             )
         )
-        full = sum(int(r) for r in results)
-        self.stats.sent += len(members) - full
-        if full:
-            self.stats.full += full
-            logger.info("%d destination(s) of group %s are full", full, group)
-
-    async def _group_members(self, group: str) -> list[str]:
-        key, shard = self.group_key(group), self._shard(group)
-        cutoff = time.time() - self.group_expiry
-        raw = await self.with_retry(
-            f"group_send to {group!r}",
-            lambda: STREAM_GROUP_MEMBERS(self.connections.client(shard), [key], [cutoff]),
-        )
-        return [m.decode("utf8") for m in raw]
+        return sum(int(r) for r in results)
 
     def _plan_group_send(
         self, members: Iterable[str], message: dict[str, Any]

@@ -16,10 +16,10 @@ from streamlayer.keys import (
     scan_pattern,
 )
 from streamlayer.scripts import (
-    CLASSIC_GROUP_MEMBERS,
     CLASSIC_GROUP_SEND,
     CLASSIC_RESTORE_BACKUP,
     CLASSIC_SEND,
+    GROUP_MEMBERS,
 )
 from streamlayer.testing import RedisServer
 
@@ -63,7 +63,7 @@ async def test_send_loads_itself_after_script_flush(client: Redis) -> None:
 async def test_group_members_drops_expired(client: Redis) -> None:
     now = time.time()
     await client.zadd("g", {"stale": now - 100, "fresh": now})
-    assert await CLASSIC_GROUP_MEMBERS(client, ["g"], [now - 50]) == [b"fresh"]
+    assert await GROUP_MEMBERS(client, ["g"], [now - 50]) == [b"fresh"]
     assert await client.zcard("g") == 1
 
 

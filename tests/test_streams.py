@@ -80,14 +80,32 @@ async def test_zero_loss_while_connections_are_killed(
     assert numbers(got) == list(range(total)), "lost, duplicated or reordered"
 
 
-async def test_reader_kill_fires_both_hooks_and_recovers(
-    layer: StreamsChannelLayer, fresh_server: RedisServer
-) -> None:
+async def wait_until_blocked(server: RedisServer, clients: int = 1) -> None:
+    """Until ``clients`` connections sit in a blocking read (bounded)."""
+    for _ in range(500):
+        with server.client() as client:
+            if int(client.info("clients")["blocked_clients"]) >= clients:
+                return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no reader ever blocked")
+
+
+async def reader_blocked_after_one_message(
+    layer: StreamsChannelLayer, server: RedisServer
+) -> tuple[str, asyncio.Future[dict[str, Any]]]:
+    """A channel whose first message was received, and a receive blocked on the next."""
     channel = await layer.new_channel()
     await layer.send(channel, {"type": "n", "i": 0})
     assert (await recv(layer, channel))["i"] == 0
     waiting = asyncio.ensure_future(recv(layer, channel))
-    await wait_until_blocked(fresh_server)
+    await wait_until_blocked(server)
+    return channel, waiting
+
+
+async def test_reader_kill_fires_both_hooks_and_recovers(
+    layer: StreamsChannelLayer, fresh_server: RedisServer
+) -> None:
+    channel, waiting = await reader_blocked_after_one_message(layer, fresh_server)
     fresh_server.kill_clients()
     assert await asyncio.wait_for(waiting, 10) == {"type": "redis.disconnect"}
     assert await recv(layer, channel) == {"type": "redis.reconnect", "recovered": True}
@@ -106,16 +124,6 @@ async def test_pause_loses_nothing(layer: StreamsChannelLayer, fresh_server: Red
         await layer.send("paused", {"type": "n", "i": i})
     assert numbers(await asyncio.wait_for(receiving, 30)) == list(range(100))
     assert numbers(await asyncio.wait_for(normal, 30)) == list(range(100))
-
-
-async def wait_until_blocked(server: RedisServer, clients: int = 1) -> None:
-    """Until ``clients`` connections sit in a blocking read (bounded)."""
-    for _ in range(500):
-        with server.client() as client:
-            if int(client.info("clients")["blocked_clients"]) >= clients:
-                return
-        await asyncio.sleep(0.01)
-    raise AssertionError("no reader ever blocked")
 
 
 async def test_restart_with_aof_loses_nothing(aof_server: RedisServer) -> None:
@@ -151,11 +159,7 @@ async def test_restart_with_aof_loses_nothing(aof_server: RedisServer) -> None:
 async def test_restart_without_persistence_says_not_recovered(
     layer: StreamsChannelLayer, fresh_server: RedisServer
 ) -> None:
-    channel = await layer.new_channel()
-    await layer.send(channel, {"type": "n", "i": 0})
-    assert (await recv(layer, channel))["i"] == 0
-    waiting = asyncio.ensure_future(recv(layer, channel))
-    await wait_until_blocked(fresh_server)
+    channel, waiting = await reader_blocked_after_one_message(layer, fresh_server)
     fresh_server.stop()
     await asyncio.to_thread(fresh_server.start)
     assert await asyncio.wait_for(waiting, 15) == {"type": "redis.disconnect"}

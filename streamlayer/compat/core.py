@@ -33,7 +33,7 @@ from redis.asyncio import Redis
 
 from ..base import RESERVED_KEY, StreamlayerLayer
 from ..cancellation import CancelGuard
-from ..exceptions import ChannelFull, LayerClosed
+from ..exceptions import LayerClosed
 from ..keys import (
     classic_backup_key,
     classic_channel_key,
@@ -44,7 +44,6 @@ from ..keys import (
 from ..local import LocalChannels
 from ..reader import BackgroundReader, reusable_task
 from ..scripts import (
-    CLASSIC_GROUP_MEMBERS,
     CLASSIC_GROUP_SEND,
     CLASSIC_RESTORE_BACKUP,
     CLASSIC_SEND,
@@ -167,20 +166,7 @@ class RedisChannelLayer(StreamlayerLayer):
             f"send to {channel!r}",
             lambda: CLASSIC_SEND(self.connections.client(shard), [key], args),
         )
-        if not stored:
-            self.stats.full += 1
-            raise ChannelFull(f"channel {channel!r} is at its capacity of {capacity} messages")
-        self.stats.sent += 1
-
-    async def receive(self, channel: str) -> dict[str, Any]:
-        """The next message on ``channel``. Cancelling it loses no message."""
-        self.check_channel(channel)
-        if "!" in channel:
-            message = await self._receive_local(channel)
-        else:
-            message = await self._receive_normal(channel)
-        self.stats.received += 1
-        return message
+        self.count_send(channel, bool(stored), capacity)
 
     # --- process-specific channels ------------------------------------------------------
 
@@ -339,31 +325,16 @@ class RedisChannelLayer(StreamlayerLayer):
     def group_key(self, group: str) -> str:
         return classic_group_key(self.prefix, group)
 
-    async def group_send(self, group: str, message: dict[str, Any]) -> None:
-        """Send ``message`` to every member of ``group``; full members are skipped."""
-        self.check_group(group)
-        self.check_message(message)
-        members = await self._group_members(group)
+    async def send_to_members(
+        self, group: str, members: list[str], message: dict[str, Any]
+    ) -> int:
+        """One CLASSIC_GROUP_SEND per shard; returns how many members were full."""
         plan = self._plan_group_send(members, message)
         now = time.time()
         results = await asyncio.gather(
             *(self._group_send_shard(group, shard, batch, now) for shard, batch in plan.items())
         )
-        full = sum(results)
-        self.stats.sent += len(members) - full
-        if full:
-            self.stats.full += full
-            logger.info("%d of %d channels over capacity in group %s", full, len(members), group)
-
-    async def _group_members(self, group: str) -> list[str]:
-        key = self.group_key(group)
-        shard = self.connections.shard_for(group)
-        cutoff = time.time() - self.group_expiry
-        raw = await self.with_retry(
-            f"group_send to {group!r}",
-            lambda: CLASSIC_GROUP_MEMBERS(self.connections.client(shard), [key], [cutoff]),
-        )
-        return [m.decode("utf8") for m in raw]
+        return sum(results)
 
     def _plan_group_send(
         self, members: Iterable[str], message: dict[str, Any]
