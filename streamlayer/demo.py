@@ -24,6 +24,7 @@ from redis.asyncio.connection import Connection as AsyncConnection
 from .testing import RedisServer
 
 LAYERS = {
+    "streamlayer Streams": "streamlayer.StreamsChannelLayer",
     "streamlayer compat.core": "streamlayer.compat.core.RedisChannelLayer",
     "channels_redis core": "channels_redis.core.RedisChannelLayer",
 }
@@ -35,6 +36,7 @@ class Result:
     commands_per_send: float
     commands_per_group_send: float
     p2p_per_second: float
+    worker_per_second: float
     fanout_per_second: float
 
 
@@ -79,6 +81,31 @@ async def _p2p(layer: Any, count: int) -> float:
     elapsed = time.perf_counter() - started
     if received != list(range(count)):
         raise RuntimeError("p2p: messages were lost, duplicated or reordered")
+    return count / elapsed
+
+
+async def _worker(layer: Any, count: int) -> float:
+    """A normal channel (as ``runworker`` uses): one sender, two receiving workers;
+    checks that every message went to exactly one worker, in order per worker."""
+    taken: list[list[int]] = [[], []]
+
+    async def worker(mine: list[int]) -> None:
+        while len(taken[0]) + len(taken[1]) < count:
+            mine.append((await layer.receive("demo-work"))["i"])
+
+    workers = [asyncio.ensure_future(worker(mine)) for mine in taken]
+    started = time.perf_counter()
+    for i in range(count):
+        await layer.send("demo-work", {"type": "demo.job", "i": i, "body": "x" * 200})
+    done, pending = await asyncio.wait(workers, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    elapsed = time.perf_counter() - started
+    for task in pending:  # the other worker waits for a message that will not come
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    if not done or sorted(taken[0] + taken[1]) != list(range(count)):
+        raise RuntimeError("worker: messages were lost or duplicated")
+    if any(mine != sorted(mine) for mine in taken):
+        raise RuntimeError("worker: a worker saw messages out of order")
     return count / elapsed
 
 
@@ -135,25 +162,29 @@ async def _measure(name: str, cls: type, url: str, count: int) -> Result:
     layer = cls(hosts=[url], prefix=f"demo{abs(hash(name)) % 10_000}", capacity=count + 10)
     per_send, per_group_send = await _round_trips(layer, url)
     p2p = await _p2p(layer, count)
+    worker = await _worker(layer, count // 2)
     fanout = await _fanout(layer, members=50, sends=max(10, count // 100))
     await layer.flush()
     if hasattr(layer, "close"):
         await layer.close()
-    return Result(name, per_send, per_group_send, p2p, fanout)
+    return Result(name, per_send, per_group_send, p2p, worker, fanout)
 
 
 def _table(results: Sequence[Result]) -> str:
     base = results[-1] if len(results) > 1 else None
-    rows = [
-        ("layer", "round trips/send", "/group_send", "p2p msg/s", "fan-out deliveries/s"),
+    rows: list[tuple[str, ...]] = [
+        ("layer", "round trips/send", "/group_send", "p2p msg/s", "worker msg/s", "fan-out/s"),
     ]
     for r in results:
-        p2p, fan = f"{r.p2p_per_second:,.0f}", f"{r.fanout_per_second:,.0f}"
-        if base is not None and r is not base:
-            p2p += f" ({r.p2p_per_second / base.p2p_per_second:.2f}x)"
-            fan += f" ({r.fanout_per_second / base.fanout_per_second:.2f}x)"
+        figures = []
+        for field in ("p2p_per_second", "worker_per_second", "fanout_per_second"):
+            value = getattr(r, field)
+            cell = f"{value:,.0f}"
+            if base is not None and r is not base:
+                cell += f" ({value / getattr(base, field):.2f}x)"
+            figures.append(cell)
         rows.append(
-            (r.name, f"{r.commands_per_send:g}", f"{r.commands_per_group_send:g}", p2p, fan)
+            (r.name, f"{r.commands_per_send:g}", f"{r.commands_per_group_send:g}", *figures)
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]

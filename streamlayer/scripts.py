@@ -190,10 +190,26 @@ return full
 STREAM_ACK = LuaScript(
     "stream_ack",
     """
--- KEYS[1]: a normal channel's stream   ARGV[1]: consumer group   ARGV[2..]: entry ids
--- Acknowledges the entries and deletes them: a delivered message leaves no trace.
-local ids = {unpack(ARGV, 2)}
-redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
-return redis.call('XDEL', KEYS[1], unpack(ids))
+-- KEYS[1]: a normal channel's stream   ARGV[1]: consumer group   ARGV[2]: consumer
+-- ARGV[3]: entry id   ARGV[4]: '1' when this call retries an attempt whose reply was lost
+-- Acknowledges the entry and deletes it (a delivered message leaves no trace), if the
+-- consumer still owns it. Returns 1 when the caller may deliver it, 0 when another
+-- consumer took it over (XAUTOCLAIM after claim_after) and delivers it instead.
+local group, consumer, id = ARGV[1], ARGV[2], ARGV[3]
+local mine = redis.call('XPENDING', KEYS[1], group, id, id, 1, consumer)
+if #mine == 0 then
+    if ARGV[4] ~= '1' then
+        return 0
+    end
+    -- A retry: not pending to anyone means our first attempt acknowledged it.
+    local anyone = redis.call('XPENDING', KEYS[1], group, id, id, 1)
+    if #anyone > 0 then
+        return 0
+    end
+    return 1
+end
+redis.call('XACK', KEYS[1], group, id)
+redis.call('XDEL', KEYS[1], id)
+return 1
 """,
 )

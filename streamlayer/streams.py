@@ -81,6 +81,10 @@ class _NormalChannel:
     next_claim: float = 0.0
     #: The one read in progress for this channel; receives await it through a shield.
     fetch: asyncio.Future[None] | None = None
+    #: Acknowledgements still in flight after their receive was cancelled, by entry id.
+    acks: dict[bytes, asyncio.Future[bool]] = field(default_factory=dict)
+    #: Entries whose last acknowledgement failed: it may have landed without a reply.
+    unsure_acks: set[bytes] = field(default_factory=set)
 
 
 class StreamsChannelLayer(StreamlayerLayer):
@@ -303,13 +307,17 @@ class StreamsChannelLayer(StreamlayerLayer):
         self._hold(state, stream_entries(response))
         state.check_pending = False
 
-    def _hold(self, state: _NormalChannel, entries: list[Entry]) -> None:
+    def _hold(self, state: _NormalChannel, entries: list[Entry]) -> int:
+        """Queue entries not already on their way to a receive; returns how many."""
         known = state.in_flight | {entry_id for entry_id, _ in state.held}
+        added = 0
         for entry_id, fields in entries:
             if entry_id not in known:
                 known.add(entry_id)
                 state.in_flight.add(entry_id)
                 state.held.append((entry_id, fields))
+                added += 1
+        return added
 
     async def _collect_stragglers(self, channel: str, state: _NormalChannel) -> None:
         """Entries our consumer owns but nobody received (a receive cancelled mid-read),
@@ -334,8 +342,7 @@ class StreamsChannelLayer(StreamlayerLayer):
             return [(_bytes(i), f or {}) for i, f in (response[1] or []) if i is not None]
 
         claimed = await self.with_retry(f"claim stale entries of {channel!r}", take_over)
-        self.stats.redelivered += len(claimed)
-        self._hold(state, claimed)
+        self.stats.redelivered += self._hold(state, claimed)
         state.next_claim = time.monotonic() + self.claim_after / 2
         await self.with_retry(
             f"prune consumers of {channel!r}", partial(self._prune_consumers, state)
@@ -362,33 +369,59 @@ class StreamsChannelLayer(StreamlayerLayer):
     async def _hand_over(
         self, channel: str, state: _NormalChannel, entry: Entry
     ) -> dict[str, Any] | None:
-        """Acknowledge and delete ``entry``, then return its message (None: skip it)."""
+        """Acknowledge and delete ``entry``, then return its message (None: skip it).
+
+        The acknowledgement runs shielded: a receive cancelled meanwhile puts the
+        entry back at the head of ``held``, and the next receive awaits the same
+        acknowledgement instead of sending another.
+        """
         entry_id, fields = entry
-        message: dict[str, Any] | None = None
-        if not fields:
-            pass  # deleted while pending (trimmed as expired): just acknowledge it
-        elif int(entry_id.split(b"-", 1)[0]) < (time.time() - self.config.expiry) * 1000:
-            self.stats.expired += 1
-        else:
-            message = self.try_deserialize(fields.get(b"d", b""), f"channel {channel!r}")
-        ack = asyncio.ensure_future(
-            self.with_retry(
-                f"acknowledge on {channel!r}",
-                lambda: STREAM_ACK(
-                    self.connections.client(state.shard), [state.key], [CONSUMER_GROUP, entry_id]
-                ),
-            )
-        )
+        ack = state.acks.get(entry_id)
+        if ack is None:
+            ack = asyncio.ensure_future(self._acknowledge(channel, state, entry_id))
+            state.acks[entry_id] = ack
         try:
-            await asyncio.shield(ack)
+            ours = await asyncio.shield(ack)
         except asyncio.CancelledError:
-            # Hand it to the next receive instead (acknowledging twice is harmless).
-            state.held.appendleft(entry)
+            state.held.appendleft(entry)  # its acknowledgement stays in state.acks
             raise
+        except Exception:
+            # Redis stayed away: the entry goes back, and the next attempt allows for
+            # this one having landed without its reply.
+            del state.acks[entry_id]
+            state.held.appendleft(entry)
+            state.unsure_acks.add(entry_id)
+            raise
+        del state.acks[entry_id]
+        state.unsure_acks.discard(entry_id)
         state.in_flight.discard(entry_id)
+        if not ours:
+            self.stats.duplicates += 1  # another consumer took it over and delivers it
+            return None
+        if not fields:
+            return None  # deleted while pending (trimmed as expired)
+        if int(entry_id.split(b"-", 1)[0]) < (time.time() - self.config.expiry) * 1000:
+            self.stats.expired += 1
+            return None
+        message = self.try_deserialize(fields.get(b"d", b""), f"channel {channel!r}")
         if message is not None:
             message.pop(RESERVED_KEY, None)
         return message
+
+    async def _acknowledge(self, channel: str, state: _NormalChannel, entry_id: bytes) -> bool:
+        """STREAM_ACK, retried; True when this process still owned the entry."""
+        attempts = 1 if entry_id in state.unsure_acks else 0
+
+        async def ack() -> Any:
+            nonlocal attempts
+            retry = "1" if attempts else "0"
+            attempts += 1
+            client = self.connections.client(state.shard)
+            return await STREAM_ACK(
+                client, [state.key], [CONSUMER_GROUP, self.process_id, entry_id, retry]
+            )
+
+        return bool(await self.with_retry(f"acknowledge on {channel!r}", ack))
 
     # --- groups ---------------------------------------------------------------------------
 

@@ -283,6 +283,34 @@ async def test_entries_of_a_killed_worker_are_delivered_once(fresh_server: Redis
     await layer.close()
 
 
+async def test_an_entry_taken_over_while_held_is_not_delivered_twice(
+    fresh_server: RedisServer,
+) -> None:
+    """A's fetch read an entry no receive took (the receive was cancelled), for longer
+    than claim_after: B takes it over and delivers it, and A must then skip it."""
+    a = StreamsChannelLayer(hosts=[fresh_server.url], prefix="held", claim_after=1)
+    b = StreamsChannelLayer(hosts=[fresh_server.url], prefix="held", claim_after=1)
+    await a.send("jobs", {"type": "job", "n": 1})
+    receiving = asyncio.ensure_future(a.receive("jobs"))
+    await asyncio.sleep(0)  # the receive has started the fetch
+    receiving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await receiving
+    for _ in range(500):  # until A's fetch holds the entry (bounded)
+        if a._normal["jobs"].held:
+            break
+        await asyncio.sleep(0.01)
+    assert a._normal["jobs"].held, "A's fetch never read the entry"
+    assert await recv(b, "jobs") == {"type": "job", "n": 1}
+    assert b.stats.redelivered == 1
+    await a.send("jobs", {"type": "job", "n": 2})
+    assert await recv(a, "jobs") == {"type": "job", "n": 2}
+    assert a.stats.duplicates == 1
+    await a.flush()
+    await a.close()
+    await b.close()
+
+
 async def test_keys_vanish_after_flush_and_after_their_ttl(fresh_server: RedisServer) -> None:
     layer = StreamsChannelLayer(hosts=[fresh_server.url], prefix="ttl", expiry=1, group_expiry=1)
     specific = await layer.new_channel()
