@@ -11,8 +11,9 @@ import django
 import pytest
 from django.conf import settings
 
-from streamlayer.compat.core import RedisChannelLayer
 from streamlayer.testing import RedisServer
+
+from .layers import layer_class
 
 if not settings.configured:
     settings.configure(CHANNEL_LAYERS={}, INSTALLED_APPS=["channels"])
@@ -44,10 +45,19 @@ def fresh_server() -> Iterator[RedisServer]:
     server.cleanup()
 
 
+@pytest.fixture(
+    params=["streamlayer.compat.core.RedisChannelLayer", "streamlayer.StreamsChannelLayer"]
+)
+def layer_cls(request: pytest.FixtureRequest) -> Any:
+    return layer_class(request.param)
+
+
 @pytest.fixture
-async def sockets(fresh_server: RedisServer) -> AsyncIterator[list[WebsocketCommunicator]]:
+async def sockets(
+    fresh_server: RedisServer, layer_cls: Any
+) -> AsyncIterator[list[WebsocketCommunicator]]:
     """One 'server process' (a layer) with CLIENTS connected WebSockets."""
-    layer = RedisChannelLayer(hosts=[fresh_server.url], prefix="consumers")
+    layer = layer_cls(hosts=[fresh_server.url], prefix="consumers")
     channel_layers.set(ALIAS, layer)
     communicators = [WebsocketCommunicator(ChatConsumer.as_asgi(), "/ws/") for _ in range(CLIENTS)]
     for communicator in communicators:
@@ -68,10 +78,10 @@ async def everyone_gets(sockets: list[WebsocketCommunicator], text: str) -> None
 
 @pytest.fixture
 async def chat(
-    sockets: list[WebsocketCommunicator], fresh_server: RedisServer
+    sockets: list[WebsocketCommunicator], fresh_server: RedisServer, layer_cls: Any
 ) -> AsyncIterator[Callable[[str], Awaitable[None]]]:
     """Another server process saying something to the lobby; checked once it works."""
-    other_process = RedisChannelLayer(hosts=[fresh_server.url], prefix="consumers")
+    other_process = layer_cls(hosts=[fresh_server.url], prefix="consumers")
 
     async def say(text: str) -> None:
         await other_process.group_send("lobby", {"type": "chat.message", "text": text})

@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
+from streamlayer import StreamsChannelLayer
 from streamlayer.compat.core import RedisChannelLayer
+from streamlayer.keys import stream_channel_key, stream_inbox_key
 from streamlayer.serializers import (
     BaseMessageSerializer,
     JSONSerializer,
@@ -146,6 +148,35 @@ async def test_undecryptable_entry_is_skipped_and_counted(
     assert await layer.receive("skip") == {"type": "good"}
     assert layer.stats.decode_errors == 3
     await layer.flush()
+    await stranger.close()
+
+
+async def test_streams_skip_corrupt_and_undecryptable_entries(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """The same on the Streams layer, in a process inbox and in a normal channel."""
+    stranger = StreamsChannelLayer(
+        hosts=[redis_server.url], prefix=prefix, symmetric_encryption_keys=["unknown-key"]
+    )
+    layer = StreamsChannelLayer(
+        hosts=[redis_server.url], prefix=prefix, symmetric_encryption_keys=["our-key"]
+    )
+    channel = await layer.new_channel()
+    await stranger.send(channel, {"type": "bad"})
+    await stranger.send("skip", {"type": "bad"})
+    with redis_server.client() as client:
+        inbox = stream_inbox_key(prefix, layer.process_id)
+        client.xadd(inbox, {"d": b"garbage-not-a-message", "i": "t1"})
+        client.xadd(stream_channel_key(prefix, "skip"), {"d": b"garbage", "i": "t2"})
+    await layer.send(channel, {"type": "good"})
+    await layer.send("skip", {"type": "good"})
+    assert await layer.receive(channel) == {"type": "good"}
+    assert await layer.receive("skip") == {"type": "good"}
+    assert layer.stats.decode_errors == 4
+    await layer.send(channel, {"type": "still alive"})
+    assert await layer.receive(channel) == {"type": "still alive"}
+    await layer.flush()
+    await layer.close()
     await stranger.close()
 
 
