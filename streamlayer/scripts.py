@@ -21,6 +21,7 @@ __all__ = [
     "CLASSIC_SEND",
     "GROUP_MEMBERS",
     "STREAM_ACK",
+    "STREAM_FORGET_CONSUMER",
     "STREAM_GROUP_SEND",
     "STREAM_SEND",
     "LuaScript",
@@ -210,6 +211,21 @@ if #mine == 0 then
 end
 redis.call('XACK', KEYS[1], group, id)
 redis.call('XDEL', KEYS[1], id)
+return 1
+""",
+)
+
+STREAM_FORGET_CONSUMER = LuaScript(
+    "stream_forget_consumer",
+    """
+-- KEYS[1]: a normal channel's stream   ARGV[1]: consumer group   ARGV[2]: consumer
+-- Deletes the consumer if it owns no pending entry (returns 1; 0 if it was kept).
+-- Checked and done in one step: a consumer that read an entry meanwhile keeps it
+-- (DELCONSUMER would drop its pending entries unseen).
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then
+    return 0
+end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """,
 )

@@ -44,7 +44,13 @@ from .keys import (
 )
 from .local import LocalChannels
 from .reader import reusable_task
-from .scripts import STREAM_ACK, STREAM_GROUP_SEND, STREAM_SEND, LuaScript
+from .scripts import (
+    STREAM_ACK,
+    STREAM_FORGET_CONSUMER,
+    STREAM_GROUP_SEND,
+    STREAM_SEND,
+    LuaScript,
+)
 
 __all__ = ["StreamsChannelLayer"]
 
@@ -355,7 +361,10 @@ class StreamsChannelLayer(StreamlayerLayer):
             consumers = await client.xinfo_consumers(state.key, CONSUMER_GROUP)
         except ResponseError:
             return  # the stream or group vanished: nothing to prune
-        gone_after_ms = int(max(60.0, 6 * self.claim_after) * 1000)
+        # A live consumer reads at least once per blocking read, which resets its idle
+        # time; one that owns nothing can be forgotten safely (a later read recreates it).
+        block = self.connections.block_timeout(state.shard, BLOCK_SECONDS)
+        gone_after_ms = int(max(6 * self.claim_after, 4 * block) * 1000)
         for consumer in consumers:
             name = consumer["name"]
             name = name.decode() if isinstance(name, bytes) else name
@@ -364,7 +373,7 @@ class StreamsChannelLayer(StreamlayerLayer):
                 and int(consumer["pending"]) == 0
                 and int(consumer["idle"]) > gone_after_ms
             ):
-                await client.xgroup_delconsumer(state.key, CONSUMER_GROUP, name)
+                await STREAM_FORGET_CONSUMER(client, [state.key], [CONSUMER_GROUP, name])
 
     async def _hand_over(
         self, channel: str, state: _NormalChannel, entry: Entry

@@ -20,6 +20,7 @@ from streamlayer.scripts import (
     CLASSIC_RESTORE_BACKUP,
     CLASSIC_SEND,
     GROUP_MEMBERS,
+    STREAM_FORGET_CONSUMER,
 )
 from streamlayer.testing import RedisServer
 
@@ -82,3 +83,16 @@ async def test_restore_backup_keeps_scores(client: Redis) -> None:
     assert await CLASSIC_RESTORE_BACKUP(client, ["c", "c$inflight"], []) == 2
     assert await client.zrange("c", 0, -1) == [b"first", b"second", b"later"]
     assert await client.exists("c$inflight") == 0
+
+
+async def test_forget_consumer_keeps_one_that_owns_entries(client: Redis, prefix: str) -> None:
+    key = f"{prefix}:s:chan:{{forget}}"
+    await client.xgroup_create(key, "g", id="0", mkstream=True)
+    await client.xadd(key, {"d": b"x"})
+    await client.xreadgroup("g", "owner", {key: ">"})
+    await client.xgroup_createconsumer(key, "g", "idle")
+    assert await STREAM_FORGET_CONSUMER(client, [key], ["g", "owner"]) == 0
+    assert await STREAM_FORGET_CONSUMER(client, [key], ["g", "idle"]) == 1
+    names = {c["name"] for c in await client.xinfo_consumers(key, "g")}
+    assert names == {b"owner"}
+    await client.delete(key)

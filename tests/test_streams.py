@@ -311,6 +311,32 @@ async def test_an_entry_taken_over_while_held_is_not_delivered_twice(
     await b.close()
 
 
+async def test_consumers_of_departed_workers_are_forgotten(fresh_server: RedisServer) -> None:
+    """A worker that received and left stays a consumer of the group only until it has
+    been idle for max(6 x claim_after, 4 x the blocking read)."""
+    host = {"host": "127.0.0.1", "port": fresh_server.port, "socket_timeout": 1}
+    options: dict[str, Any] = {"hosts": [host], "prefix": "gone", "claim_after": 0.3}
+    stays, leaves = StreamsChannelLayer(**options), StreamsChannelLayer(**options)
+    await leaves.send("jobs", {"type": "job"})
+    assert await recv(leaves, "jobs") == {"type": "job"}
+    await leaves.close()
+    await asyncio.sleep(2.2)  # idle time is what is under test: 4 x 0.5 s blocking reads
+    await stays.send("jobs", {"type": "job"})
+    assert await recv(stays, "jobs") == {"type": "job"}
+    names: set[str] = {leaves.process_id}
+    for _ in range(300):  # the next claim round prunes (bounded)
+        with fresh_server.client() as client:
+            consumers = client.xinfo_consumers("gone:s:chan:{jobs}", "streamlayer")
+        names = {c["name"].decode() for c in consumers}
+        if leaves.process_id not in names:
+            break
+        await asyncio.sleep(0.05)
+    assert leaves.process_id not in names
+    assert stays.process_id in names
+    await stays.flush()
+    await stays.close()
+
+
 async def test_keys_vanish_after_flush_and_after_their_ttl(fresh_server: RedisServer) -> None:
     layer = StreamsChannelLayer(hosts=[fresh_server.url], prefix="ttl", expiry=1, group_expiry=1)
     specific = await layer.new_channel()
