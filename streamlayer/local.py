@@ -54,6 +54,14 @@ class LocalChannels:
         since = time.monotonic() - window
         return [c for c, at in self._touched.items() if at >= since]
 
+    def has_waiters(self, channel: str) -> bool:
+        return bool(self._waiters.get(channel))
+
+    def forget(self, channel: str) -> None:
+        """Drop ``channel``'s queue (its consumer is gone)."""
+        self._queues.pop(channel, None)
+        self._touched.pop(channel, None)
+
     def has_queued(self, channel: str) -> bool:
         return bool(self._queues.get(channel))
 

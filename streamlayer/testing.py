@@ -153,14 +153,15 @@ class RedisServer:
         self.stop()
         self.start()
 
-    def kill_clients(self) -> int:
-        """CLIENT KILL every normal client but the one asking; returns how many."""
+    def kill_clients(self, kinds: tuple[str, ...] = ("normal", "pubsub")) -> int:
+        """CLIENT KILL every client of these kinds but the one asking; returns how many."""
         with self.client() as client:
             own = client.client_id()
             killed = 0
-            for info in client.client_list(_type="normal"):
-                if int(info["id"]) != own:
-                    killed += client.client_kill_filter(_id=info["id"])
+            for kind in kinds:
+                for info in client.client_list(_type=kind):
+                    if int(info["id"]) != own:
+                        killed += client.client_kill_filter(_id=info["id"])
             return killed
 
     def pause(self, milliseconds: int) -> None:

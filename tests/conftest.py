@@ -87,6 +87,7 @@ async def make_layer(
         made.append(layer)
         return layer
 
+    factory.layer_path = layer_path  # type: ignore[attr-defined]  # read by layers.keeps()
     yield factory
     if made:
         await made[0].flush()

@@ -1,22 +1,60 @@
-"""The layer classes every conformance test runs against.
+"""The layer classes every conformance test runs against, and the promises of the
+channel layer spec a layer does not keep by design.
 
-Later layers join this list; a test that does not apply to one of them says
-why with ``pytest.skip`` at the top of the test, so exclusions stay visible.
+A test that relies on such a promise calls :func:`requires` first, which skips
+it for those layers with the reason, so every exclusion stays visible in the
+test report; a test that only partly relies on one asks :func:`keeps`.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Any
+
+import pytest
 
 from streamlayer.base import StreamlayerLayer
+
+PUBSUB = "streamlayer.compat.pubsub.RedisPubSubChannelLayer"
 
 LAYERS = [
     "streamlayer.compat.core.RedisChannelLayer",
     "streamlayer.StreamsChannelLayer",
+    PUBSUB,
 ]
+
+#: Promise -> why the Pub/Sub layer does not keep it. Redis Pub/Sub stores nothing.
+_PUBSUB_DOES_NOT_KEEP = {
+    "queueing": "Pub/Sub stores nothing: a message sent before anyone subscribed is gone",
+    "capacity": "nothing waits in Redis, so there is no backlog to bound (no ChannelFull)",
+    "workers": "every subscriber of a channel gets its own copy; no one-of-N delivery",
+    "group_expiry": "group membership is this process's subscription, not a scored set",
+    "remote_members": "a group member must be a channel of the process that subscribes",
+    "exclusive_channels": "any process may subscribe to any channel name",
+    "loop_crossing": "a subscription lives in the event loop that made it, and each "
+    "async_to_sync call runs on a loop of its own",
+}
+
+EXCLUSIONS: dict[str, dict[str, str]] = {PUBSUB: _PUBSUB_DOES_NOT_KEEP}
 
 
 def layer_class(path: str) -> type[StreamlayerLayer]:
     module, _, name = path.rpartition(".")
     cls: type[StreamlayerLayer] = getattr(importlib.import_module(module), name)
     return cls
+
+
+def keeps(layer_or_path: Any, promise: str) -> bool:
+    """Whether the layer (a path, a class, an instance or a make_layer factory) keeps it."""
+    path = getattr(layer_or_path, "layer_path", layer_or_path)
+    if not isinstance(path, str):
+        cls = layer_or_path if isinstance(layer_or_path, type) else type(layer_or_path)
+        path = f"{cls.__module__}.{cls.__qualname__}"
+    return promise not in EXCLUSIONS.get(path, {})
+
+
+def requires(layer_or_path: Any, promise: str) -> None:
+    """Skip this test for a layer that does not keep ``promise``, saying why."""
+    if not keeps(layer_or_path, promise):
+        path = getattr(layer_or_path, "layer_path", layer_or_path)
+        pytest.skip(f"{promise}: {EXCLUSIONS[path][promise]}")

@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from .core import RedisChannelLayer
+from .pubsub import RedisPubSubChannelLayer
 
-__all__ = ["RedisChannelLayer"]
+__all__ = ["RedisChannelLayer", "RedisPubSubChannelLayer"]

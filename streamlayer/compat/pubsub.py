@@ -1,0 +1,278 @@
+"""``streamlayer.compat.pubsub.RedisPubSubChannelLayer``: channels_redis' Pub/Sub
+layer, on streamlayer's config, serializers and connections.
+
+Wire-compatible with ``channels_redis.pubsub`` 4.x: a channel is the Redis
+Pub/Sub channel of the same name, a group is the Pub/Sub channel
+``<prefix>__group__<group>``, a message is the serializer's bytes (no random
+prefix), and both channels and groups go to the shard channels_redis' hash
+picks. So old and new processes can publish to each other during a migration.
+
+What differs is what happens when the connection breaks. Each shard has one
+:class:`~streamlayer.subscriber.Subscriber` per event loop that reconnects by
+itself (backoff with jitter), subscribes every channel and group again and
+fires ``on_disconnect`` / ``on_reconnect`` to every local channel, and a
+``send`` / ``group_send`` retries for up to ``retry_timeout`` instead of
+raising into the consumer. Pub/Sub keeps nothing: what is published while a
+subscriber is cut off is gone, which is why the reconnect message says
+``"recovered": False``. :class:`~streamlayer.StreamsChannelLayer` replays it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any, ClassVar
+
+from ..base import StreamlayerLayer
+from ..connections import socket_timeout
+from ..exceptions import LayerClosed
+from ..local import LocalChannels
+from ..subscriber import Subscriber
+
+__all__ = ["RELEASE_AFTER", "RedisPubSubChannelLayer"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a channel stays subscribed after its last receive() was cancelled.
+#: Channels cancels receive() when a consumer exits, and Channels has no
+#: "delete channel" call, so this is how subscriptions of departed consumers
+#: end; a receive() that comes back within this time has lost nothing.
+RELEASE_AFTER = 5.0
+
+_DEFAULT_HEARTBEAT = 5.0
+
+
+class _LoopPresence:
+    """Everything the layer holds in one event loop: local queues, which channels and
+    groups are subscribed here, and one subscriber per shard."""
+
+    def __init__(self, layer: RedisPubSubChannelLayer) -> None:
+        self.layer = layer
+        self.loop = asyncio.get_running_loop()
+        self.local = LocalChannels(layer.get_capacity)
+        #: Channels received on (or made) in this loop.
+        self.channels: set[str] = set()
+        #: Group Pub/Sub channel -> member channels of this loop.
+        self.groups: dict[str, set[str]] = {}
+        self.subscribers: dict[int, Subscriber] = {}
+        self._releases: dict[str, asyncio.TimerHandle] = {}
+
+    def subscriber(self, shard: int) -> Subscriber:
+        subscriber = self.subscribers.get(shard)
+        if subscriber is None:
+            layer = self.layer
+            heartbeat = socket_timeout(layer.config.hosts[shard]) or _DEFAULT_HEARTBEAT
+            subscriber = Subscriber(self, layer.connections, shard, heartbeat)
+            self.subscribers[shard] = subscriber
+        return subscriber
+
+    async def subscribe(self, name: str) -> None:
+        shard = self.layer.connections.shard_for(name)
+        await self.subscriber(shard).subscribe(name, self.layer.config.retry_timeout)
+
+    def unsubscribe(self, name: str) -> None:
+        shard = self.layer.connections.shard_for(name)
+        if shard in self.subscribers:
+            self.subscribers[shard].unsubscribe(name)
+
+    async def add_channel(self, channel: str) -> None:
+        """Subscribe ``channel`` here. Known at once, so what arrives while the
+        SUBSCRIBE is confirmed is kept; forgotten again if Redis stays away."""
+        self.keep(channel)
+        if channel in self.channels:
+            return
+        self.channels.add(channel)
+        try:
+            await self.subscribe(channel)
+        except asyncio.CancelledError:
+            raise  # still wanted: the subscriber completes it, release_later() ends it
+        except BaseException:
+            self.channels.discard(channel)
+            raise
+
+    def keep(self, channel: str) -> None:
+        """A receive() came: the channel's consumer is alive."""
+        release = self._releases.pop(channel, None)
+        if release is not None:
+            release.cancel()
+        self.local.touch(channel)
+
+    def release_later(self, channel: str) -> None:
+        """The last receive() on ``channel`` was cancelled: unsubscribe it unless
+        another receive() comes within RELEASE_AFTER seconds."""
+        if channel in self._releases or self.local.has_waiters(channel):
+            return
+        self._releases[channel] = self.loop.call_later(RELEASE_AFTER, self._release, channel)
+
+    def _release(self, channel: str) -> None:
+        self._releases.pop(channel, None)
+        if self.local.has_waiters(channel) or channel not in self.channels:
+            return
+        self.channels.discard(channel)
+        self.local.forget(channel)
+        self.unsubscribe(channel)
+        for group, members in list(self.groups.items()):
+            members.discard(channel)
+            if not members:
+                del self.groups[group]
+                self.unsubscribe(group)
+
+    async def stop(self, error: BaseException) -> None:
+        for release in self._releases.values():
+            release.cancel()
+        self._releases.clear()
+        self.local.fail(error)
+        subscribers = list(self.subscribers.values())
+        self.subscribers.clear()
+        for subscriber in subscribers:
+            await subscriber.stop()
+        self.channels.clear()
+        self.groups.clear()
+        self.local.clear()
+
+    # --- what the subscribers report (SubscriberOwner) -----------------------------------
+
+    def on_published(self, name: str, data: bytes) -> None:
+        members = self.groups.get(name)
+        if members is None and name not in self.channels:
+            return  # unsubscribed a moment ago
+        message = self.layer.try_deserialize(data, f"Pub/Sub channel {name!r}")
+        if message is None:
+            return
+        deadline = time.time() + self.layer.config.expiry
+        targets = sorted(members) if members is not None else [name]
+        for channel in targets:
+            copy = dict(message) if len(targets) > 1 else message
+            self.local.deliver(channel, copy, deadline)
+
+    def on_connection_lost(self, shard: int) -> None:
+        self.layer.stats.reconnects += 1
+        if self.layer.config.on_disconnect:
+            self._tell_every_channel({"type": self.layer.config.on_disconnect})
+
+    def on_connection_back(self, shard: int) -> None:
+        logger.warning("Pub/Sub of shard %d reconnected; messages meanwhile are lost", shard)
+        if self.layer.config.on_reconnect:
+            self._tell_every_channel({"type": self.layer.config.on_reconnect, "recovered": False})
+
+    def _tell_every_channel(self, message: dict[str, Any]) -> None:
+        deadline = time.time() + self.layer.config.expiry
+        for channel in sorted(self.channels):
+            self.local.deliver(channel, dict(message), deadline)
+
+
+class RedisPubSubChannelLayer(StreamlayerLayer):
+    """Redis Pub/Sub channel layer, wire-compatible with channels_redis.pubsub 4.x."""
+
+    extensions: ClassVar[list[str]] = ["groups", "flush"]
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._presences: dict[asyncio.AbstractEventLoop, _LoopPresence] = {}
+
+    def _here(self) -> _LoopPresence:
+        """This event loop's presence (each loop subscribes on its own connections)."""
+        loop = asyncio.get_running_loop()
+        presence = self._presences.get(loop)
+        if presence is None:
+            for closed in [known for known in self._presences if known.is_closed()]:
+                del self._presences[closed]
+            presence = self._presences[loop] = _LoopPresence(self)
+        return presence
+
+    def group_channel(self, group: str) -> str:
+        """The Pub/Sub channel of ``group`` (channels_redis' name for it)."""
+        return f"{self.prefix}__group__{group}"
+
+    # --- channel layer API --------------------------------------------------------------
+
+    async def new_channel(self, prefix: str = "specific") -> str:
+        """A new channel of this process, ``<prefix>.<layer prefix>!<random>``,
+        subscribed before it is returned (any name works on the wire: channels_redis
+        processes publish to it as to any other)."""
+        channel = f"{prefix}.{self.prefix}!{uuid.uuid4().hex}"
+        self.check_channel(channel)
+        await self._here().add_channel(channel)
+        return channel
+
+    async def send(self, channel: str, message: dict[str, Any]) -> None:
+        """Publish ``message`` to ``channel``. Nobody subscribed: it is gone (Pub/Sub)."""
+        self.check_channel(channel)
+        self.check_message(message)
+        await self._publish(channel, self.serialize(message), f"send to {channel!r}")
+        self.stats.sent += 1
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        """The next message published to ``channel`` (subscribing to it first)."""
+        self.check_channel(channel)
+        presence = self._here()
+        try:
+            await presence.add_channel(channel)
+            message = await presence.local.get(channel)
+        except asyncio.CancelledError:
+            presence.release_later(channel)
+            raise
+        self.stats.received += 1
+        return message
+
+    async def group_add(self, group: str, channel: str) -> None:
+        """Subscribe this process to ``group`` on behalf of ``channel``, one of its own."""
+        self.check_group(group)
+        self.check_channel(channel)
+        presence = self._here()
+        if channel not in presence.channels:
+            raise ValueError(
+                f"group_add({group!r}, {channel!r}): on the Pub/Sub layer a group member "
+                "must be a channel of this process and event loop (from new_channel() or "
+                "received on here), as in self.channel_layer.group_add(group, "
+                "self.channel_name)"
+            )
+        name = self.group_channel(group)
+        presence.groups.setdefault(name, set()).add(channel)
+        await presence.subscribe(name)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        """Remove ``channel`` from ``group``; unsubscribe when no local member is left."""
+        self.check_group(group)
+        self.check_channel(channel)
+        presence = self._here()
+        name = self.group_channel(group)
+        members = presence.groups.get(name)
+        if members is None or channel not in members:
+            return
+        members.discard(channel)
+        if not members:
+            del presence.groups[name]
+            presence.unsubscribe(name)
+
+    async def group_send(self, group: str, message: dict[str, Any]) -> None:
+        """Publish ``message`` once to the group's Pub/Sub channel."""
+        self.check_group(group)
+        self.check_message(message)
+        name = self.group_channel(group)
+        await self._publish(name, self.serialize(message), f"group_send to {group!r}")
+        self.stats.sent += 1
+
+    async def _publish(self, name: str, payload: bytes, what: str) -> None:
+        shard = self.connections.shard_for(name)
+        await self.with_retry(what, lambda: self.connections.client(shard).publish(name, payload))
+
+    # --- flush and close ------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Unsubscribe everything, drop local messages and close this loop's connections.
+        The layer stays usable: the next call subscribes afresh."""
+        await self._stop_here(LayerClosed("the channel layer was flushed"))
+        await self.connections.close()
+
+    async def close(self) -> None:
+        """Stop this loop's subscribers and close its connections."""
+        await self._stop_here(LayerClosed("the channel layer was closed"))
+        await super().close()
+
+    async def _stop_here(self, error: BaseException) -> None:
+        presence = self._presences.pop(asyncio.get_running_loop(), None)
+        if presence is not None:
+            await presence.stop(error)
