@@ -265,3 +265,32 @@ async def test_an_exited_consumer_is_unsubscribed(
 async def test_group_add_of_a_foreign_channel_is_refused(layer: RedisPubSubChannelLayer) -> None:
     with pytest.raises(ValueError, match="channel of this process"):
         await layer.group_add("lobby", "specific.elsewhere!abc")
+
+
+async def test_two_event_loops_at_once_and_no_leak_after_one_ends(
+    fresh_server: RedisServer,
+) -> None:
+    """One layer used from the main loop and from a thread's own loop at the same time;
+    when the thread's loop ends, its subscriber and connections go with it."""
+    layer = RedisPubSubChannelLayer(hosts=[fresh_server.url], prefix="loops")
+    mine = await layer.new_channel()
+    await layer.send(mine, {"type": "warm-up"})  # this loop's publishing connection
+    assert await recv(layer, mine) == {"type": "warm-up"}
+    baseline = fresh_server.connected_clients()
+
+    async def elsewhere() -> dict[str, Any]:
+        theirs = await layer.new_channel()
+        await layer.send(mine, {"type": "hello", "reply_to": theirs})
+        return await recv(layer, theirs)
+
+    other_loop = asyncio.ensure_future(asyncio.to_thread(asyncio.run, elsewhere()))
+    hello = await recv(layer, mine)
+    await layer.send(hello["reply_to"], {"type": "reply"})
+    assert await asyncio.wait_for(other_loop, 10) == {"type": "reply"}
+    for _ in range(200):  # the server notices closed sockets a moment later (bounded)
+        if fresh_server.connected_clients() == baseline:
+            break
+        await asyncio.sleep(0.01)
+    assert fresh_server.connected_clients() == baseline
+    await layer.flush()
+    await layer.close()
