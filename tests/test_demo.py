@@ -1,0 +1,17 @@
+"""The README's main command keeps working: every layer, every check, small numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from streamlayer.demo import run_demo
+from streamlayer.testing import RedisServer
+
+
+def test_demo_runs_and_checks_every_layer(
+    redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_demo(hosts=redis_server.url, count=200) == 0
+    out = capsys.readouterr().out
+    for name in ("streamlayer Streams", "streamlayer compat.core", "streamlayer compat.pubsub"):
+        assert name in out
