@@ -17,7 +17,7 @@ from redis import exceptions as redis_errors
 
 from .exceptions import RedisUnavailable
 
-__all__ = ["TRANSIENT_ERRORS", "retry_transient"]
+__all__ = ["TRANSIENT_ERRORS", "retry_forever", "retry_transient"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,14 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 
 _INITIAL_WAIT = 0.05
 _MAX_WAIT = 1.0
+#: A background connection (a Pub/Sub subscriber) waits longer between attempts:
+#: nobody is blocked on it, and a server that is down is not hammered.
+_MAX_WAIT_FOREVER = 2.0
+
+
+def _backoff(max_wait: float) -> tenacity.wait.wait_base:
+    """Exponential backoff with full jitter, from 50 ms up to ``max_wait``."""
+    return tenacity.wait_random_exponential(multiplier=_INITIAL_WAIT, max=max_wait)
 
 
 async def retry_transient(
@@ -66,7 +74,7 @@ async def retry_transient(
 
     retrying = tenacity.AsyncRetrying(
         retry=tenacity.retry_if_exception_type(TRANSIENT_ERRORS),
-        wait=tenacity.wait_random_exponential(multiplier=_INITIAL_WAIT, max=_MAX_WAIT),
+        wait=_backoff(_MAX_WAIT),
         stop=tenacity.stop_after_delay(give_up_after),
         after=_notify,
         reraise=False,
@@ -81,4 +89,25 @@ async def retry_transient(
             f"{what}: Redis still unreachable after retrying for {give_up_after:g}s "
             f"(retry_timeout): {cause}"
         ) from cause
+    raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+
+
+async def retry_forever(call: Callable[[], Awaitable[T]], *, what: str) -> T:
+    """Await ``call()``, retrying transient errors with the same backoff until it works
+    (or the task is cancelled): for background connections that must come back."""
+
+    def _log(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        logger.info("retrying %s: %s", what, error)
+
+    retrying = tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_exception_type(TRANSIENT_ERRORS),
+        wait=_backoff(_MAX_WAIT_FOREVER),
+        stop=tenacity.stop_never,
+        before_sleep=_log,
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            return await call()
     raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover

@@ -24,7 +24,7 @@ import secrets
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -136,25 +136,42 @@ class StreamsChannelLayer(StreamlayerLayer):
             key, shard = stream_channel_key(self.prefix, channel), self._shard(channel)
         capacity = self.get_capacity(channel)
         args = [self.serialize(message), secrets.token_hex(8), capacity]
-        stored = await self._idempotent(f"send to {channel!r}", STREAM_SEND, shard, [key], args)
+        stored = await self._append(f"send to {channel!r}", STREAM_SEND, shard, [key], args)
         self.count_send(channel, stored is not None, capacity)
 
     def _shard(self, name: str) -> int:
         return self.connections.shard_for(name)
 
-    async def _idempotent(
+    async def _append(
         self, what: str, script: LuaScript, shard: int, keys: list[str], args: list[Any]
     ) -> Any:
-        """Call an appending script; attempts after the first tell it to look for the
-        entry a lost reply may have hidden, so a retried send is stored once."""
-        attempts = 0
+        """Call an appending script (STREAM_SEND, STREAM_GROUP_SEND): its arguments end
+        with the expiry cutoff and key TTL of the moment of each attempt."""
+        return await self._idempotent(
+            what, script, shard, keys, lambda: [*args, self._min_id(), self.key_ttl_ms]
+        )
+
+    async def _idempotent(
+        self,
+        what: str,
+        script: LuaScript,
+        shard: int,
+        keys: list[str],
+        args: Callable[[], list[Any]],
+        *,
+        maybe_landed: bool = False,
+    ) -> Any:
+        """Call a script whose last argument says whether an earlier attempt may have
+        landed without its reply ('1'): attempts after the first, or every attempt when
+        ``maybe_landed``. The script then looks for that attempt's effect instead of
+        repeating it, so a retried send is stored once and a retried ack counts once."""
+        attempts = 1 if maybe_landed else 0
 
         async def call() -> Any:
             nonlocal attempts
             retry = "1" if attempts else "0"
             attempts += 1
-            client = self.connections.client(shard)
-            return await script(client, keys, [*args, self._min_id(), self.key_ttl_ms, retry])
+            return await script(self.connections.client(shard), keys, [*args(), retry])
 
         return await self.with_retry(what, call)
 
@@ -419,18 +436,15 @@ class StreamsChannelLayer(StreamlayerLayer):
 
     async def _acknowledge(self, channel: str, state: _NormalChannel, entry_id: bytes) -> bool:
         """STREAM_ACK, retried; True when this process still owned the entry."""
-        attempts = 1 if entry_id in state.unsure_acks else 0
-
-        async def ack() -> Any:
-            nonlocal attempts
-            retry = "1" if attempts else "0"
-            attempts += 1
-            client = self.connections.client(state.shard)
-            return await STREAM_ACK(
-                client, [state.key], [CONSUMER_GROUP, self.process_id, entry_id, retry]
-            )
-
-        return bool(await self.with_retry(f"acknowledge on {channel!r}", ack))
+        ours = await self._idempotent(
+            f"acknowledge on {channel!r}",
+            STREAM_ACK,
+            state.shard,
+            [state.key],
+            lambda: [CONSUMER_GROUP, self.process_id, entry_id],
+            maybe_landed=entry_id in state.unsure_acks,
+        )
+        return bool(ours)
 
     # --- groups ---------------------------------------------------------------------------
 
@@ -445,7 +459,7 @@ class StreamsChannelLayer(StreamlayerLayer):
         plan = self._plan_group_send(members, message)
         results = await asyncio.gather(
             *(
-                self._idempotent(f"group_send to {group!r}", STREAM_GROUP_SEND, shard, keys, args)
+                self._append(f"group_send to {group!r}", STREAM_GROUP_SEND, shard, keys, args)
                 for shard, (keys, args) in plan.items()
             )
         )

@@ -21,13 +21,12 @@ import logging
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-import tenacity
 from redis.asyncio.connection import AbstractConnection
 
 from .cancellation import CancelGuard
 from .connections import ConnectionManager
 from .exceptions import LayerClosed, RedisUnavailable
-from .retry import TRANSIENT_ERRORS
+from .retry import TRANSIENT_ERRORS, retry_forever
 
 __all__ = ["Subscriber", "SubscriberOwner"]
 
@@ -35,8 +34,6 @@ logger = logging.getLogger(__name__)
 
 #: Channels per SUBSCRIBE command when subscribing a whole set again.
 _SUBSCRIBE_BATCH = 500
-_RECONNECT_INITIAL_WAIT = 0.05
-_RECONNECT_MAX_WAIT = 2.0
 
 
 class SubscriberOwner(Protocol):
@@ -145,22 +142,7 @@ class Subscriber:
 
     async def _reconnect(self) -> None:
         """Connect and subscribe ``wanted``, retrying with backoff and jitter until it works."""
-        retrying = tenacity.AsyncRetrying(
-            retry=tenacity.retry_if_exception_type(TRANSIENT_ERRORS),
-            wait=tenacity.wait_random_exponential(
-                multiplier=_RECONNECT_INITIAL_WAIT, max=_RECONNECT_MAX_WAIT
-            ),
-            stop=tenacity.stop_never,
-            before_sleep=self._log_retry,
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                await self._connect()
-
-    def _log_retry(self, state: tenacity.RetryCallState) -> None:
-        error = state.outcome.exception() if state.outcome else None
-        logger.info("reconnecting Pub/Sub of shard %d: %s", self.shard, error)
+        await retry_forever(self._connect, what=f"the Pub/Sub connection of shard {self.shard}")
 
     async def _connect(self) -> None:
         await self._drop_connection()

@@ -8,7 +8,9 @@ test report; a test that only partly relies on one asks :func:`keeps`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -58,3 +60,19 @@ def requires(layer_or_path: Any, promise: str) -> None:
     if not keeps(layer_or_path, promise):
         path = getattr(layer_or_path, "layer_path", layer_or_path)
         pytest.skip(f"{promise}: {EXCLUSIONS[path][promise]}")
+
+
+@contextlib.asynccontextmanager
+async def side_by_side(
+    ours_cls: Any, theirs_cls: Any, hosts: list[str], prefix: str, keys: list[str] | None
+) -> AsyncIterator[tuple[Any, Any]]:
+    """(ours, theirs): one of our layers and a channels_redis layer on the same hosts and
+    prefix, encrypted alike; both flushed (and ours closed) afterwards."""
+    options: dict[str, Any] = {"hosts": hosts, "prefix": prefix}
+    if keys:
+        options["symmetric_encryption_keys"] = keys
+    ours, theirs = ours_cls(**options), theirs_cls(**options)
+    yield ours, theirs
+    await ours.flush()
+    await ours.close()
+    await theirs.flush()

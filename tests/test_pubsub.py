@@ -15,6 +15,8 @@ from streamlayer.compat import RedisPubSubChannelLayer
 from streamlayer.compat.pubsub import RELEASE_AFTER
 from streamlayer.testing import RedisServer, SentinelSetup
 
+from .layers import side_by_side
+
 KEYS = ["a-key-at-least-32-bytes-long-0123456789"]
 
 
@@ -47,15 +49,9 @@ async def pair(
 ) -> AsyncIterator[tuple[RedisPubSubChannelLayer, Any]]:
     """(ours, theirs) sharing three shards and a prefix."""
     hosts = [server.url for server in shard_servers]
-    options: dict[str, Any] = {"hosts": hosts, "prefix": prefix}
-    if request.param:
-        options["symmetric_encryption_keys"] = request.param
-    ours = RedisPubSubChannelLayer(**options)
-    theirs = IncumbentLayer(**options)
-    yield ours, theirs
-    await ours.flush()
-    await ours.close()
-    await theirs.flush()
+    layers = side_by_side(RedisPubSubChannelLayer, IncumbentLayer, hosts, prefix, request.param)
+    async with layers as pair:
+        yield pair
 
 
 @pytest.mark.compat

@@ -17,6 +17,8 @@ from streamlayer.compat.core import RedisChannelLayer
 from streamlayer.serializers import registry
 from streamlayer.testing import RedisServer
 
+from .layers import side_by_side
+
 pytestmark = pytest.mark.compat
 
 KEYS = ["a-key-at-least-32-bytes-long-0123456789", "an-older-key-still-accepted-0123456"]
@@ -33,15 +35,11 @@ async def pair(
     redis_server: RedisServer, prefix: str, encryption: list[str] | None
 ) -> AsyncIterator[tuple[RedisChannelLayer, Any]]:
     """(ours, theirs) on the same server and prefix."""
-    options: dict[str, Any] = {"hosts": [redis_server.url], "prefix": prefix}
-    if encryption:
-        options["symmetric_encryption_keys"] = encryption
-    ours = RedisChannelLayer(**options)
-    theirs = IncumbentLayer(**options)
-    yield ours, theirs
-    await ours.flush()
-    await ours.close()
-    await theirs.flush()
+    layers = side_by_side(
+        RedisChannelLayer, IncumbentLayer, [redis_server.url], prefix, encryption
+    )
+    async with layers as pair:
+        yield pair
 
 
 async def recv(layer: Any, channel: str) -> dict[str, Any]:
