@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from .config import LayerConfig
 from .exceptions import ChannelFull, LayerClosed, RedisUnavailable
+from .history import POSITION_KEY, HistoryPage, Position
 from .serializers import registry
 from .streams import StreamsChannelLayer
 
 __all__ = [
+    "POSITION_KEY",
     "ChannelFull",
+    "HistoryPage",
     "LayerClosed",
     "LayerConfig",
+    "Position",
     "RedisUnavailable",
     "StreamsChannelLayer",
     "registry",

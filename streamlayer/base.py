@@ -211,10 +211,14 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         self.check_message(message)
         members = await self.group_members(group)
         full = await self.send_to_members(group, members, message) if members else 0
-        self.stats.sent += len(members) - full
+        self.count_group_send(group, len(members), full)
+
+    def count_group_send(self, group: str, members: int, full: int) -> None:
+        """Count a group send to ``members`` channels of which ``full`` had no room."""
+        self.stats.sent += members - full
         if full:
             self.stats.full += full
-            logger.info("%d of %d channels over capacity in group %s", full, len(members), group)
+            logger.info("%d of %d channels over capacity in group %s", full, members, group)
 
     async def group_members(self, group: str) -> list[str]:
         """The live members of ``group``; members older than ``group_expiry`` are dropped."""

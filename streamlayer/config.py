@@ -81,6 +81,9 @@ class LayerConfig:
     on_reconnect: str | None = None
     retry_timeout: float = 10.0
     claim_after: float | None = None
+    #: Retained messages per group: (pattern, count) pairs, first match wins, else 0.
+    group_history: tuple[tuple[re.Pattern[str], int], ...] = ()
+    group_history_expiry: float = 86400
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> LayerConfig:
@@ -111,6 +114,13 @@ class LayerConfig:
             if pattern.match(channel):
                 return capacity
         return self.capacity
+
+    def history_for(self, group: str) -> int:
+        """How many recent messages ``group`` retains for replay (0: no history)."""
+        for pattern, count in self.group_history:
+            if pattern.match(group):
+                return count
+        return 0
 
 
 # --- validators: one per key, each returns the normalised value ---------------
@@ -215,29 +225,52 @@ def _positive_int(key: str, what: str) -> Any:
     return check
 
 
-def _channel_capacity(value: Any) -> tuple[tuple[re.Pattern[str], int], ...]:
-    if value is None:
-        return ()
+def _patterns(
+    key: str, value: Any, check: Any, what: str
+) -> tuple[tuple[re.Pattern[str], int], ...]:
+    """A dict of glob string (or compiled regex) -> count, in its order."""
     if not isinstance(value, Mapping):
-        raise TypeError(
-            f"channel_capacity must be a dict of pattern -> capacity, got {type(value).__name__}"
-        )
-    check = _positive_int("channel_capacity", "messages")
+        raise TypeError(f"{key} must be a dict of pattern -> {what}, got {type(value).__name__}")
     compiled = []
-    for pattern, capacity in value.items():
+    for pattern, count in value.items():
         if isinstance(pattern, str):
             regex = re.compile(fnmatch.translate(pattern))
         elif isinstance(pattern, re.Pattern):
             regex = pattern
         else:
             raise TypeError(
-                f"channel_capacity keys must be glob strings or compiled regexes, got {pattern!r}"
+                f"{key} keys must be glob strings or compiled regexes, got {pattern!r}"
             )
         try:
-            compiled.append((regex, check(capacity)))
+            compiled.append((regex, check(count)))
         except (TypeError, ConfigError) as exc:
-            raise type(exc)(f"channel_capacity[{pattern!r}]: {exc}") from None
+            raise type(exc)(f"{key}[{pattern!r}]: {exc}") from None
     return tuple(compiled)
+
+
+def _channel_capacity(value: Any) -> tuple[tuple[re.Pattern[str], int], ...]:
+    if value is None:
+        return ()
+    check = _positive_int("channel_capacity", "messages")
+    return _patterns("channel_capacity", value, check, "capacity")
+
+
+def _group_history(value: Any) -> tuple[tuple[re.Pattern[str], int], ...]:
+    """An int applies to every group; a dict maps group name patterns to counts."""
+
+    def check(count: Any) -> int:
+        if not _is_int(count):
+            raise TypeError(f"group_history must be a whole number of messages, got {count!r}")
+        if count < 0:
+            raise ConfigError(f"group_history must be 0 (off) or more, got {count!r}")
+        return int(count)
+
+    if value is None:
+        return ()
+    if _is_int(value) or isinstance(value, (bool, float, str)):
+        count = check(value)
+        return ((re.compile(".*", re.DOTALL), count),) if count else ()
+    return _patterns("group_history", value, check, "message count")
 
 
 def _encryption_keys(value: Any) -> tuple[str | bytes, ...]:
@@ -303,6 +336,8 @@ _VALIDATORS: dict[str, Any] = {
     "on_reconnect": _message_type("on_reconnect"),
     "retry_timeout": _positive_number("retry_timeout"),
     "claim_after": lambda value: None if value is None else _positive_number("claim_after")(value),
+    "group_history": _group_history,
+    "group_history_expiry": _positive_number("group_history_expiry"),
 }
 
 

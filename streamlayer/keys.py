@@ -25,6 +25,7 @@ __all__ = [
     "stream_cursor_key",
     "stream_group_key",
     "stream_history_key",
+    "stream_history_meta_key",
     "stream_inbox_key",
 ]
 
@@ -60,7 +61,7 @@ def scan_pattern(prefix: str) -> str:
 #
 # Every key carries a hash tag ({...}) naming what decides its shard and its Redis
 # Cluster slot: the process id for an inbox, the channel for a normal channel, the
-# group for a group's membership and its (future) history, so scripts only ever
+# group for a group's membership and its history, so scripts only ever
 # touch keys of one slot.
 
 
@@ -93,5 +94,10 @@ def stream_group_key(prefix: str, group: str) -> str:
 
 
 def stream_history_key(prefix: str, group: str) -> str:
-    """Reserved: the capped stream of a group's recent messages (for replay)."""
+    """The capped stream of a group's recent messages (for replay)."""
     return f"{prefix}:s:history:{{{group}}}"
+
+
+def stream_history_meta_key(prefix: str, group: str) -> str:
+    """Hash of a group's history: its epoch and the newest entry id ever trimmed."""
+    return f"{prefix}:s:hmeta:{{{group}}}"

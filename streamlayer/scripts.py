@@ -22,7 +22,11 @@ __all__ = [
     "GROUP_MEMBERS",
     "STREAM_ACK",
     "STREAM_FORGET_CONSUMER",
+    "STREAM_GROUP_JOIN",
+    "STREAM_GROUP_PUBLISH",
     "STREAM_GROUP_SEND",
+    "STREAM_HISTORY",
+    "STREAM_REPLAY",
     "STREAM_SEND",
     "LuaScript",
 ]
@@ -137,7 +141,7 @@ local function already_there(key, tag, scan)
     return false
 end
 
-local function append(key, payload, tag, capacity, minid, ttl, retry)
+local function append(key, payload, tag, capacity, minid, ttl, retry, group, position)
     if retry == '1' then
         -- A retry after a lost reply: the first attempt may have landed.
         local found = already_there(key, tag, capacity + 1)
@@ -149,7 +153,13 @@ local function append(key, payload, tag, capacity, minid, ttl, retry)
     if redis.call('XLEN', key) >= capacity then
         return false
     end
-    local id = redis.call('XADD', key, '*', 'd', payload, 'i', tag)
+    local id
+    if position == '' then
+        id = redis.call('XADD', key, '*', 'd', payload, 'i', tag)
+    else
+        -- A group message with history: the receiver puts its position in the message.
+        id = redis.call('XADD', key, '*', 'd', payload, 'i', tag, 'g', group, 'p', position)
+    end
     redis.call('PEXPIRE', key, ttl)
     return id
 end
@@ -164,7 +174,7 @@ STREAM_SEND = LuaScript(
 -- ARGV[4]: MINID (entries older than expiry are trimmed)   ARGV[5]: key TTL in ms
 -- ARGV[6]: '1' when this call retries an attempt whose reply was lost
 -- Returns the entry id, or false when the stream is at capacity.
-return append(KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6])
+return append(KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], '', '')
 """,
 )
 
@@ -174,13 +184,16 @@ STREAM_GROUP_SEND = LuaScript(
     + """
 -- KEYS[1..n]: destination streams on this shard
 -- ARGV[1..n]: payloads   ARGV[n+1..2n]: dedup tags   ARGV[2n+1..3n]: capacities
--- ARGV[3n+1]: MINID   ARGV[3n+2]: key TTL in ms   ARGV[3n+3]: '1' on a retry
+-- ARGV[3n+1]: group   ARGV[3n+2]: its history position ('' when it keeps no history)
+-- ARGV[3n+3]: MINID   ARGV[3n+4]: key TTL in ms   ARGV[3n+5]: '1' on a retry
 -- Returns how many destinations were full (and skipped).
 local n = #KEYS
-local minid, ttl, retry = ARGV[3 * n + 1], ARGV[3 * n + 2], ARGV[3 * n + 3]
+local group, position = ARGV[3 * n + 1], ARGV[3 * n + 2]
+local minid, ttl, retry = ARGV[3 * n + 3], ARGV[3 * n + 4], ARGV[3 * n + 5]
 local full = 0
 for i = 1, n do
-    if not append(KEYS[i], ARGV[i], ARGV[n + i], tonumber(ARGV[2 * n + i]), minid, ttl, retry) then
+    local capacity = tonumber(ARGV[2 * n + i])
+    if not append(KEYS[i], ARGV[i], ARGV[n + i], capacity, minid, ttl, retry, group, position) then
         full = full + 1
     end
 end
@@ -227,5 +240,191 @@ if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then
 end
 redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 return 1
+""",
+)
+
+
+# --- group history (replay) ----------------------------------------------------------
+#
+# A group with history keeps, on its own hash slot: the membership sorted set, a
+# capped stream of its recent messages, and a small hash holding the stream's
+# epoch (a random name given when the stream is born: a position from an earlier
+# incarnation, after Redis lost its data, is recognisably foreign) and the highest
+# entry id ever trimmed (a replay from a position below it has a gap).
+
+_HISTORY = """
+local function id_parts(id)
+    local dash = string.find(id, '-', 1, true)
+    return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
+end
+
+-- True when stream id a is greater than stream id b.
+local function id_after(a, b)
+    local ams, aseq = id_parts(a)
+    local bms, bseq = id_parts(b)
+    return ams > bms or (ams == bms and aseq > bseq)
+end
+
+-- The stream's epoch, named now (from the caller's candidate) if it has none.
+local function epoch_of(meta, candidate)
+    local epoch = redis.call('HGET', meta, 'epoch')
+    if not epoch then
+        redis.call('HSET', meta, 'epoch', candidate)
+        epoch = candidate
+    end
+    return epoch
+end
+
+-- Trim to maxlen entries and drop those before minid, remembering the newest removed.
+local function trim_history(hist, meta, maxlen, minid)
+    local removed = false
+    local len = redis.call('XLEN', hist)
+    if len > maxlen then
+        local gone = redis.call('XRANGE', hist, '-', '+', 'COUNT', len - maxlen)
+        removed = gone[#gone][1]
+        redis.call('XTRIM', hist, 'MAXLEN', maxlen)
+    end
+    local expired = redis.call('XREVRANGE', hist, '(' .. minid, '-', 'COUNT', 1)
+    if #expired > 0 then
+        if not removed or id_after(expired[1][1], removed) then
+            removed = expired[1][1]
+        end
+        redis.call('XTRIM', hist, 'MINID', minid)
+    end
+    if removed then
+        redis.call('HSET', meta, 'trimmed', removed)
+    end
+end
+
+local function keep_alive(hist, meta, ttl)
+    redis.call('PEXPIRE', hist, ttl)
+    redis.call('PEXPIRE', meta, ttl)
+end
+
+-- The newest id the stream ever held (what a reader is up to when it saw everything).
+local function newest(hist, meta)
+    local top = redis.call('XREVRANGE', hist, '+', '-', 'COUNT', 1)
+    if #top > 0 then
+        return top[1][1]
+    end
+    return redis.call('HGET', meta, 'trimmed') or '0-0'
+end
+
+-- {epoch, complete, newest id, entries}: the entries after since_id (up to limit, oldest
+-- first), or with since_epoch '' the latest limit entries. complete is 1 when nothing
+-- after the position was lost: same epoch and nothing newer than it trimmed. From
+-- another epoch every retained entry is new to the reader, but some may be missing.
+local function read_history(hist, meta, epoch, since_epoch, since_id, limit)
+    local entries
+    local complete = 1
+    if since_epoch == '' then
+        entries = redis.call('XREVRANGE', hist, '+', '-', 'COUNT', limit)
+        local ordered = {}
+        for i = #entries, 1, -1 do
+            ordered[#ordered + 1] = entries[i]
+        end
+        entries = ordered
+    elseif since_epoch ~= epoch then
+        complete = 0
+        entries = redis.call('XRANGE', hist, '-', '+', 'COUNT', limit)
+    else
+        local trimmed = redis.call('HGET', meta, 'trimmed')
+        if trimmed and id_after(trimmed, since_id) then
+            complete = 0
+        end
+        entries = redis.call('XRANGE', hist, '(' .. since_id, '+', 'COUNT', limit)
+    end
+    return {epoch, complete, newest(hist, meta), entries}
+end
+"""
+
+STREAM_GROUP_PUBLISH = LuaScript(
+    "stream_group_publish",
+    _STREAM_APPEND
+    + _HISTORY
+    + """
+-- KEYS[1]: the group's members   KEYS[2]: its history stream   KEYS[3]: its history meta
+-- ARGV[1]: drop members that joined at or before this time   ARGV[2]: payload
+-- ARGV[3]: dedup tag   ARGV[4]: history length   ARGV[5]: history MINID
+-- ARGV[6]: history TTL in ms   ARGV[7]: a new epoch, if the stream has none
+-- ARGV[8]: '1' when this call retries an attempt whose reply was lost
+-- Records the message in the history and returns {epoch, its entry id, members...}:
+-- one atomic step, so a concurrent join sees the message either in the history it
+-- replays or as a live delivery, never both and never neither.
+local epoch = epoch_of(KEYS[3], ARGV[7])
+local id = false
+if ARGV[8] == '1' then
+    id = already_there(KEYS[2], ARGV[3], math.min(tonumber(ARGV[4]), 1000))
+end
+if not id then
+    trim_history(KEYS[2], KEYS[3], tonumber(ARGV[4]) - 1, ARGV[5])
+    id = redis.call('XADD', KEYS[2], '*', 'd', ARGV[2], 'i', ARGV[3])
+end
+keep_alive(KEYS[2], KEYS[3], ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
+local result = {epoch, id}
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    result[#result + 1] = member
+end
+return result
+""",
+)
+
+STREAM_GROUP_JOIN = LuaScript(
+    "stream_group_join",
+    _HISTORY
+    + """
+-- KEYS[1]: the group's members   KEYS[2]: its history stream   KEYS[3]: its history meta
+-- ARGV[1]: channel   ARGV[2]: join time   ARGV[3]: membership TTL in seconds
+-- ARGV[4]: epoch of the caller's position   ARGV[5]: entry id of that position
+-- ARGV[6]: history length   ARGV[7]: history MINID   ARGV[8]: history TTL in ms
+-- ARGV[9]: a new epoch, if the stream has none
+-- Joins and reads the history after the position in one atomic step (see
+-- stream_group_publish). Returns {epoch, complete, newest id, entries}.
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local epoch = epoch_of(KEYS[3], ARGV[9])
+trim_history(KEYS[2], KEYS[3], tonumber(ARGV[6]), ARGV[7])
+keep_alive(KEYS[2], KEYS[3], ARGV[8])
+return read_history(KEYS[2], KEYS[3], epoch, ARGV[4], ARGV[5], tonumber(ARGV[6]))
+""",
+)
+
+STREAM_HISTORY = LuaScript(
+    "stream_history",
+    _HISTORY
+    + """
+-- KEYS[1]: a group's history stream   KEYS[2]: its history meta
+-- ARGV[1]: epoch of the caller's position ('' for the latest entries)
+-- ARGV[2]: entry id of that position   ARGV[3]: at most this many entries
+-- ARGV[4]: history length   ARGV[5]: history MINID   ARGV[6]: history TTL in ms
+-- ARGV[7]: a new epoch, if the stream has none
+-- Returns {epoch, complete, newest id, entries} (see read_history).
+local epoch = epoch_of(KEYS[2], ARGV[7])
+trim_history(KEYS[1], KEYS[2], tonumber(ARGV[4]), ARGV[5])
+keep_alive(KEYS[1], KEYS[2], ARGV[6])
+return read_history(KEYS[1], KEYS[2], epoch, ARGV[1], ARGV[2], tonumber(ARGV[3]))
+""",
+)
+
+STREAM_REPLAY = LuaScript(
+    "stream_replay",
+    _STREAM_APPEND
+    + """
+-- KEYS[1]: the stream of a channel that joined a group from a position
+-- ARGV[1]: group   ARGV[2]: capacity
+-- ARGV[3..]: (payload, dedup tag, position) per replayed message, oldest first
+-- then: MINID, key TTL in ms, '1' when this call retries an attempt whose reply was lost
+-- Appends them in order; returns how many did not fit (the channel was full).
+local group, capacity = ARGV[1], tonumber(ARGV[2])
+local minid, ttl, retry = ARGV[#ARGV - 2], ARGV[#ARGV - 1], ARGV[#ARGV]
+local full = 0
+for i = 3, #ARGV - 3, 3 do
+    local payload, tag, position = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+    if not append(KEYS[1], payload, tag, capacity, minid, ttl, retry, group, position) then
+        full = full + 1
+    end
+end
+return full
 """,
 )

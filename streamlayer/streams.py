@@ -34,6 +34,7 @@ from redis.exceptions import ResponseError
 from .base import RESERVED_KEY, StreamlayerLayer
 from .cancellation import CancelGuard
 from .exceptions import LayerClosed
+from .history import POSITION_KEY, HistoryPage, Position, position_tag
 from .inbox import BLOCK_SECONDS, Entry, InboxReader, RecentTags, stream_entries
 from .keys import (
     process_id_of,
@@ -44,6 +45,7 @@ from .keys import (
 )
 from .local import LocalChannels
 from .reader import reusable_task
+from .replay import GroupHistory
 from .scripts import (
     STREAM_ACK,
     STREAM_FORGET_CONSUMER,
@@ -104,6 +106,7 @@ class StreamsChannelLayer(StreamlayerLayer):
         self._reader: InboxReader | None = None
         self._normal: dict[str, _NormalChannel] = {}
         self._recent = RecentTags()
+        self.history = GroupHistory(self)
 
     @property
     def key_ttl_ms(self) -> int:
@@ -130,28 +133,33 @@ class StreamsChannelLayer(StreamlayerLayer):
         self.check_channel(channel)
         if "!" in channel:
             message = {**message, RESERVED_KEY: channel}
-            process_id = process_id_of(channel)
-            key, shard = stream_inbox_key(self.prefix, process_id), self._shard(process_id)
-        else:
-            key, shard = stream_channel_key(self.prefix, channel), self._shard(channel)
+        key, shard = self.destination(channel)
         capacity = self.get_capacity(channel)
         args = [self.serialize(message), secrets.token_hex(8), capacity]
-        stored = await self._append(f"send to {channel!r}", STREAM_SEND, shard, [key], args)
+        stored = await self.append(f"send to {channel!r}", STREAM_SEND, shard, [key], args)
         self.count_send(channel, stored is not None, capacity)
 
     def _shard(self, name: str) -> int:
         return self.connections.shard_for(name)
 
-    async def _append(
+    def destination(self, channel: str) -> tuple[str, int]:
+        """The stream a message for ``channel`` goes to, and its shard: the inbox of
+        the channel's process, or the channel's own stream."""
+        if "!" in channel:
+            process_id = process_id_of(channel)
+            return stream_inbox_key(self.prefix, process_id), self._shard(process_id)
+        return stream_channel_key(self.prefix, channel), self._shard(channel)
+
+    async def append(
         self, what: str, script: LuaScript, shard: int, keys: list[str], args: list[Any]
     ) -> Any:
         """Call an appending script (STREAM_SEND, STREAM_GROUP_SEND): its arguments end
         with the expiry cutoff and key TTL of the moment of each attempt."""
-        return await self._idempotent(
+        return await self.idempotent(
             what, script, shard, keys, lambda: [*args, self._min_id(), self.key_ttl_ms]
         )
 
-    async def _idempotent(
+    async def idempotent(
         self,
         what: str,
         script: LuaScript,
@@ -207,8 +215,15 @@ class StreamsChannelLayer(StreamlayerLayer):
         target = message.pop(RESERVED_KEY, None)
         channels = [target] if isinstance(target, str) else list(target or ())
         deadline = sent_ms / 1000 + self.config.expiry
+        group, position = _group_position(fields)
         for channel in channels:
-            self.local.deliver(channel, dict(message) if len(channels) > 1 else message, deadline)
+            copy = dict(message) if len(channels) > 1 else message
+            if group is None:
+                self.local.deliver(channel, copy, deadline)
+                continue
+            copy[POSITION_KEY] = position_tag(group, position)
+            if not self.history.hold(channel, group, position, copy, deadline):
+                self.local.deliver(channel, copy, deadline)
 
     def connection_lost(self) -> None:
         """The inbox reader lost Redis: tell every active local channel."""
@@ -432,11 +447,14 @@ class StreamsChannelLayer(StreamlayerLayer):
         message = self.try_deserialize(fields.get(b"d", b""), f"channel {channel!r}")
         if message is not None:
             message.pop(RESERVED_KEY, None)
+            group, position = _group_position(fields)
+            if group is not None:
+                message[POSITION_KEY] = position_tag(group, position)
         return message
 
     async def _acknowledge(self, channel: str, state: _NormalChannel, entry_id: bytes) -> bool:
         """STREAM_ACK, retried; True when this process still owned the entry."""
-        ours = await self._idempotent(
+        ours = await self.idempotent(
             f"acknowledge on {channel!r}",
             STREAM_ACK,
             state.shard,
@@ -451,15 +469,71 @@ class StreamsChannelLayer(StreamlayerLayer):
     def group_key(self, group: str) -> str:
         return stream_group_key(self.prefix, group)
 
+    async def group_add(  # type: ignore[override]
+        self, group: str, channel: str, since: str | Position | None = None
+    ) -> bool | None:
+        """Add ``channel`` to ``group``. With ``since`` (a position a message of the
+        group carried under ``"__position__"``), first replay to ``channel`` every
+        retained message after it, in order, then live ones: returns True when the
+        replay is complete, False when some messages after ``since`` are gone."""
+        if since is None:
+            await super().group_add(group, channel)
+            return None
+        position = Position.parse(since)
+        self.check_group(group)
+        self.check_channel(channel)
+        if not self.history.length_for(group):
+            await super().group_add(group, channel)
+            return False  # nothing is retained for this group: nothing can be replayed
+        return await self.history.join(group, channel, position)
+
+    async def group_history(
+        self, group: str, since: str | Position | None = None, limit: int = 100
+    ) -> HistoryPage:
+        """Retained messages of ``group``: the latest ``limit`` ones, or with ``since``
+        the first ``limit`` after that position; oldest first, each with its position."""
+        self.check_group(group)
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise TypeError(f"limit must be a whole number of messages, got {limit!r}")
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit!r}")
+        position = None if since is None else Position.parse(since)
+        return await self.history.read(group, position, limit)
+
+    async def group_send(self, group: str, message: dict[str, Any]) -> None:
+        """Send ``message`` to every member of ``group``. A group with history first
+        records it there (in the same round trip that reads the members) and the
+        members receive it with its position."""
+        length = self.history.length_for(self.check_group(group))
+        if not length:
+            await super().group_send(group, message)
+            return
+        self.check_message(message)
+        message = {k: v for k, v in message.items() if k != POSITION_KEY}
+        published = await self.history.publish(group, message, length)
+        members = published.members
+        full = (
+            await self.send_to_members(group, members, message, published.position)
+            if members
+            else 0
+        )
+        self.count_group_send(group, len(members), full)
+
     async def send_to_members(
-        self, group: str, members: list[str], message: dict[str, Any]
+        self, group: str, members: list[str], message: dict[str, Any], position: str = ""
     ) -> int:
         """One payload per destination stream, one STREAM_GROUP_SEND per shard;
         returns how many destinations were full."""
         plan = self._plan_group_send(members, message)
         results = await asyncio.gather(
             *(
-                self._append(f"group_send to {group!r}", STREAM_GROUP_SEND, shard, keys, args)
+                self.append(
+                    f"group_send to {group!r}",
+                    STREAM_GROUP_SEND,
+                    shard,
+                    keys,
+                    [*args, group, position],
+                )
                 for shard, (keys, args) in plan.items()
             )
         )
@@ -540,6 +614,15 @@ def _retrieve_exception(fetch: asyncio.Future[None]) -> None:
     and the next receive starts a new fetch."""
     if not fetch.cancelled() and fetch.exception() is not None:
         logger.info("a normal-channel read failed: %r", fetch.exception())
+
+
+def _group_position(fields: dict[bytes, bytes]) -> tuple[str | None, str]:
+    """The group and position an entry's fields carry (None: not a group message with
+    history)."""
+    group = fields.get(b"g")
+    if group is None:
+        return None, ""
+    return group.decode(), fields.get(b"p", b"").decode()
 
 
 def _bytes(value: Any) -> bytes:

@@ -106,12 +106,29 @@ def test_channel_capacity_keeps_order_and_compiles_globs() -> None:
         ({"random_prefix_length": -2}, TypeError, "random_prefix_length"),
         ({"on_disconnect": 1}, TypeError, "on_disconnect must be a message type"),
         ({"retry_timeout": 0}, ConfigError, "retry_timeout must be greater than 0"),
+        ({"group_history": -1}, ConfigError, "group_history must be 0 \\(off\\) or more"),
+        ({"group_history": "10"}, TypeError, "group_history must be a whole number"),
+        ({"group_history": True}, TypeError, "group_history must be a whole number"),
+        ({"group_history": {"chat-*": 1.5}}, TypeError, r"group_history\['chat-\*'\]"),
+        ({"group_history": [10]}, TypeError, "group_history must be a dict"),
+        ({"group_history_expiry": 0}, ConfigError, "group_history_expiry must be greater"),
         ({"expirey": 10}, ConfigError, "'expirey' \\(did you mean 'expiry'\\?\\)"),
     ],
 )
 def test_bad_values_name_the_key(options: dict[str, Any], error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         build(**options)
+
+
+def test_group_history_forms() -> None:
+    assert build().history_for("any") == 0
+    assert build(group_history=25).history_for("any") == 25
+    assert build(group_history=0).history_for("any") == 0
+    patterns = build(group_history={"chat-*": 100, "news": 10})
+    assert patterns.history_for("chat-42") == 100
+    assert patterns.history_for("news") == 10
+    assert patterns.history_for("other") == 0
+    assert build().group_history_expiry == 86400
 
 
 def test_config_error_is_a_value_error() -> None:
@@ -134,6 +151,8 @@ def test_every_layer_accepts_every_key(layer_path: str) -> None:
         on_disconnect="redis.disconnect",
         on_reconnect="redis.reconnect",
         retry_timeout=3,
+        group_history={"chat-*": 10},
+        group_history_expiry=3600,
     )
     assert layer.get_capacity("abc") == 5
     assert layer.config.on_reconnect == "redis.reconnect"

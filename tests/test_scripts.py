@@ -21,6 +21,8 @@ from streamlayer.scripts import (
     CLASSIC_SEND,
     GROUP_MEMBERS,
     STREAM_FORGET_CONSUMER,
+    STREAM_GROUP_PUBLISH,
+    STREAM_HISTORY,
 )
 from streamlayer.testing import RedisServer
 
@@ -96,3 +98,37 @@ async def test_forget_consumer_keeps_one_that_owns_entries(client: Redis, prefix
     names = {c["name"] for c in await client.xinfo_consumers(key, "g")}
     assert names == {b"owner"}
     await client.delete(key)
+
+
+def _publish_args(payload: bytes, tag: str, retry: str, length: int = 3) -> list[object]:
+    far_past = "1-0"
+    return [0, payload, tag, length, far_past, 60_000, "e1", retry]
+
+
+async def test_group_publish_retry_records_the_message_once(client: Redis) -> None:
+    keys = ["g:{r}", "h:{r}", "m:{r}"]
+    await client.zadd("g:{r}", {"member": time.time()})
+    first = await STREAM_GROUP_PUBLISH(client, keys, _publish_args(b"p", "tag1", "0"))
+    again = await STREAM_GROUP_PUBLISH(client, keys, _publish_args(b"p", "tag1", "1"))
+    assert first == again  # the retry found the first attempt's entry
+    assert first[0] == b"e1" and first[2:] == [b"member"]
+    assert await client.xlen("h:{r}") == 1
+    other = await STREAM_GROUP_PUBLISH(client, keys, _publish_args(b"q", "tag2", "1"))
+    assert other[1] != first[1] and await client.xlen("h:{r}") == 2
+
+
+async def test_group_publish_caps_history_and_remembers_the_newest_trimmed(client: Redis) -> None:
+    keys = ["g:{r}", "h:{r}", "m:{r}"]
+    ids = []
+    for n in range(5):
+        reply = await STREAM_GROUP_PUBLISH(client, keys, _publish_args(b"p", f"t{n}", "0"))
+        ids.append(reply[1])
+    assert await client.xlen("h:{r}") == 3
+    assert await client.hget("m:{r}", "trimmed") == ids[1]
+    # Read from the newest trimmed entry: complete; from before it: not.
+    for since, complete in ((ids[1], 1), (ids[0], 0)):
+        reply = await STREAM_HISTORY(
+            client, ["h:{r}", "m:{r}"], ["e1", since, 10, 3, "1-0", 60_000, "e2"]
+        )
+        assert reply[0] == b"e1" and reply[1] == complete and reply[2] == ids[4]
+        assert [entry[0] for entry in reply[3]] == ids[2:]
