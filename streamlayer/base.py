@@ -17,7 +17,7 @@ from typing import Any, ClassVar, TypeVar
 
 from channels.layers import BaseChannelLayer
 
-from .config import LayerConfig
+from .config import ConfigError, LayerConfig
 from .connections import ConnectionManager
 from .exceptions import ChannelFull
 from .retry import retry_transient
@@ -62,9 +62,17 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
     extensions: ClassVar[list[str]] = ["groups", "flush"]
     #: Random bytes put before each serialized message unless the config says otherwise.
     default_random_prefix_length: ClassVar[int] = 0
+    #: Whether ``hosts`` may name a Redis Cluster (the classic layouts shard client-side).
+    supports_cluster: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         self.config = LayerConfig.from_options(options)
+        if not self.supports_cluster and any(h.is_cluster for h in self.config.hosts):
+            raise ConfigError(
+                f"{type(self).__name__} cannot use a Redis Cluster: use "
+                "streamlayer.StreamsChannelLayer, or list the servers in hosts to shard "
+                "over them client-side"
+            )
         super().__init__(expiry=self.config.expiry, capacity=self.config.capacity)
         # BaseChannelLayer.get_capacity() reads this compiled list.
         self.channel_capacity = list(self.config.channel_capacity)

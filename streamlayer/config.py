@@ -32,7 +32,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class HostSpec:
-    """One entry of ``hosts``: a plain server, a URL, or a Sentinel-monitored master.
+    """One entry of ``hosts``: a plain server, a URL, a Sentinel-monitored master, or a
+    Redis Cluster (named by some of its nodes; it must then be the only entry).
 
     ``kwargs`` are passed to redis-py's connection pool; they are stored as a
     read-only mapping so a config can be shared between layers and threads.
@@ -43,16 +44,23 @@ class HostSpec:
     master_name: str | None = None
     sentinels: tuple[tuple[str, int], ...] = ()
     sentinel_kwargs: Mapping[str, Any] | None = None
+    cluster_nodes: tuple[tuple[str, int], ...] = ()
 
     @property
     def is_sentinel(self) -> bool:
         return self.master_name is not None
+
+    @property
+    def is_cluster(self) -> bool:
+        return bool(self.cluster_nodes)
 
     def describe(self) -> str:
         """A log-safe name for this host: never includes a password."""
         if self.is_sentinel:
             nodes = ",".join(f"{h}:{p}" for h, p in self.sentinels)
             return f"sentinel://{nodes}/{self.master_name}"
+        if self.is_cluster:
+            return "cluster://" + ",".join(f"{h}:{p}" for h, p in self.cluster_nodes)
         if self.url is not None:
             parts = urlsplit(self.url)
             if parts.scheme == "unix":
@@ -138,7 +146,13 @@ def _hosts(value: Any) -> tuple[HostSpec, ...]:
         raise TypeError(f"hosts must be a list of servers, got {type(value).__name__}")
     if not value:
         raise ConfigError("hosts is empty: name at least one server, or leave it out")
-    return tuple(_host(entry, index) for index, entry in enumerate(value))
+    hosts = tuple(_host(entry, index) for index, entry in enumerate(value))
+    if len(hosts) > 1 and any(h.is_cluster for h in hosts):
+        raise ConfigError(
+            "a Redis Cluster entry must be the only one in hosts: the cluster spreads "
+            "keys over its nodes itself (name more nodes inside its 'cluster' list)"
+        )
+    return hosts
 
 
 def _host(entry: Any, index: int) -> HostSpec:
@@ -157,6 +171,8 @@ def _host(entry: Any, index: int) -> HostSpec:
 
 
 def _host_dict(entry: dict[str, Any], where: str) -> HostSpec:
+    if "cluster" in entry:
+        return _cluster(entry, where)
     if "sentinels" in entry or "master_name" in entry:
         master_name = entry.pop("master_name", None)
         sentinels = entry.pop("sentinels", None)
@@ -188,6 +204,32 @@ def _host_dict(entry: dict[str, Any], where: str) -> HostSpec:
             raise TypeError(f"{where}: 'address' must be a URL string")
         return HostSpec(url=_url(address, where), kwargs=MappingProxyType(entry))
     return HostSpec(kwargs=MappingProxyType(entry))
+
+
+def _cluster(entry: dict[str, Any], where: str) -> HostSpec:
+    """``{"cluster": [("127.0.0.1", 7000), "redis://127.0.0.1:7001"], **client_kwargs}``."""
+    nodes = entry.pop("cluster")
+    if isinstance(nodes, (str, bytes)) or not isinstance(nodes, (list, tuple)) or not nodes:
+        raise TypeError(
+            f"{where}: 'cluster' must be a list of some of the cluster's nodes, "
+            "as (host, port) pairs or redis:// URLs"
+        )
+    parsed = []
+    for node in nodes:
+        if isinstance(node, str) and urlsplit(node).scheme in ("redis", "rediss"):
+            parts = urlsplit(node)
+            parsed.append((parts.hostname or "localhost", parts.port or 6379))
+        elif isinstance(node, (tuple, list)) and len(node) == 2 and _is_int(node[1]):
+            parsed.append((str(node[0]), int(node[1])))
+        else:
+            raise TypeError(
+                f"{where}: each cluster node must be a (host, port) pair or a redis:// URL, "
+                f"got {node!r}"
+            )
+    for key in ("db", "unix_socket_path", "path"):
+        if entry.get(key):
+            raise ConfigError(f"{where}: a Redis Cluster has no {key!r}")
+    return HostSpec(kwargs=MappingProxyType(entry), cluster_nodes=tuple(parsed))
 
 
 def _url(value: str, where: str) -> str:

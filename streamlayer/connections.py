@@ -19,12 +19,14 @@ import binascii
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from redis import asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 
 from .config import HostSpec
 from .exceptions import LayerClosed
@@ -73,6 +75,14 @@ def create_pool(spec: HostSpec) -> tuple[aioredis.ConnectionPool, list[aioredis.
     return aioredis.ConnectionPool(**kwargs), []
 
 
+def create_cluster_client(spec: HostSpec) -> aioredis.Redis:
+    """A Redis Cluster client for ``spec``. It offers the same command methods as
+    ``redis.asyncio.Redis``, routing each command to the node owning its keys' slot."""
+    nodes = [ClusterNode(host, port) for host, port in spec.cluster_nodes]
+    client = RedisCluster(startup_nodes=nodes, **_pool_kwargs(spec))
+    return cast(aioredis.Redis, client)
+
+
 def socket_timeout(spec: HostSpec) -> float | None:
     """The socket timeout redis-py will use for ``spec`` (None: wait forever)."""
     if "socket_timeout" in spec.kwargs:
@@ -106,10 +116,14 @@ class _LoopClients:
             raise LayerClosed("the event loop of this connection is shutting down")
         client = self.clients.get(index)
         if client is None:
-            pool, extras = create_pool(self._manager.hosts[index])
-            client = aioredis.Redis(connection_pool=pool)
+            spec = self._manager.hosts[index]
+            if spec.is_cluster:
+                client = create_cluster_client(spec)
+            else:
+                pool, extras = create_pool(spec)
+                client = aioredis.Redis(connection_pool=pool)
+                self.extras.extend(extras)
             self.clients[index] = client
-            self.extras.extend(extras)
         return client
 
     async def _guard_loop(self) -> None:
@@ -136,7 +150,7 @@ class _LoopClients:
         self.clients, self.extras = {}, []
         for client in [*clients, *extras]:
             try:
-                await client.aclose(close_connection_pool=True)
+                await _close_client(client)
             except Exception:  # a dead connection must not stop the others closing
                 logger.debug("error closing a Redis client", exc_info=True)
 
@@ -147,6 +161,14 @@ class _LoopClients:
         with contextlib.suppress(asyncio.CancelledError):
             await self._guard
         await self._close_clients()
+
+
+async def _close_client(client: Any) -> None:
+    """Close a client and its connections (a cluster client owns one pool per node)."""
+    if isinstance(client, RedisCluster):
+        await client.aclose()
+    else:
+        await client.aclose(close_connection_pool=True)
 
 
 class ConnectionManager:
@@ -162,8 +184,17 @@ class ConnectionManager:
     def ring_size(self) -> int:
         return len(self.hosts)
 
+    @property
+    def is_cluster(self) -> bool:
+        return self.hosts[0].is_cluster
+
     def shard_for(self, name: str | bytes) -> int:
         return consistent_hash(name, len(self.hosts))
+
+    def script_scope(self, shard: int, key: str) -> tuple[int, int]:
+        """Which keys one script call may touch together with ``key``: those on the same
+        shard, and on a Redis Cluster also in the same hash slot."""
+        return shard, key_slot(key.encode()) if self.is_cluster else 0
 
     def client(self, index: int) -> aioredis.Redis:
         """The client for shard ``index`` in the running event loop (created lazily)."""

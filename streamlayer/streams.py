@@ -98,6 +98,8 @@ class _NormalChannel:
 class StreamsChannelLayer(StreamlayerLayer):
     """Channel layer on Redis Streams: nothing lost on a reconnect, one round trip per send."""
 
+    supports_cluster = True
+
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.process_id = uuid.uuid4().hex
@@ -522,8 +524,8 @@ class StreamsChannelLayer(StreamlayerLayer):
     async def send_to_members(
         self, group: str, members: list[str], message: dict[str, Any], position: str = ""
     ) -> int:
-        """One payload per destination stream, one STREAM_GROUP_SEND per shard;
-        returns how many destinations were full."""
+        """One payload per destination stream, one STREAM_GROUP_SEND per shard (per
+        slot on a Redis Cluster); returns how many destinations were full."""
         plan = self._plan_group_send(members, message)
         results = await asyncio.gather(
             *(
@@ -534,16 +536,17 @@ class StreamsChannelLayer(StreamlayerLayer):
                     keys,
                     [*args, group, position],
                 )
-                for shard, (keys, args) in plan.items()
+                for shard, keys, args in plan
             )
         )
         return sum(int(r) for r in results)
 
     def _plan_group_send(
         self, members: Iterable[str], message: dict[str, Any]
-    ) -> dict[int, tuple[list[str], list[Any]]]:
-        """Per shard: the destination keys and the script arguments (payloads, dedup tags,
-        capacities). Local channels of one process share its inbox and one payload."""
+    ) -> list[tuple[int, list[str], list[Any]]]:
+        """Per shard (and per hash slot on a Redis Cluster): the destination keys and the
+        script arguments (payloads, dedup tags, capacities). Local channels of one
+        process share its inbox and one payload."""
         inboxes: dict[str, list[str]] = {}
         destinations: list[tuple[int, str, dict[str, Any], int]] = []
         for channel in members:
@@ -558,16 +561,16 @@ class StreamsChannelLayer(StreamlayerLayer):
             payload = {**message, RESERVED_KEY: channels}
             cap = self.get_capacity(channels[0])
             destinations.append((self._shard(process_id), key, payload, cap))
-        by_shard: dict[int, list[tuple[str, bytes, str, int]]] = {}
+        by_scope: dict[tuple[int, int], list[tuple[str, bytes, str, int]]] = {}
         for shard, key, payload, cap in destinations:
             entry = (key, self.serialize(payload), secrets.token_hex(8), cap)
-            by_shard.setdefault(shard, []).append(entry)
-        plan: dict[int, tuple[list[str], list[Any]]] = {}
-        for shard, entries in by_shard.items():
+            by_scope.setdefault(self.connections.script_scope(shard, key), []).append(entry)
+        plan: list[tuple[int, list[str], list[Any]]] = []
+        for (shard, _slot), entries in by_scope.items():
             keys = [e[0] for e in entries]
             args: list[Any] = [e[1] for e in entries] + [e[2] for e in entries]
             args += [e[3] for e in entries]
-            plan[shard] = (keys, args)
+            plan.append((shard, keys, args))
         return plan
 
     # --- flush and close ------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -20,7 +21,13 @@ from pathlib import Path
 
 import redis
 
-__all__ = ["RedisServer", "SentinelSetup", "find_redis_server", "free_port"]
+__all__ = [
+    "ClusterSetup",
+    "RedisServer",
+    "SentinelSetup",
+    "find_redis_server",
+    "free_port",
+]
 
 _START_TIMEOUT = 10.0
 
@@ -51,6 +58,25 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 55000)
+        if _port_free(port) and _port_free(port + 10000):
+            return port
+    raise RuntimeError("no free pair of ports for a cluster node")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -252,6 +278,117 @@ class SentinelSetup:
         for server in (self.sentinel, self.replica, self.master):
             if server is not None:
                 server.cleanup()
+
+
+_SLOTS = 16384
+
+
+class ClusterSetup:
+    """A real Redis Cluster on loopback: ``masters`` primaries, each with ``replicas``
+    replicas, built with CLUSTER MEET / ADDSLOTS / REPLICATE (no redis-cli needed).
+    A short node timeout makes a killed master fail over in a couple of seconds."""
+
+    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
+        cluster_args = (
+            "--cluster-enabled", "yes",
+            "--cluster-node-timeout", str(node_timeout_ms),
+            "--cluster-replica-validity-factor", "0",
+        )  # fmt: skip
+        self.masters = [self._node(cluster_args) for _ in range(masters)]
+        self.replicas = [self._node(cluster_args) for _ in range(masters * replicas)]
+        for server in (*self.masters, *self.replicas):
+            config = str(server.dir / "nodes.conf")
+            server.extra_args = (*server.extra_args, "--cluster-config-file", config)
+
+    @staticmethod
+    def _node(cluster_args: tuple[str, ...]) -> RedisServer:
+        return RedisServer(port=free_cluster_port(), extra_args=cluster_args)
+
+    @property
+    def servers(self) -> list[RedisServer]:
+        return [*self.masters, *self.replicas]
+
+    def start(self) -> ClusterSetup:
+        for server in self.servers:
+            server.start()
+        first = self.masters[0]
+        for server in self.servers[1:]:
+            with server.client() as client:
+                client.execute_command("CLUSTER", "MEET", first.host, first.port)
+        share = _SLOTS // len(self.masters)
+        for index, master in enumerate(self.masters):
+            last = _SLOTS if index == len(self.masters) - 1 else (index + 1) * share
+            with master.client() as client:
+                client.execute_command("CLUSTER", "ADDSLOTS", *range(index * share, last))
+        _wait_until(self._all_know_each_other, 30, "the cluster nodes to meet")
+        for index, replica in enumerate(self.replicas):
+            master_id = self.node_id(self.masters[index % len(self.masters)])
+            with replica.client() as client:
+                client.execute_command("CLUSTER", "REPLICATE", master_id)
+        _wait_until(self.healthy, 60, "the cluster to be healthy with its replicas in sync")
+        return self
+
+    @staticmethod
+    def node_id(server: RedisServer) -> str:
+        with server.client() as client:
+            return str(client.execute_command("CLUSTER", "MYID").decode())
+
+    def _all_know_each_other(self) -> bool:
+        for server in self.servers:
+            with server.client() as client:
+                nodes = client.execute_command("CLUSTER", "NODES").decode().splitlines()
+                if len(nodes) != len(self.servers) or any("handshake" in n for n in nodes):
+                    return False
+        return True
+
+    def live(self) -> list[RedisServer]:
+        return [s for s in self.servers if s.process is not None]
+
+    def healthy(self) -> bool:
+        """Every live node says the cluster is ok, and every live replica is in sync."""
+        for server in self.live():
+            with server.client() as client:
+                if client.cluster("info")["cluster_state"] != "ok":
+                    return False
+                replication = client.info("replication")
+                if replication["role"] == "slave" and replication["master_link_status"] != "up":
+                    return False
+        return True
+
+    def startup_nodes(self) -> list[tuple[str, int]]:
+        return [(s.host, s.port) for s in self.masters]
+
+    def host_entry(self) -> dict[str, object]:
+        """The ``hosts`` entry a layer uses to reach this cluster."""
+        return {"cluster": self.startup_nodes()}
+
+    def master_for(self, key: str) -> RedisServer:
+        """The live server that currently serves ``key``'s slot as a primary."""
+        for server in self.live():
+            with server.client() as client:
+                if client.info("replication")["role"] != "master":
+                    continue
+                slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
+                for start, end, *nodes in client.execute_command("CLUSTER", "SLOTS"):
+                    if start <= slot <= end:
+                        port = int(nodes[0][1])
+                        return next(s for s in self.live() if s.port == port)
+        raise RuntimeError(f"no live primary serves {key!r}")
+
+    def kill_master_of(self, key: str) -> RedisServer:
+        """SIGKILL the primary serving ``key`` and wait for its replica to take over."""
+        victim = self.master_for(key)
+        victim.kill()
+        _wait_until(
+            lambda: self.healthy() and self.master_for(key) is not victim,
+            60,
+            "a replica to take over the killed master's slots",
+        )
+        return self.master_for(key)
+
+    def cleanup(self) -> None:
+        for server in self.servers:
+            server.cleanup()
 
 
 @contextlib.contextmanager

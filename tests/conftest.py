@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from streamlayer.base import StreamlayerLayer
-from streamlayer.testing import RedisServer, SentinelSetup
+from streamlayer.testing import ClusterSetup, RedisServer, SentinelSetup
 
 from .layers import LAYERS, layer_class
 
@@ -37,6 +37,23 @@ def sentinel_setup() -> Iterator[SentinelSetup]:
     setup.cleanup()
 
 
+@pytest.fixture(scope="session")
+def cluster_setup() -> Iterator[ClusterSetup]:
+    """A three-master Redis Cluster with a replica each, shared by the tests that do not
+    harm it."""
+    setup = ClusterSetup().start()
+    yield setup
+    setup.cleanup()
+
+
+@pytest.fixture
+def fresh_cluster() -> Iterator[ClusterSetup]:
+    """A cluster of its own, for tests that kill a master."""
+    setup = ClusterSetup().start()
+    yield setup
+    setup.cleanup()
+
+
 @pytest.fixture
 def fresh_server() -> Iterator[RedisServer]:
     """A server of its own, for tests that kill, pause or restart it."""
@@ -45,9 +62,18 @@ def fresh_server() -> Iterator[RedisServer]:
     server.cleanup()
 
 
-@pytest.fixture(params=["single", "sharded", "sentinel"])
+@pytest.fixture(params=["single", "sharded", "sentinel", "cluster"])
 def topology(request: pytest.FixtureRequest) -> list[Any]:
     """The ``hosts`` value of each topology the conformance suite runs on."""
+    if request.param == "cluster":
+        if "layer_path" in request.fixturenames:
+            path = request.getfixturevalue("layer_path")
+            if not layer_class(path).supports_cluster:
+                pytest.skip(
+                    "Redis Cluster is for StreamsChannelLayer; compat layers shard client-side"
+                )
+        cluster: ClusterSetup = request.getfixturevalue("cluster_setup")
+        return [cluster.host_entry()]
     if request.param == "single":
         server: RedisServer = request.getfixturevalue("redis_server")
         return [server.url]

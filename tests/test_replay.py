@@ -12,7 +12,6 @@ from functools import partial
 from typing import Any
 
 import pytest
-from redis import asyncio as aioredis
 
 from streamlayer import StreamsChannelLayer
 from streamlayer.history import POSITION_KEY, Position
@@ -22,12 +21,21 @@ from streamlayer.testing import RedisServer
 Factory = Callable[..., StreamsChannelLayer]
 
 
+@pytest.fixture(params=["single", "cluster"])
+def hosts(request: pytest.FixtureRequest) -> list[Any]:
+    """Replay on one server and on a Redis Cluster (group, history and members' streams
+    then live in different slots, often on different nodes)."""
+    if request.param == "cluster":
+        return [request.getfixturevalue("cluster_setup").host_entry()]
+    return [request.getfixturevalue("redis_server").url]
+
+
 @pytest.fixture
-async def make(redis_server: RedisServer, prefix: str) -> AsyncIterator[Factory]:
+async def make(hosts: list[Any], prefix: str) -> AsyncIterator[Factory]:
     made: list[StreamsChannelLayer] = []
 
     def factory(**options: Any) -> StreamsChannelLayer:
-        options.setdefault("hosts", [redis_server.url])
+        options.setdefault("hosts", hosts)
         options.setdefault("prefix", prefix)
         options.setdefault("group_history", 50)
         layer = StreamsChannelLayer(**options)
@@ -279,17 +287,11 @@ async def test_group_history_of_an_empty_group_gives_a_resumable_position(make: 
     assert nums(await recv_n(layer, channel, 2)) == [0, 1]
 
 
-async def test_group_history_skips_a_corrupt_entry(
-    make: Factory, redis_server: RedisServer
-) -> None:
+async def test_group_history_skips_a_corrupt_entry(make: Factory) -> None:
     layer = make()
     await publish(layer, "room", range(1))
-    client = aioredis.Redis.from_url(redis_server.url)
-    try:
-        key = stream_history_key(layer.prefix, "room")
-        await client.xadd(key, {"d": b"\xc1garbage", "i": "x"})
-    finally:
-        await client.aclose()
+    key = stream_history_key(layer.prefix, "room")
+    await layer.connections.client(0).xadd(key, {"d": b"\xc1garbage", "i": "x"})
     await publish(layer, "room", range(1, 2))
     page = await layer.group_history("room")
     assert nums(page.messages) == [0, 1]
@@ -341,13 +343,13 @@ async def test_group_history_of_a_group_without_history_is_refused(make: Factory
 
 
 async def test_live_messages_during_a_slow_join_wait_behind_the_replay(
-    make: Factory, redis_server: RedisServer, prefix: str
+    make: Factory, hosts: list[Any], prefix: str
 ) -> None:
     """A big replay takes a while to read; another process keeps sending meanwhile.
     Live messages reaching the channel before the replay is queued are held back and
     delivered after it: the channel sees every message after the position, in order."""
     joiner = make(capacity=5000, group_history=300)
-    sender_options = {"hosts": [redis_server.url], "prefix": prefix, "group_history": 300}
+    sender_options = {"hosts": hosts, "prefix": prefix, "group_history": 300}
     blob = "x" * 40_000
     for attempt in range(8):
         group = f"slow{attempt}"
