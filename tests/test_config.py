@@ -106,6 +106,14 @@ def test_channel_capacity_keeps_order_and_compiles_globs() -> None:
         ({"random_prefix_length": -2}, TypeError, "random_prefix_length"),
         ({"on_disconnect": 1}, TypeError, "on_disconnect must be a message type"),
         ({"retry_timeout": 0}, ConfigError, "retry_timeout must be greater than 0"),
+        ({"hosts": [{"cluster": "redis://h:1"}]}, TypeError, "'cluster' must be a list"),
+        ({"hosts": [{"cluster": [("h", "1")]}]}, TypeError, "each cluster node"),
+        ({"hosts": [{"cluster": [("h", 1)], "db": 2}]}, ConfigError, "has no 'db'"),
+        (
+            {"hosts": [{"cluster": [("h", 1)]}, "redis://x"]},
+            ConfigError,
+            "must be the only one in hosts",
+        ),
         ({"group_history": -1}, ConfigError, "group_history must be 0 \\(off\\) or more"),
         ({"group_history": "10"}, TypeError, "group_history must be a whole number"),
         ({"group_history": True}, TypeError, "group_history must be a whole number"),
@@ -118,6 +126,16 @@ def test_channel_capacity_keeps_order_and_compiles_globs() -> None:
 def test_bad_values_name_the_key(options: dict[str, Any], error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         build(**options)
+
+
+def test_cluster_forms() -> None:
+    (spec,) = build(
+        hosts=[{"cluster": [("127.0.0.1", 7000), "redis://127.0.0.1:7001"], "password": "pw"}]
+    ).hosts
+    assert spec.is_cluster and not spec.is_sentinel
+    assert spec.cluster_nodes == (("127.0.0.1", 7000), ("127.0.0.1", 7001))
+    assert spec.kwargs == {"password": "pw"}
+    assert spec.describe() == "cluster://127.0.0.1:7000,127.0.0.1:7001"
 
 
 def test_group_history_forms() -> None:

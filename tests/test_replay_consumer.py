@@ -1,0 +1,153 @@
+"""ReplayConsumerMixin as an app uses it: a real Channels WebSocket consumer, a client
+that goes away and comes back with its last position, trimmed history, and Redis
+restarting empty mid-conversation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import django
+import pytest
+from django.conf import settings
+
+from streamlayer import StreamsChannelLayer
+from streamlayer.consumers import ReplayConsumerMixin
+from streamlayer.testing import RedisServer
+
+if not settings.configured:
+    settings.configure(CHANNEL_LAYERS={}, INSTALLED_APPS=["channels"])
+    django.setup()
+
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.layers import channel_layers
+from channels.testing import WebsocketCommunicator
+
+ALIAS = "streamlayer-replay"
+
+
+class RoomConsumer(ReplayConsumerMixin, AsyncJsonWebsocketConsumer):  # type: ignore[misc]
+    channel_layer_alias = ALIAS
+    replay_groups = ["room"]
+
+    async def connect(self) -> None:
+        await self.accept()
+        await self.join_replay_groups()
+
+    async def chat_message(self, event: dict[str, Any]) -> None:
+        await self.send_json({"text": event["text"], "position": self.position_of(event)})
+
+    async def replay_incomplete(self, group: str) -> None:
+        page = await self.load_history(group)
+        await self.send_json({"reload": [m["text"] for m in page.messages]})
+
+
+Say = Callable[[str], Any]
+
+
+@pytest.fixture
+async def app(fresh_server: RedisServer) -> AsyncIterator[tuple[StreamsChannelLayer, Say]]:
+    """The consumers' server process (a layer), and another process that talks."""
+    options: dict[str, Any] = {
+        "hosts": [fresh_server.url],
+        "prefix": "replay",
+        "group_history": 5,
+        "on_disconnect": "redis.disconnect",
+        "on_reconnect": "redis.reconnect",
+    }
+    layer, other = StreamsChannelLayer(**options), StreamsChannelLayer(**options)
+    channel_layers.set(ALIAS, layer)
+
+    async def say(text: str) -> None:
+        await other.group_send("room", {"type": "chat.message", "text": text})
+
+    yield layer, say
+    await layer.close()
+    await other.close()
+    channel_layers.backends.pop(ALIAS, None)
+
+
+async def connect(since: str | None = None) -> WebsocketCommunicator:
+    path = "/ws/room/" + (f"?since={since}" if since else "")
+    communicator = WebsocketCommunicator(RoomConsumer.as_asgi(), path)
+    connected, _ = await communicator.connect()
+    assert connected
+    return communicator
+
+
+async def texts(communicator: WebsocketCommunicator, count: int) -> list[dict[str, Any]]:
+    return [await communicator.receive_json_from(timeout=15) for _ in range(count)]
+
+
+async def test_a_client_coming_back_gets_what_it_missed_in_order(app: Any) -> None:
+    _layer, say = app
+    tab = await connect()
+    await say("one")
+    await say("two")
+    got = await texts(tab, 2)
+    assert [m["text"] for m in got] == ["one", "two"]
+    await tab.disconnect()
+
+    await say("three")  # the tab is asleep
+    await say("four")
+    tab = await connect(since=got[-1]["position"])
+    await say("five")
+    assert [m["text"] for m in await texts(tab, 3)] == ["three", "four", "five"]
+    assert await tab.receive_nothing(timeout=0.2)
+    await tab.disconnect()
+
+
+async def test_a_client_away_too_long_is_told_to_reload(app: Any) -> None:
+    _layer, say = app
+    tab = await connect()
+    await say("first")
+    (first,) = await texts(tab, 1)
+    await tab.disconnect()
+    for n in range(7):  # more than the 5 the group retains
+        await say(f"m{n}")
+    tab = await connect(since=first["position"])
+    # The backlog replaces the client's view; the replayed copies are not sent again.
+    assert await tab.receive_json_from(timeout=15) == {"reload": ["m2", "m3", "m4", "m5", "m6"]}
+    await say("live")
+    assert (await tab.receive_json_from(timeout=15))["text"] == "live"
+    await tab.disconnect()
+
+
+async def test_a_malformed_position_joins_and_asks_for_a_reload(app: Any) -> None:
+    _layer, say = app
+    await say("earlier")
+    tab = await connect(since="not-a-position")
+    assert await tab.receive_json_from(timeout=15) == {"reload": ["earlier"]}
+    await say("live")
+    assert (await tab.receive_json_from(timeout=15))["text"] == "live"
+    await tab.disconnect()
+
+
+async def test_redis_restarting_empty_mid_conversation(
+    app: Any, fresh_server: RedisServer
+) -> None:
+    """Redis comes back without data: the membership, the inbox and the history are
+    gone. The consumer hears recovered=False, re-joins from its last position, and
+    the client gets what was sent meanwhile exactly once."""
+    _layer, say = app
+    tab = await connect()
+    await say("before")
+    assert (await tab.receive_json_from(timeout=15))["text"] == "before"
+
+    await asyncio.to_thread(fresh_server.restart)
+    await say("meanwhile")  # nobody is a member now: it lives in the new history only
+    received: list[dict[str, Any]] = []
+    while not any("meanwhile" in (m.get("text"), *m.get("reload", ())) for m in received):
+        received.append(await tab.receive_json_from(timeout=15))  # bounded by its timeout
+    await say("after")
+    received.append(await tab.receive_json_from(timeout=15))
+    chat = [m["text"] for m in received if "text" in m]
+    # "meanwhile" reaches the client once: replayed, or inside a reload.
+    reloads = [m["reload"] for m in received if "reload" in m]
+    assert chat + [t for r in reloads for t in r] in (
+        ["meanwhile", "after"],
+        ["after", "meanwhile"],
+    )
+    assert await tab.receive_nothing(timeout=0.2)
+    await tab.disconnect()
