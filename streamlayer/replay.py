@@ -24,10 +24,11 @@ replayed ones (each carries its position, so a receiver can order them).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .base import RESERVED_KEY
@@ -43,6 +44,15 @@ __all__ = ["GroupHistory", "Published"]
 Message = dict[str, Any]
 #: A live message held back while its channel's join is in flight.
 _Held = tuple[tuple[int, int], Message, float]
+
+
+@dataclass
+class _Join:
+    """A join with replay in flight for one (channel, group) of this process."""
+
+    #: Live messages of the group that reached the channel meanwhile, held back.
+    held: list[_Held] = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass(frozen=True)
@@ -90,7 +100,7 @@ class GroupHistory:
     def __init__(self, layer: StreamsChannelLayer) -> None:
         self.layer = layer
         #: (channel, group) pairs joining with a replay, and the live messages held back.
-        self._joining: dict[tuple[str, str], list[_Held]] = {}
+        self._joining: dict[tuple[str, str], _Join] = {}
         #: Live messages that reached a channel while its replay was in flight.
         self.held_back = 0
 
@@ -142,8 +152,11 @@ class GroupHistory:
             read = await self._join(group, channel, since, length)
             replayed = await self._replay_remotely(group, channel, read)
             return read.complete and replayed
-        guard, last_replayed = (channel, group), None
-        self._joining[guard] = []
+        guard = (channel, group)
+        while (other := self._joining.get(guard)) is not None:
+            await other.done.wait()  # the same join is in flight: let it finish first
+        self._joining[guard] = _Join()
+        last_replayed = None
         try:
             read = await self._join(group, channel, since, length)
             replayed = self._replay_locally(group, channel, read)
@@ -204,10 +217,10 @@ class GroupHistory:
         self, channel: str, group: str, position: str, message: Message, deadline: float
     ) -> bool:
         """Hold back a live message for a channel whose replay is in flight (True: held)."""
-        held = self._joining.get((channel, group))
-        if held is None:
+        join = self._joining.get((channel, group))
+        if join is None:
             return False
-        held.append((_id_key(position.rpartition(":")[2]), message, deadline))
+        join.held.append((_id_key(position.rpartition(":")[2]), message, deadline))
         self.held_back += 1
         return True
 
@@ -215,9 +228,10 @@ class GroupHistory:
         """Deliver the live messages held back during a join, skipping any the replay
         already delivered (none, given the atomic join; a safeguard)."""
         channel, _ = guard
-        held = self._joining.pop(guard, [])
+        join = self._joining.pop(guard)
+        join.done.set()
         floor = _id_key(last_replayed) if last_replayed else (-1, -1)
-        for entry_id, message, deadline in held:
+        for entry_id, message, deadline in join.held:
             if entry_id > floor:
                 self.layer.local.deliver(channel, message, deadline)
 

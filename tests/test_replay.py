@@ -424,3 +424,18 @@ def send_until(
             await layer.close()
 
     asyncio.run(run())
+
+
+async def test_concurrent_joins_of_one_channel_both_finish(make: Factory) -> None:
+    layer = make()
+    watcher = await layer.new_channel()
+    await layer.group_add("room", watcher)
+    await publish(layer, "room", range(3))
+    first = (await recv_n(layer, watcher, 3))[0]
+    channel = await layer.new_channel()
+    joins = [layer.group_add("room", channel, since=position_of(first)) for _ in range(2)]
+    assert await asyncio.wait_for(asyncio.gather(*joins), 10) == [True, True]
+    # Joined twice from one position: the replay came twice (the mixin drops repeats).
+    assert nums(await recv_n(layer, channel, 4)) == [1, 2, 1, 2]
+    await publish(layer, "room", range(3, 4))
+    assert nums([await recv(layer, channel)]) == [3]
