@@ -20,7 +20,7 @@ if not settings.configured:
     settings.configure(CHANNEL_LAYERS={}, INSTALLED_APPS=["channels"])
     django.setup()
 
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.generic.websocket import AsyncJsonWebsocketConsumer, AsyncWebsocketConsumer
 from channels.layers import channel_layers
 from channels.testing import WebsocketCommunicator
 
@@ -41,6 +41,20 @@ class RoomConsumer(ReplayConsumerMixin, AsyncJsonWebsocketConsumer):  # type: ig
     async def replay_incomplete(self, group: str) -> None:
         page = await self.load_history(group)
         await self.send_json({"reload": [m["text"] for m in page.messages]})
+
+
+class PlainRoomConsumer(ReplayConsumerMixin, AsyncWebsocketConsumer):  # type: ignore[misc]
+    """The same with text frames: ``<position> <text>``."""
+
+    channel_layer_alias = ALIAS
+    replay_groups = ["room"]
+
+    async def connect(self) -> None:
+        await self.accept()
+        await self.join_replay_groups()
+
+    async def chat_message(self, event: dict[str, Any]) -> None:
+        await self.send(text_data=f"{self.position_of(event)} {event['text']}")
 
 
 Say = Callable[[str], Any]
@@ -150,4 +164,19 @@ async def test_redis_restarting_empty_mid_conversation(
         ["after", "meanwhile"],
     )
     assert await tab.receive_nothing(timeout=0.2)
+    await tab.disconnect()
+
+
+async def test_plain_websocket_consumer(app: Any) -> None:
+    _layer, say = app
+    tab = WebsocketCommunicator(PlainRoomConsumer.as_asgi(), "/ws/plain/")
+    assert (await tab.connect())[0]
+    await say("one")
+    position, text = (await tab.receive_from(timeout=15)).split(" ", 1)
+    assert text == "one"
+    await tab.disconnect()
+    await say("two")
+    tab = WebsocketCommunicator(PlainRoomConsumer.as_asgi(), f"/ws/plain/?since={position}")
+    assert (await tab.connect())[0]
+    assert (await tab.receive_from(timeout=15)).split(" ", 1)[1] == "two"
     await tab.disconnect()
