@@ -19,6 +19,18 @@ def _parser() -> argparse.ArgumentParser:
         help="a redis:// URL to use instead of starting a throwaway server",
     )
     demo.add_argument("--messages", type=int, default=2000, help="messages per point-to-point run")
+    bench = commands.add_parser(
+        "bench",
+        help="the benchmark suite: every layer and the raw redis-py floor, side by side",
+    )
+    bench.add_argument("--hosts", help="a redis:// URL instead of a throwaway server")
+    bench.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    bench.add_argument("--plot", metavar="PATH", help="also draw a PNG chart (matplotlib)")
+    bench.add_argument(
+        "--only", action="append", metavar="LAYER", help="run only this layer (repeatable)"
+    )
+    bench.add_argument("--no-memory", action="store_true", help="skip the memory figures")
     return parser
 
 
@@ -31,6 +43,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("--messages must be at least 1", file=sys.stderr)
             return 2
         return run_demo(hosts=args.hosts, count=args.messages)
+    if args.command == "bench":
+        from .bench import run_bench
+
+        return run_bench(
+            hosts=args.hosts,
+            quick=args.quick,
+            json_path=args.json,
+            plot_path=args.plot,
+            only=args.only,
+            memory=not args.no_memory,
+        )
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

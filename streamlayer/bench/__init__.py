@@ -1,0 +1,124 @@
+"""``python -m streamlayer bench``: every layer side by side on one Redis.
+
+Each layer runs every scenario of :mod:`streamlayer.bench.scenarios` in an OS
+process of its own, one layer after another, against the same redis-server
+(a throwaway one it starts, or ``--hosts``); bare redis-py runs the floor
+(:mod:`streamlayer.bench.raw`). Every scenario checks its messages (none
+lost, none duplicated, order kept per sender) before it reports a number.
+The report gives each figure and its ratio to the references the targets are
+stated against: channels_redis of the same kind and the raw floor.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from ..testing import RedisServer
+from .report import render_table, write_plot
+from .scenarios import Sizes
+
+__all__ = ["LAYERS", "run_bench"]
+
+#: name -> (class path, whether it broadcasts like Pub/Sub). channels_redis rows
+#: need the ``bench`` extra; "raw redis-py" is the floor.
+LAYERS: dict[str, tuple[str, bool]] = {
+    "Streams": ("streamlayer.StreamsChannelLayer", False),
+    "compat.core": ("streamlayer.compat.core.RedisChannelLayer", False),
+    "compat.pubsub": ("streamlayer.compat.pubsub.RedisPubSubChannelLayer", True),
+    "channels_redis core": ("channels_redis.core.RedisChannelLayer", False),
+    "channels_redis pubsub": ("channels_redis.pubsub.RedisPubSubChannelLayer", True),
+    "raw redis-py": ("raw", False),
+}
+
+_LAYER_TIMEOUT = 900
+
+
+def _installed(path: str) -> bool:
+    if path == "raw":
+        return True
+    module = path.rpartition(".")[0]
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def _run_one(path: str, url: str, sizes: Sizes, broadcast: bool, memory: bool) -> dict[str, Any]:
+    command = [sys.executable, "-m", "streamlayer.bench.worker", "run", path, url]
+    command += ["--sizes", json.dumps(asdict(sizes))]
+    if broadcast:
+        command.append("--broadcast")
+    if memory:
+        command.append("--memory")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=_LAYER_TIMEOUT)
+    if done.returncode != 0:
+        return {"error": (done.stderr or done.stdout).strip()[-2000:]}
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])["results"]
+    return result
+
+
+def run_bench(
+    hosts: str | None = None,
+    quick: bool = False,
+    json_path: str | None = None,
+    plot_path: str | None = None,
+    only: list[str] | None = None,
+    memory: bool = True,
+) -> int:
+    """Entry point of ``python -m streamlayer bench``; returns the exit status
+    (1 when a scenario found a lost, duplicated or reordered message)."""
+    sizes = Sizes.quick() if quick else Sizes()
+    server = None
+    if hosts is None:
+        server = RedisServer().start()
+        url = server.url
+        print(f"started a throwaway redis-server on {url} ({server.binary})")
+    else:
+        url = hosts
+    results: dict[str, Any] = {}
+    try:
+        with redis.Redis.from_url(url) as client:
+            version = client.info("server")["redis_version"]
+        print(f"Redis {version} at {url}; {'quick' if quick else 'full'} sizes")
+        for name, (path, broadcast) in LAYERS.items():
+            if only and name not in only:
+                continue
+            if not _installed(path):
+                print(f"  skipping {name}: not installed (pip install 'streamlayer[bench]')")
+                continue
+            print(f"  running {name} ...", flush=True)
+            results[name] = _run_one(path, url, sizes, broadcast, memory and path != "raw")
+    finally:
+        if server is not None:
+            server.cleanup()
+    print()
+    print(render_table(results))
+    report = {"redis_version": version, "sizes": asdict(sizes), "results": results}
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {json_path}")
+    if plot_path:
+        print(write_plot(results, plot_path))
+    return 1 if _errors(results) else 0
+
+
+def _errors(results: dict[str, Any]) -> list[str]:
+    found = []
+    for name, layer in results.items():
+        if "error" in layer:
+            found.append(f"{name}: {layer['error']}")
+            continue
+        for scenario, metrics in layer.items():
+            if isinstance(metrics, dict) and "error" in metrics:
+                found.append(f"{name} {scenario}: {metrics['error']}")
+    for line in found:
+        print("ERROR", line, file=sys.stderr)
+    return found

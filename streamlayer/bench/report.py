@@ -1,0 +1,188 @@
+"""The bench's table, its target check, and its optional chart."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["TARGETS", "render_table", "write_plot"]
+
+#: (scenario, metric, label, lower is better)
+ROWS: list[tuple[str, str, str, bool]] = [
+    ("p2p_sequential", "per_second", "p2p sequential (msg/s)", False),
+    ("p2p_concurrent", "per_second", "p2p concurrent (msg/s)", False),
+    ("normal_channel", "per_second", "normal channel, 2 workers (msg/s)", False),
+    ("latency", "p50_us", "latency p50 (us)", True),
+    ("latency", "p90_us", "latency p90 (us)", True),
+    ("latency", "p99_us", "latency p99 (us)", True),
+    ("fanout", "members_200_per_second", "fan-out to 200 (deliveries/s)", False),
+    ("fanout", "members_1000_per_second", "fan-out to 1000 (deliveries/s)", False),
+    ("fanout", "members_50_per_second", "fan-out to 50 (deliveries/s)", False),
+    ("many_channels", "per_second", "many channels (msg/s)", False),
+    ("cross_process", "per_second", "cross-process (msg/s)", False),
+    ("memory", "redis_bytes_per_message", "Redis bytes per backlogged message", True),
+    ("memory", "client_bytes_per_idle_channel", "client bytes per idle channel", True),
+]
+
+#: Each layer's ratios are against the channels_redis layer of the same kind.
+INCUMBENT = {
+    "Streams": "channels_redis core",
+    "compat.core": "channels_redis core",
+    "compat.pubsub": "channels_redis pubsub",
+}
+
+
+def figure(results: dict[str, Any], layer: str, scenario: str, metric: str) -> float | None:
+    value = results.get(layer, {}).get(scenario, {})
+    if not isinstance(value, dict) or metric not in value:
+        return None
+    return float(value[metric])
+
+
+def _cell(value: float | None, base: float | None) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
+    if base:
+        text += f" ({value / base:.2f}x)"
+    return text
+
+
+def render_table(results: dict[str, Any]) -> str:
+    layers = list(results)
+    rows: list[list[str]] = [["", *layers]]
+    for scenario, metric, label, _lower in ROWS:
+        values = [figure(results, layer, scenario, metric) for layer in layers]
+        if all(v is None for v in values):
+            continue
+        cells = []
+        for layer, value in zip(layers, values, strict=True):
+            incumbent = INCUMBENT.get(layer)
+            base = figure(results, incumbent, scenario, metric) if incumbent else None
+            cells.append(_cell(value, base))
+        rows.append([label, *cells])
+    errors = [
+        f"  {layer}: {detail}" for layer in layers for detail in _layer_errors(results[layer])
+    ]
+    lines = _align(rows)
+    lines.append("")
+    lines.append(
+        "(ratios) against channels_redis of the same kind: Streams and compat.core against\n"
+        "its sorted-set layer, compat.pubsub against its Pub/Sub layer; for latency and\n"
+        "memory lower is better. Every message was checked: none lost, none duplicated,\n"
+        "order kept per sender."
+    )
+    lines.append("")
+    lines.append("StreamsChannelLayer against the performance targets:")
+    lines.extend(f"  {line}" for line in check_targets(results))
+    if errors:
+        lines.append("")
+        lines.append("errors:")
+        lines.extend(errors)
+    return "\n".join(lines)
+
+
+def _layer_errors(layer: Any) -> list[str]:
+    if not isinstance(layer, dict):
+        return []
+    if "error" in layer:
+        return [str(layer["error"])]
+    return [
+        f"{name}: {value['error']}"
+        for name, value in layer.items()
+        if isinstance(value, dict) and "error" in value
+    ]
+
+
+def _align(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+@dataclass(frozen=True)
+class Target:
+    """``Streams`` figure compared with a reference layer's: ratio must pass ``ok``."""
+
+    label: str
+    scenario: str
+    metric: str
+    reference: str
+    wanted: str
+    ok: Callable[[float], bool]
+
+
+TARGETS = [
+    Target("p2p concurrent vs raw pipelined", "p2p_concurrent", "per_second",
+           "raw redis-py", ">= 0.5x", lambda r: r >= 0.5),
+    Target("p2p concurrent vs channels_redis core", "p2p_concurrent", "per_second",
+           "channels_redis core", ">= 20x", lambda r: r >= 20),
+    Target("p2p concurrent vs channels_redis pubsub", "p2p_concurrent", "per_second",
+           "channels_redis pubsub", ">= 6x", lambda r: r >= 6),
+    Target("p2p sequential vs raw unpipelined", "p2p_sequential", "per_second",
+           "raw redis-py", ">= 0.8x", lambda r: r >= 0.8),
+    Target("fan-out to 200 vs channels_redis pubsub", "fanout", "members_200_per_second",
+           "channels_redis pubsub", ">= 1.2x", lambda r: r >= 1.2),
+    Target("latency p50 vs channels_redis pubsub", "latency", "p50_us",
+           "channels_redis pubsub", "<= 1x", lambda r: r <= 1.0),
+    Target("latency p50 vs raw XADD/XREAD pair", "latency", "p50_us",
+           "raw redis-py", "<= 1.6x", lambda r: r <= 1.6),
+    Target("Redis bytes per message vs channels_redis core", "memory",
+           "redis_bytes_per_message", "channels_redis core", "<= 1x", lambda r: r <= 1.0),
+    Target("client bytes per idle channel vs channels_redis core", "memory",
+           "client_bytes_per_idle_channel", "channels_redis core", "<= 1x", lambda r: r <= 1.0),
+]  # fmt: skip
+
+
+def check_targets(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for target in TARGETS:
+        ours = figure(results, "Streams", target.scenario, target.metric)
+        theirs = figure(results, target.reference, target.scenario, target.metric)
+        if ours is None or not theirs:
+            lines.append(f"{target.label}: not measured in this run")
+            continue
+        ratio = ours / theirs
+        verdict = "met" if target.ok(ratio) else "NOT met"
+        lines.append(f"{target.label}: {ratio:.2f}x (target {target.wanted}): {verdict}")
+    return lines
+
+
+def write_plot(results: dict[str, Any], path: str) -> str:
+    """A PNG of the throughput scenarios and the latency percentiles."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no chart: matplotlib is missing (pip install 'streamlayer[bench]')"
+    layers = list(results)
+    throughput = [r for r in ROWS if not r[3]]
+    latency = [r for r in ROWS if r[0] == "latency"]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 9))
+    _bars(top, results, layers, throughput, log=True)
+    top.set_title("throughput (higher is better, log scale)")
+    _bars(bottom, results, layers, latency, log=False)
+    bottom.set_title("one-way latency in microseconds (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
+def _bars(axis: Any, results: dict[str, Any], layers: list[str], rows: Any, log: bool) -> None:
+    present = [r for r in rows if any(figure(results, n, r[0], r[1]) for n in layers)]
+    width = 0.8 / max(1, len(layers))
+    for index, layer in enumerate(layers):
+        values = [figure(results, layer, r[0], r[1]) or math.nan for r in present]
+        positions = [i + index * width for i in range(len(present))]
+        axis.bar(positions, values, width, label=layer)
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(present))])
+    axis.set_xticklabels([r[2].split(" (")[0] for r in present], rotation=15, ha="right")
+    if log:
+        axis.set_yscale("log")
+    axis.legend(fontsize=8)

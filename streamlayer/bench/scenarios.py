@@ -1,0 +1,241 @@
+"""The benchmark scenarios, run against any channel layer (ours or channels_redis').
+
+Each scenario checks what it measured: every message arrived exactly once, in
+order per sender; a scenario that finds otherwise raises :class:`BenchError`
+instead of reporting a number. All payloads are 200 bytes of text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["SCENARIOS", "BenchError", "Scenario", "Sizes"]
+
+BODY = "x" * 200
+#: How long any one wait for a message may take before the run is declared broken.
+_WAIT = 60.0
+
+
+class BenchError(RuntimeError):
+    """A scenario saw a lost, duplicated or reordered message."""
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each scenario is; ``quick()`` for the smoke run."""
+
+    sequential: int = 5000
+    senders: int = 50
+    per_sender: int = 100
+    worker_messages: int = 4000
+    latency_rounds: int = 2000
+    fanout_members: tuple[int, ...] = (200, 1000)
+    fanout_sends: int = 200
+    many_channels: int = 1000
+    per_channel: int = 5
+    cross_process: int = 5000
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(
+            sequential=500,
+            senders=20,
+            per_sender=20,
+            worker_messages=400,
+            latency_rounds=200,
+            fanout_members=(50,),
+            fanout_sends=20,
+            many_channels=100,
+            per_channel=3,
+            cross_process=500,
+        )
+
+
+Metrics = dict[str, float]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    unit: str
+    run: Callable[[Any, Sizes], Awaitable[Metrics]]
+    #: Broadcast layers (Pub/Sub) have no one-of-N worker channel.
+    needs_worker_channels: bool = False
+
+
+async def _wait(awaitable: Awaitable[Any]) -> Any:
+    return await asyncio.wait_for(awaitable, _WAIT)
+
+
+def _check_sequence(got: list[int], expected: int, what: str) -> None:
+    if got != list(range(expected)):
+        missing = len(set(range(expected)) - set(got))
+        raise BenchError(
+            f"{what}: {len(got)} received, {missing} missing, "
+            f"{len(got) - len(set(got))} duplicated, in order: {got == sorted(got)}"
+        )
+
+
+async def p2p_sequential(layer: Any, sizes: Sizes) -> Metrics:
+    """One sender awaiting each send to one process-specific channel, one receiver."""
+    count = sizes.sequential
+    channel = await layer.new_channel()
+    received: list[int] = []
+
+    async def receiver() -> None:
+        while len(received) < count:
+            received.append((await layer.receive(channel))["i"])
+
+    reading = asyncio.ensure_future(receiver())
+    started = time.perf_counter()
+    for i in range(count):
+        await layer.send(channel, {"type": "bench.message", "i": i, "body": BODY})
+    await _wait(reading)
+    elapsed = time.perf_counter() - started
+    _check_sequence(received, count, "p2p sequential")
+    return {"per_second": count / elapsed}
+
+
+async def p2p_concurrent(layer: Any, sizes: Sizes) -> Metrics:
+    """``senders`` senders with ``per_sender`` messages each, to as many channels,
+    each read by its own receiver; all concurrent."""
+    channels = [await layer.new_channel() for _ in range(sizes.senders)]
+    count = sizes.per_sender
+
+    async def receiver(channel: str) -> list[int]:
+        return [(await layer.receive(channel))["i"] for _ in range(count)]
+
+    async def sender(channel: str) -> None:
+        for i in range(count):
+            await layer.send(channel, {"type": "bench.message", "i": i, "body": BODY})
+
+    readers = [asyncio.ensure_future(receiver(c)) for c in channels]
+    started = time.perf_counter()
+    await _wait(asyncio.gather(*(sender(c) for c in channels)))
+    results = await _wait(asyncio.gather(*readers))
+    elapsed = time.perf_counter() - started
+    for got in results:
+        _check_sequence(got, count, "p2p concurrent")
+    return {"per_second": len(channels) * count / elapsed}
+
+
+async def normal_channel(layer: Any, sizes: Sizes) -> Metrics:
+    """One plain channel (as ``runworker`` uses), one sender, two receiving workers:
+    every message to exactly one worker, in order per worker."""
+    count = sizes.worker_messages
+    channel = f"bench-work-{time.monotonic_ns()}"
+    taken: list[list[int]] = [[], []]
+    done = asyncio.Event()
+
+    async def worker(mine: list[int]) -> None:
+        while True:
+            mine.append((await layer.receive(channel))["i"])
+            if len(taken[0]) + len(taken[1]) >= count:
+                done.set()
+
+    workers = [asyncio.ensure_future(worker(mine)) for mine in taken]
+    started = time.perf_counter()
+    for i in range(count):
+        await layer.send(channel, {"type": "bench.job", "i": i, "body": BODY})
+    await _wait(done.wait())
+    elapsed = time.perf_counter() - started
+    for task in workers:
+        task.cancel()
+    await asyncio.gather(*workers, return_exceptions=True)
+    if sorted(taken[0] + taken[1]) != list(range(count)):
+        raise BenchError("normal channel: a job was lost or given to both workers")
+    if any(mine != sorted(mine) for mine in taken):
+        raise BenchError("normal channel: a worker saw jobs out of order")
+    return {"per_second": count / elapsed}
+
+
+async def latency(layer: Any, sizes: Sizes) -> Metrics:
+    """Ping-pong between two channels; one-way latency is half a round."""
+    ping, pong = await layer.new_channel(), await layer.new_channel()
+    rounds = sizes.latency_rounds
+
+    async def echo() -> None:
+        for _ in range(rounds):
+            message = await layer.receive(ping)
+            await layer.send(pong, {"type": "bench.pong", "i": message["i"], "body": BODY})
+
+    echoing = asyncio.ensure_future(echo())
+    samples: list[float] = []
+    for i in range(rounds):
+        started = time.perf_counter()
+        await layer.send(ping, {"type": "bench.ping", "i": i, "body": BODY})
+        answer = await _wait(layer.receive(pong))
+        samples.append((time.perf_counter() - started) / 2)
+        if answer["i"] != i:
+            raise BenchError(f"latency: pong {answer['i']} answered ping {i}")
+    await _wait(echoing)
+    return _percentiles(samples[rounds // 10 :])  # the first tenth warms up
+
+
+def _percentiles(samples: list[float]) -> Metrics:
+    cuts = statistics.quantiles(samples, n=100)
+    return {"p50_us": cuts[49] * 1e6, "p90_us": cuts[89] * 1e6, "p99_us": cuts[98] * 1e6}
+
+
+async def fanout(layer: Any, sizes: Sizes) -> Metrics:
+    """One group per size in ``fanout_members``, all members in this process;
+    ``fanout_sends`` group_sends each; deliveries per second."""
+    metrics: Metrics = {}
+    for members in sizes.fanout_members:
+        group = f"bench-room-{members}-{time.monotonic_ns()}"
+        channels = [await layer.new_channel() for _ in range(members)]
+        for channel in channels:
+            await layer.group_add(group, channel)
+        sends = sizes.fanout_sends
+
+        async def member(channel: str, sends: int = sends) -> list[int]:
+            return [(await layer.receive(channel))["n"] for _ in range(sends)]
+
+        readers = [asyncio.ensure_future(member(c)) for c in channels]
+        await asyncio.sleep(0)  # let every receiver register before the clock starts
+        started = time.perf_counter()
+        for n in range(sends):
+            await layer.group_send(group, {"type": "bench.fanout", "n": n, "body": BODY})
+        results = await _wait(asyncio.gather(*readers))
+        elapsed = time.perf_counter() - started
+        for got in results:
+            _check_sequence(got, sends, f"fan-out to {members}")
+        metrics[f"members_{members}_per_second"] = members * sends / elapsed
+    return metrics
+
+
+async def many_channels(layer: Any, sizes: Sizes) -> Metrics:
+    """``many_channels`` channels with ``per_channel`` messages each, all sent first,
+    then all received concurrently."""
+    channels = [await layer.new_channel() for _ in range(sizes.many_channels)]
+    count = sizes.per_channel
+    started = time.perf_counter()
+
+    async def receiver(channel: str) -> list[int]:
+        return [(await layer.receive(channel))["i"] for _ in range(count)]
+
+    readers = [asyncio.ensure_future(receiver(c)) for c in channels]
+    for i in range(count):
+        for channel in channels:
+            await layer.send(channel, {"type": "bench.message", "i": i, "body": BODY})
+    results = await _wait(asyncio.gather(*readers))
+    elapsed = time.perf_counter() - started
+    for got in results:
+        _check_sequence(got, count, "many channels")
+    return {"per_second": len(channels) * count / elapsed}
+
+
+SCENARIOS: list[Scenario] = [
+    Scenario("p2p_sequential", "p2p sequential", "msg/s", p2p_sequential),
+    Scenario("p2p_concurrent", "p2p concurrent", "msg/s", p2p_concurrent),
+    Scenario("normal_channel", "normal channel, 2 workers", "msg/s", normal_channel, True),
+    Scenario("latency", "latency (one way)", "us", latency),
+    Scenario("fanout", "fan-out", "deliveries/s", fanout),
+    Scenario("many_channels", "many channels", "msg/s", many_channels),
+]

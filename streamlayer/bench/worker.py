@@ -1,0 +1,185 @@
+"""One layer's benchmark run, in a process of its own (``python -m
+streamlayer.bench.worker``): the runner starts one per layer so that no layer
+pays for another's garbage, imports or connections. Prints one JSON object."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import importlib
+import json
+import os
+import sys
+import time
+import tracemalloc
+from dataclasses import asdict
+from typing import Any
+
+import redis
+
+from .raw import RAW_SCENARIOS
+from .scenarios import BODY, SCENARIOS, BenchError, Metrics, Sizes
+
+__all__ = ["main"]
+
+#: Backlog and idle-channel counts of the memory figures.
+MEMORY_MESSAGES = 10_000
+MEMORY_CHANNELS = 10_000
+
+
+def load_layer_class(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def make_layer(path: str, url: str, prefix: str, capacity: int) -> Any:
+    return load_layer_class(path)(hosts=[url], prefix=prefix, capacity=capacity)
+
+
+async def close_layer(layer: Any, flush: bool = True) -> None:
+    """Flush (delete the run's keys) and close, whichever of channels_redis' names
+    for closing the layer has (its Pub/Sub layer closes on flush)."""
+    try:
+        if flush:
+            await layer.flush()
+    finally:
+        for name in ("close", "close_pools"):
+            try:
+                close = getattr(layer, name)
+            except AttributeError:
+                continue
+            await close()
+            break
+
+
+async def _run_layer(path: str, url: str, sizes: Sizes, broadcast: bool) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for scenario in SCENARIOS:
+        if scenario.needs_worker_channels and broadcast:
+            results[scenario.name] = {"skipped": "every Pub/Sub subscriber gets a copy"}
+            continue
+        layer = make_layer(path, url, f"bench-{scenario.name}", capacity=100_000)
+        try:
+            results[scenario.name] = await scenario.run(layer, sizes)
+        except BenchError as exc:
+            results[scenario.name] = {"error": str(exc)}
+        finally:
+            await close_layer(layer)
+    results["cross_process"] = await _cross_process(path, url, sizes.cross_process)
+    return results
+
+
+async def _cross_process(path: str, url: str, count: int) -> Metrics | dict[str, str]:
+    """A sender in another OS process, this one receiving; msg/s from the sender's
+    first send to the last receive."""
+    layer = make_layer(path, url, "bench-cross", capacity=100_000)
+    try:
+        channel = await layer.new_channel()
+        receiving = asyncio.ensure_future(layer.receive(channel))  # subscribes (Pub/Sub)
+        await asyncio.sleep(0.2)  # let a Pub/Sub subscription settle before the sender starts
+        command = [sys.executable, "-m", "streamlayer.bench.worker", "send", path, url]
+        sender = await asyncio.create_subprocess_exec(*command, channel, str(count))
+        try:
+            first = await asyncio.wait_for(receiving, 60)
+            got = [first["i"]]
+            for _ in range(count - 1):
+                got.append((await asyncio.wait_for(layer.receive(channel), 60))["i"])
+            finished = time.time()
+        finally:
+            await asyncio.wait_for(sender.wait(), 60)
+        if got != list(range(count)):
+            return {"error": "cross process: lost, duplicated or reordered"}
+        return {"per_second": count / (finished - float(first["t0"]))}
+    finally:
+        await close_layer(layer)
+
+
+async def _send_from_here(path: str, url: str, channel: str, count: int) -> None:
+    layer = make_layer(path, url, "bench-cross", capacity=100_000)
+    try:
+        started = time.time()
+        for i in range(count):
+            await layer.send(channel, {"type": "bench.m", "i": i, "t0": started, "body": BODY})
+    finally:
+        await close_layer(layer, flush=False)
+
+
+async def _memory(path: str, url: str, broadcast: bool) -> dict[str, float]:
+    """Redis bytes per backlogged message, and client bytes per idle channel (a
+    channel with a receive() waiting on it, as a connected consumer has)."""
+    figures: dict[str, float] = {}
+    with redis.Redis.from_url(url) as client:
+        layer = make_layer(path, url, "bench-memory", capacity=MEMORY_MESSAGES * 2)
+        try:
+            channel = await layer.new_channel()
+            before = int(client.info("memory")["used_memory"])
+            for i in range(MEMORY_MESSAGES):
+                await layer.send(channel, {"type": "bench.m", "i": i, "body": BODY})
+            after = int(client.info("memory")["used_memory"])
+            figures["redis_bytes_per_message"] = (after - before) / MEMORY_MESSAGES
+        finally:
+            await close_layer(layer)
+
+    layer = make_layer(path, url, "bench-idle", capacity=100)
+    try:
+        gc.collect()
+        tracemalloc.start()
+        baseline = tracemalloc.get_traced_memory()[0]
+        channels = [await layer.new_channel() for _ in range(MEMORY_CHANNELS)]
+        waiting = [asyncio.ensure_future(layer.receive(c)) for c in channels]
+        for _ in range(20):  # let every receive reach its wait (bounded)
+            await asyncio.sleep(0.05)
+        used = tracemalloc.get_traced_memory()[0] - baseline
+        tracemalloc.stop()
+        figures["client_bytes_per_idle_channel"] = used / MEMORY_CHANNELS
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+    finally:
+        await close_layer(layer)
+    return figures
+
+
+async def _run_raw(url: str, sizes: Sizes) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for name, run in RAW_SCENARIOS.items():
+        try:
+            results[name] = await run(url, sizes)
+        except BenchError as exc:
+            results[name] = {"error": str(exc)}
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m streamlayer.bench.worker")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run every scenario for one layer")
+    run.add_argument("path", help="layer class path, or 'raw' for bare redis-py")
+    run.add_argument("url")
+    run.add_argument("--sizes", required=True, help="Sizes as JSON")
+    run.add_argument("--broadcast", action="store_true")
+    run.add_argument("--memory", action="store_true")
+    send = commands.add_parser("send", help="the sending side of the cross-process run")
+    send.add_argument("path")
+    send.add_argument("url")
+    send.add_argument("channel")
+    send.add_argument("count", type=int)
+    args = parser.parse_args(argv)
+    if args.command == "send":
+        asyncio.run(_send_from_here(args.path, args.url, args.channel, args.count))
+        return 0
+    raw_sizes = json.loads(args.sizes)
+    sizes = Sizes(**{**raw_sizes, "fanout_members": tuple(raw_sizes["fanout_members"])})
+    if args.path == "raw":
+        results = asyncio.run(_run_raw(args.url, sizes))
+    else:
+        results = asyncio.run(_run_layer(args.path, args.url, sizes, args.broadcast))
+        if args.memory:
+            results["memory"] = asyncio.run(_memory(args.path, args.url, args.broadcast))
+    print(json.dumps({"pid": os.getpid(), "sizes": asdict(sizes), "results": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

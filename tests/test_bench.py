@@ -1,0 +1,40 @@
+"""The benchmark suite's quick mode as a smoke test: every layer and the raw floor
+run every scenario, and every scenario's own checks (no message lost, duplicated or
+reordered) pass. Correctness only: no figure is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from streamlayer.bench import LAYERS
+from streamlayer.bench.scenarios import SCENARIOS
+from streamlayer.testing import RedisServer
+
+
+def test_quick_bench_runs_every_layer_and_checks_every_message(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    report, chart = tmp_path / "bench.json", tmp_path / "bench.png"
+    command = [sys.executable, "-m", "streamlayer", "bench", "--quick", "--hosts"]
+    command += [redis_server.url, "--json", str(report), "--plot", str(chart)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(report.read_text())["results"]
+    assert set(results) == set(LAYERS)
+    for name, (_path, broadcast) in LAYERS.items():
+        measured = results[name]
+        if name == "raw redis-py":
+            assert set(measured) == {"p2p_sequential", "p2p_concurrent", "latency"}
+            continue
+        for scenario in SCENARIOS:
+            if scenario.needs_worker_channels and broadcast:
+                assert "skipped" in measured[scenario.name]
+            else:
+                assert measured[scenario.name], f"{name} {scenario.name} measured nothing"
+        assert measured["cross_process"]["per_second"] > 0
+        assert "redis_bytes_per_message" in measured["memory"]
+    assert "StreamsChannelLayer against the performance targets" in done.stdout
+    assert chart.stat().st_size > 10_000
