@@ -28,6 +28,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
+from .batching import ShardBatcher
 from .config import HostSpec
 from .exceptions import LayerClosed
 
@@ -97,6 +98,7 @@ class _LoopClients:
     def __init__(self, loop: asyncio.AbstractEventLoop, manager: ConnectionManager) -> None:
         self.loop = loop
         self.clients: dict[int, aioredis.Redis] = {}
+        self.batchers: dict[int, ShardBatcher] = {}
         self.extras: list[aioredis.Redis] = []
         self._manager = manager
         #: Set when the loop winds down: from then on no new connection may be opened.
@@ -126,6 +128,14 @@ class _LoopClients:
             self.clients[index] = client
         return client
 
+    def batcher(self, index: int) -> ShardBatcher:
+        batcher = self.batchers.get(index)
+        if batcher is None or self.closing:
+            client = self.client(index)  # raises LayerClosed once the loop winds down
+            pipelining = not self._manager.hosts[index].is_cluster
+            batcher = self.batchers[index] = ShardBatcher(client, pipelining=pipelining)
+        return batcher
+
     async def _guard_loop(self) -> None:
         try:
             await asyncio.get_running_loop().create_future()
@@ -147,7 +157,7 @@ class _LoopClients:
 
     async def _close_clients(self) -> None:
         clients, extras = list(self.clients.values()), self.extras
-        self.clients, self.extras = {}, []
+        self.clients, self.extras, self.batchers = {}, [], {}
         for client in [*clients, *extras]:
             try:
                 await _close_client(client)
@@ -198,12 +208,20 @@ class ConnectionManager:
 
     def client(self, index: int) -> aioredis.Redis:
         """The client for shard ``index`` in the running event loop (created lazily)."""
+        return self._loop_clients().client(index)
+
+    def _loop_clients(self) -> _LoopClients:
         loop = asyncio.get_running_loop()
         clients = self._loops.get(loop)
         if clients is None or clients.finished:
             self._drop_closed_loops()
             clients = self._loops[loop] = _LoopClients(loop, self)
-        return clients.client(index)
+        return clients
+
+    def batcher(self, index: int) -> ShardBatcher:
+        """The script batcher for shard ``index`` in the running event loop: script calls
+        made in the same loop turn share one pipeline (see :mod:`streamlayer.batching`)."""
+        return self._loop_clients().batcher(index)
 
     def block_timeout(self, index: int, wanted: float) -> float:
         """How long a blocking command on shard ``index`` may wait: at most ``wanted``,

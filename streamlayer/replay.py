@@ -130,7 +130,7 @@ class GroupHistory:
         """Record ``message`` in ``group``'s history; its position and the members."""
         layer = self.layer
         keys = [layer.group_key(group), *self._keys(group)]
-        payload, tag = layer.serialize(message), secrets.token_hex(8)
+        payload, tag = layer.serialize(message), layer.new_tag()
 
         def args() -> list[Any]:
             cutoff = time.time() - layer.group_expiry
@@ -205,7 +205,7 @@ class GroupHistory:
                 if message is None:
                     continue
                 payload = layer.serialize({**message, RESERVED_KEY: channel})
-            args += [payload, secrets.token_hex(8), read.position_of(entry_id)]
+            args += [payload, layer.new_tag(), read.position_of(entry_id)]
         full = int(await layer.append(f"replay to {channel!r}", STREAM_REPLAY, shard, [key], args))
         if full:
             layer.stats.full += full

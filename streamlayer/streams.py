@@ -18,9 +18,9 @@ TTL. See ``docs/architecture.rst`` for the full picture.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
-import secrets
 import time
 import uuid
 from collections import deque
@@ -103,12 +103,18 @@ class StreamsChannelLayer(StreamlayerLayer):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.process_id = uuid.uuid4().hex
+        self._tag_numbers = itertools.count()
         self.position = InboxPosition()
         self.local = LocalChannels(self.get_capacity)
         self._reader: InboxReader | None = None
         self._normal: dict[str, _NormalChannel] = {}
         self._recent = RecentTags()
         self.history = GroupHistory(self)
+
+    def new_tag(self) -> str:
+        """A dedup tag no other send of any process uses: this layer's random id and a
+        counter (cheaper than fresh random bytes per message)."""
+        return f"{self.process_id[:16]}{next(self._tag_numbers):x}"
 
     @property
     def key_ttl_ms(self) -> int:
@@ -137,7 +143,7 @@ class StreamsChannelLayer(StreamlayerLayer):
             message = {**message, RESERVED_KEY: channel}
         key, shard = self.destination(channel)
         capacity = self.get_capacity(channel)
-        args = [self.serialize(message), secrets.token_hex(8), capacity]
+        args = [self.serialize(message), self.new_tag(), capacity]
         stored = await self.append(f"send to {channel!r}", STREAM_SEND, shard, [key], args)
         self.count_send(channel, stored is not None, capacity)
 
@@ -181,7 +187,7 @@ class StreamsChannelLayer(StreamlayerLayer):
             nonlocal attempts
             retry = "1" if attempts else "0"
             attempts += 1
-            return await script(self.connections.client(shard), keys, [*args(), retry])
+            return await self.connections.batcher(shard).call(script, keys, [*args(), retry])
 
         return await self.with_retry(what, call)
 
@@ -563,7 +569,7 @@ class StreamsChannelLayer(StreamlayerLayer):
             destinations.append((self._shard(process_id), key, payload, cap))
         by_scope: dict[tuple[int, int], list[tuple[str, bytes, str, int]]] = {}
         for shard, key, payload, cap in destinations:
-            entry = (key, self.serialize(payload), secrets.token_hex(8), cap)
+            entry = (key, self.serialize(payload), self.new_tag(), cap)
             by_scope.setdefault(self.connections.script_scope(shard, key), []).append(entry)
         plan: list[tuple[int, list[str], list[Any]]] = []
         for (shard, _slot), entries in by_scope.items():

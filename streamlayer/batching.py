@@ -1,0 +1,140 @@
+"""Automatic pipelining: script calls made together travel together.
+
+Most of the cost of one Redis command issued from Python is Python's: building
+the command, taking a connection from the pool, parsing the reply. Fifty
+consumers sending at once pay that fifty times and wait for fifty round trips.
+A :class:`ShardBatcher` (one per shard and event loop) lets the first call of a
+quiet moment go straight out, so a lone send costs one round trip and nothing
+more; calls made while others are on their way are queued, and every call
+queued in the same event-loop turn leaves as one pipeline. Each caller still
+awaits its own result: a script's reply, or its own error (a ``ChannelFull``
+decision is just a reply, so it stays per caller).
+
+What a pipeline changes and what it does not:
+
+* a script runs exactly as it would alone (Redis runs each script atomically;
+  pipelining only saves round trips), so a retried call keeps its meaning;
+* a caller cancelled before its turn leaves is dropped from the pipeline (it
+  never reached Redis); one cancelled later may or may not have landed, as a
+  cancelled direct call may;
+* a connection error fails every call of the pipeline, and each caller retries
+  on its own under the retry policy (:mod:`streamlayer.retry`);
+* NOSCRIPT (a server that restarted or flushed its script cache) is answered
+  by loading the script and running again only the calls that failed with it:
+  they did not run.
+
+On a Redis Cluster calls are not pipelined: a cluster client routes each call
+to the node owning its keys, and one pipeline would have to be split by node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis import asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+from .exceptions import LayerClosed
+from .scripts import LuaScript
+
+__all__ = ["ShardBatcher"]
+
+#: At most this many calls leave in one pipeline; more wait for the next one.
+MAX_BATCH = 512
+
+
+@dataclass
+class _Call:
+    script: LuaScript
+    keys: Sequence[Any]
+    args: Sequence[Any]
+    future: asyncio.Future[Any]
+
+
+class ShardBatcher:
+    """Script calls to one shard from one event loop, coalesced per loop turn."""
+
+    def __init__(self, client: aioredis.Redis, *, pipelining: bool = True) -> None:
+        self._client = client
+        self._pipelining = pipelining
+        self._loop = asyncio.get_running_loop()
+        self._queue: list[_Call] = []
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: How many pipelines left, and how many calls they carried (for stats and tests).
+        self.pipelines = 0
+        self.pipelined_calls = 0
+
+    async def call(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """Run ``script``: at once when nothing else is on its way, else in the next pipeline."""
+        if not self._pipelining or (not self._in_flight and not self._queue):
+            self._in_flight += 1
+            try:
+                return await script(self._client, keys, args)
+            finally:
+                self._in_flight -= 1
+        future: asyncio.Future[Any] = self._loop.create_future()
+        if not self._queue:
+            # The task's first step runs after every callback already due in this
+            # turn, so everything queued meanwhile leaves with this pipeline.
+            task = self._loop.create_task(self._send_queued())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        self._queue.append(_Call(script, keys, args, future))
+        return await future
+
+    async def _send_queued(self) -> None:
+        queue, self._queue = self._queue, []
+        if len(queue) > MAX_BATCH:
+            self._queue = queue[MAX_BATCH:]
+            task = self._loop.create_task(self._send_queued())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            queue = queue[:MAX_BATCH]
+        calls = [call for call in queue if not call.future.done()]  # drop cancelled callers
+        if not calls:
+            return
+        self._in_flight += 1
+        try:
+            await self._run(calls)
+        except BaseException as exc:
+            error: BaseException = exc
+            if isinstance(exc, asyncio.CancelledError):  # the event loop winds down
+                error = LayerClosed("the event loop of this connection is shutting down")
+            for call in calls:
+                if not call.future.done():
+                    call.future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._in_flight -= 1
+
+    async def _run(self, calls: list[_Call]) -> None:
+        """One pipeline of EVALSHAs; calls that found their script missing run again
+        (once) after loading it."""
+        self.pipelines += 1
+        self.pipelined_calls += len(calls)
+        results = await self._pipeline(calls)
+        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if missing:
+            for script in {calls[i].script.sha: calls[i].script for i in missing}.values():
+                await self._client.script_load(script.source)
+            again = await self._pipeline([calls[i] for i in missing])
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
+        for call, result in zip(calls, results, strict=True):
+            if call.future.done():
+                continue
+            if isinstance(result, Exception):
+                call.future.set_exception(result)
+            else:
+                call.future.set_result(result)
+
+    async def _pipeline(self, calls: list[_Call]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for call in calls:
+            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        return list(await pipe.execute(raise_on_error=False))

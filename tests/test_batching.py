@@ -1,0 +1,144 @@
+"""Automatic pipelining (:mod:`streamlayer.batching`) against a real redis-server:
+concurrent sends share round trips, yet each caller keeps its own result, its own
+ChannelFull, its own retry, and a cancelled caller's message never leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+
+import pytest
+
+from streamlayer import ChannelFull, StreamsChannelLayer
+from streamlayer.batching import ShardBatcher
+from streamlayer.keys import stream_inbox_key
+from streamlayer.testing import RedisServer
+
+
+@pytest.fixture
+async def layer(fresh_server: RedisServer) -> AsyncIterator[StreamsChannelLayer]:
+    made = StreamsChannelLayer(hosts=[fresh_server.url], prefix="batch", capacity=10_000)
+    yield made
+    if fresh_server.process is not None:
+        await made.flush()
+    await made.close()
+
+
+def batcher_of(layer: StreamsChannelLayer) -> ShardBatcher:
+    return layer.connections.batcher(0)
+
+
+async def test_a_lone_send_goes_straight_out(layer: StreamsChannelLayer) -> None:
+    channel = await layer.new_channel()
+    for i in range(5):
+        await layer.send(channel, {"type": "m", "i": i})
+    assert batcher_of(layer).pipelines == 0
+    assert [(await layer.receive(channel))["i"] for _ in range(5)] == list(range(5))
+
+
+async def test_concurrent_sends_share_round_trips(layer: StreamsChannelLayer) -> None:
+    channels = [await layer.new_channel() for _ in range(40)]
+
+    async def sender(channel: str) -> None:
+        for i in range(25):
+            await layer.send(channel, {"type": "m", "i": i})
+
+    await asyncio.wait_for(asyncio.gather(*(sender(c) for c in channels)), 30)
+    batcher = batcher_of(layer)
+    # 1,000 sends; nearly all of them left in pipelines of many calls each.
+    assert batcher.pipelined_calls > 900
+    assert batcher.pipelined_calls / batcher.pipelines > 10
+    for channel in channels:
+        got = [(await asyncio.wait_for(layer.receive(channel), 10))["i"] for _ in range(25)]
+        assert got == list(range(25))
+
+
+async def test_each_caller_gets_its_own_channel_full(fresh_server: RedisServer) -> None:
+    layer = StreamsChannelLayer(hosts=[fresh_server.url], prefix="full", capacity=5)
+    try:
+        channel = "jobs"
+        results = await asyncio.gather(
+            *(layer.send(channel, {"type": "m", "i": i}) for i in range(12)),
+            return_exceptions=True,
+        )
+        assert results[:5] == [None] * 5
+        assert all(isinstance(r, ChannelFull) for r in results[5:]), results
+        assert batcher_of(layer).pipelines >= 1
+        got = [(await asyncio.wait_for(layer.receive(channel), 10))["i"] for _ in range(5)]
+        assert got == list(range(5))
+    finally:
+        await layer.flush()
+        await layer.close()
+
+
+async def test_a_caller_cancelled_before_its_pipeline_left_sends_nothing(
+    layer: StreamsChannelLayer, fresh_server: RedisServer
+) -> None:
+    channel = await layer.new_channel()
+    sends = [asyncio.ensure_future(layer.send(channel, {"type": "m", "i": i})) for i in range(10)]
+    await asyncio.sleep(0)  # every send has run up to its wait; the pipeline has not left
+    for task in sends[5:]:
+        task.cancel()
+    results = await asyncio.gather(*sends, return_exceptions=True)
+    assert results[:5] == [None] * 5
+    assert all(isinstance(r, asyncio.CancelledError) for r in results[5:])
+    with fresh_server.client() as client:
+        assert client.xlen(stream_inbox_key("batch", layer.process_id)) == 5
+    got = [(await asyncio.wait_for(layer.receive(channel), 10))["i"] for _ in range(5)]
+    assert got == list(range(5))
+
+
+async def test_a_flushed_script_cache_is_reloaded_for_a_pipeline(
+    layer: StreamsChannelLayer, fresh_server: RedisServer
+) -> None:
+    channel = await layer.new_channel()
+    await layer.send(channel, {"type": "m", "i": -1})  # the script is loaded now
+    with fresh_server.client() as client:
+        client.script_flush()
+    await asyncio.gather(*(layer.send(channel, {"type": "m", "i": i}) for i in range(50)))
+    assert batcher_of(layer).pipelines >= 1
+    got = [(await asyncio.wait_for(layer.receive(channel), 10))["i"] for _ in range(51)]
+    assert got == list(range(-1, 50))
+    with fresh_server.client() as client:
+        assert client.xlen(stream_inbox_key("batch", layer.process_id)) == 0
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("kind", ["specific", "normal"])
+async def test_pipelined_sends_survive_killed_connections(
+    layer: StreamsChannelLayer, fresh_server: RedisServer, kind: str
+) -> None:
+    """Connections die under pipelines in flight: every caller retries on its own, the
+    retry flag finds what landed, and each sender's messages arrive once, in order."""
+    senders, per_sender = 20, 60
+    if kind == "specific":
+        channels = [await layer.new_channel() for _ in range(senders)]
+    else:
+        channels = [f"work-{n}" for n in range(senders)]
+    stop = threading.Event()
+
+    def killer() -> None:
+        for _ in range(200):  # bounded
+            if stop.wait(0.02):
+                return
+            fresh_server.kill_clients()
+
+    async def sender(channel: str) -> None:
+        for i in range(per_sender):
+            await layer.send(channel, {"type": "m", "i": i})
+
+    async def receiver(channel: str) -> list[int]:
+        return [(await layer.receive(channel))["i"] for _ in range(per_sender)]
+
+    receiving = [asyncio.ensure_future(receiver(c)) for c in channels]
+    killing = asyncio.ensure_future(asyncio.to_thread(killer))
+    try:
+        await asyncio.wait_for(asyncio.gather(*(sender(c) for c in channels)), 60)
+    finally:
+        stop.set()
+        await killing
+    results = await asyncio.wait_for(asyncio.gather(*receiving), 60)
+    assert all(got == list(range(per_sender)) for got in results), "lost, duplicated or reordered"
+    assert batcher_of(layer).pipelines > 0
+    assert layer.stats.retries > 0, "no connection was killed under load: the test proves nothing"
