@@ -20,6 +20,7 @@ from channels.layers import BaseChannelLayer
 from .config import ConfigError, LayerConfig
 from .connections import ConnectionManager
 from .exceptions import ChannelFull
+from .local import LocalChannels
 from .retry import retry_transient
 from .scripts import GROUP_MEMBERS
 from .serializers import MessageSerializer, registry
@@ -31,6 +32,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _SCAN_COUNT = 1000
+#: How many validated channel names receive() remembers before starting afresh.
+_RECEIVABLE_CACHE = 100_000
 
 #: The key under which a message carries its process-specific destination(s).
 #: Shared with channels_redis; a message from a caller must not contain it.
@@ -64,6 +67,8 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
     default_random_prefix_length: ClassVar[int] = 0
     #: Whether ``hosts`` may name a Redis Cluster (the classic layouts shard client-side).
     supports_cluster: ClassVar[bool] = False
+    #: Messages of this process's process-specific channels (layers that have an inbox).
+    local: LocalChannels
 
     def __init__(self, **options: Any) -> None:
         self.config = LayerConfig.from_options(options)
@@ -89,6 +94,8 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         )
         self.connections = ConnectionManager(self.config.hosts)
         self.stats = LayerStats()
+        #: Channel names already validated for receive() (bounded).
+        self._receivable: set[str] = set()
 
     def __repr__(self) -> str:
         hosts = ", ".join(h.describe() for h in self.config.hosts)
@@ -144,16 +151,34 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
 
     async def receive(self, channel: str) -> dict[str, Any]:
         """The next message on ``channel``. Cancelling it loses and duplicates nothing."""
-        self.check_channel(channel)
+        if channel not in self._receivable:
+            self._admit(channel)
         if "!" in channel:
-            message = await self._receive_local(channel)
+            # Kept flat on purpose: every await level costs a frame resumption per
+            # message, and a fan-out to hundreds of local channels pays it hundreds
+            # of times per group_send.
+            self._prepare_local(channel)
+            message = await self.local.get(channel)
         else:
             message = await self._receive_normal(channel)
         self.stats.received += 1
         return message
 
-    async def _receive_local(self, channel: str) -> dict[str, Any]:
-        """A process-specific channel's next message (each layer's own)."""
+    def _admit(self, channel: str) -> None:
+        """Validate a channel name once; later receives on it skip the checks."""
+        self.check_channel(channel)
+        if "!" in channel:
+            self._check_local(channel)
+        if len(self._receivable) >= _RECEIVABLE_CACHE:
+            self._receivable.clear()
+        self._receivable.add(channel)
+
+    def _check_local(self, channel: str) -> None:
+        """Raise ValueError unless ``channel`` was made by this layer's new_channel()."""
+        raise NotImplementedError
+
+    def _prepare_local(self, channel: str) -> None:
+        """Make sure this loop's reader serves ``channel`` (each layer's own)."""
         raise NotImplementedError
 
     async def _receive_normal(self, channel: str) -> dict[str, Any]:

@@ -19,8 +19,11 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import NoScriptError
+
 from .keys import stream_cursor_key, stream_inbox_key
 from .reader import BackgroundReader
+from .scripts import STREAM_INBOX_ADVANCE
 
 if TYPE_CHECKING:
     from .streams import StreamsChannelLayer
@@ -89,6 +92,8 @@ class InboxReader(BackgroundReader):
         self.cursor_key = stream_cursor_key(layer.prefix, layer.process_id)
         self.shard = layer.connections.shard_for(layer.process_id)
         self._disconnected = False
+        #: Compare the cursor with what we last wrote at the next round trip.
+        self._check_cursor = True
         super().__init__(layer.local, self.key)
 
     async def step(self) -> bool:
@@ -109,19 +114,45 @@ class InboxReader(BackgroundReader):
         return True
 
     def _lost_connection(self, error: BaseException) -> None:
+        self._check_cursor = True
         if not self._disconnected:
             self._disconnected = True
             logger.warning("inbox %s lost its connection: %s", self.key, error)
             self.layer.connection_lost()
 
-    def _queue_bookkeeping(self, pipe: Any) -> None:
-        """Check and record our position in the cursor key, and trim the entries handed
-        on. The GET comes first, so every write also tells whether Redis lost the inbox."""
+    def _bookkeeping_due(self) -> bool:
+        """Whether the next round trip must record our position: something was handed
+        on since the last write, the cursor must be checked (a new reader, or one
+        back from a disconnect), or its TTL wants refreshing. A busy inbox records
+        every batch; an idle blocking read costs a bare XREAD."""
         position = self.layer.position
-        pipe.get(self.cursor_key)
-        pipe.set(self.cursor_key, position.last_id, px=self.layer.key_ttl_ms)
-        if position.trimmed_to != position.last_id:
-            pipe.xtrim(self.key, minid=next_stream_id(position.last_id), approximate=False)
+        return (
+            self._check_cursor
+            or position.written_cursor != position.last_id
+            or position.trimmed_to != position.last_id
+            or (time.monotonic() - position.cursor_written_at) * 2000 > self.layer.key_ttl_ms
+        )
+
+    def _queue_bookkeeping(self, pipe: Any) -> None:
+        """Record our position in the cursor key and trim the entries handed on, in one
+        script that also returns the cursor's previous value (did Redis lose the inbox?)."""
+        pipe.evalsha(STREAM_INBOX_ADVANCE.sha, 2, self.cursor_key, self.key, *self._advance_args())
+
+    def _advance_args(self) -> list[Any]:
+        position = self.layer.position
+        trim = next_stream_id(position.last_id) if position.trimmed_to != position.last_id else ""
+        return [position.last_id, self.layer.key_ttl_ms, trim]
+
+    async def _bookkeeping_result(self, stored: Any) -> None:
+        """Act on the cursor's previous value. A server that lost its script cache (a
+        restart) gets the script again (LuaScript loads it), and the bookkeeping runs
+        at once: what it finds must reach receivers before the entries just read."""
+        if isinstance(stored, NoScriptError):
+            await self._advance()
+            return
+        if isinstance(stored, Exception):
+            raise stored
+        self._bookkeeping_done(stored)
 
     def _bookkeeping_done(self, stored: Any) -> None:
         """Tell receivers about a reconnect, or about a reset seen without one."""
@@ -129,6 +160,7 @@ class InboxReader(BackgroundReader):
         intact = self._cursor_intact(stored)
         position.written_cursor = position.trimmed_to = position.last_id
         position.cursor_written_at = time.monotonic()
+        self._check_cursor = False
         if self._disconnected:
             self._disconnected = False
             layer.connection_back(intact)
@@ -152,19 +184,32 @@ class InboxReader(BackgroundReader):
 
     async def _settle(self) -> None:
         position = self.layer.position
-        if position.trimmed_to == position.last_id:
-            return
-        pipe = self.layer.connections.client(self.shard).pipeline(transaction=False)
-        self._queue_bookkeeping(pipe)
-        results = await pipe.execute()
-        self._bookkeeping_done(results[0])
+        if position.trimmed_to != position.last_id and self._bookkeeping_due():
+            await self._advance()
+
+    async def _advance(self) -> None:
+        """The bookkeeping as a round trip of its own."""
+        client = self.layer.connections.client(self.shard)
+        keys = [self.cursor_key, self.key]
+        self._bookkeeping_done(await STREAM_INBOX_ADVANCE(client, keys, self._advance_args()))
 
     async def _read(self) -> list[Entry]:
+        """Bookkeeping (when due) and the blocking XREAD in one round trip; on a Redis
+        Cluster, whose pipelines refuse scripts, in two."""
         layer, position = self.layer, self.layer.position
-        pipe = layer.connections.client(self.shard).pipeline(transaction=False)
+        client = layer.connections.client(self.shard)
+        block = int(layer.connections.block_timeout(self.shard, BLOCK_SECONDS) * 1000)
+        streams: dict[Any, Any] = {self.key: position.last_id}
+        due = self._bookkeeping_due()
+        if due and layer.connections.is_cluster:
+            await self._advance()
+        if not due or layer.connections.is_cluster:
+            return stream_entries(await client.xread(streams, count=READ_BATCH, block=block))
+        pipe = client.pipeline(transaction=False)
         self._queue_bookkeeping(pipe)
-        block = layer.connections.block_timeout(self.shard, BLOCK_SECONDS)
-        pipe.xread({self.key: position.last_id}, count=READ_BATCH, block=int(block * 1000))
-        results = await pipe.execute()
-        self._bookkeeping_done(results[0])
-        return stream_entries(results[-1])
+        pipe.xread(streams, count=READ_BATCH, block=block)
+        stored, response = await pipe.execute(raise_on_error=False)
+        if isinstance(response, Exception):
+            raise response
+        await self._bookkeeping_result(stored)
+        return stream_entries(response)

@@ -10,6 +10,7 @@ moment without losing or duplicating a message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -82,12 +83,32 @@ class LocalChannels:
         queue.append((deadline, message))
 
     async def get(self, channel: str) -> Message:
-        """The next message of ``channel``, waiting for one if needed. Cancellation-safe."""
-        message = self._pop_live(channel)
-        if message is not None:
-            return message
+        """The next message of ``channel``, waiting for one if needed. Cancellation-safe.
+
+        Awaits its future itself (no helper coroutine): this is the innermost frame of
+        every receive(), resumed once per message."""
+        if channel in self._queues:
+            message = self._pop_live(channel)
+            if message is not None:
+                return message
+        loop = asyncio.get_running_loop()
         while True:
-            deadline, message = await self._wait(channel)
+            future: asyncio.Future[_Entry] = loop.create_future()
+            waiters = self._waiters.get(channel)
+            if waiters is None:
+                waiters = self._waiters[channel] = deque()
+            waiters.append(future)
+            self._waiting += 1
+            try:
+                deadline, message = await future
+            except asyncio.CancelledError:
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    # The message arrived in the same instant we were cancelled:
+                    # give it to the next receiver instead of losing it.
+                    self._requeue(channel, future.result())
+                raise
+            finally:
+                self._forget_waiter(channel, future)
             if deadline >= time.time():
                 return message
             self.expired += 1
@@ -130,27 +151,16 @@ class LocalChannels:
             self.expired += 1
         return None
 
-    async def _wait(self, channel: str) -> _Entry:
-        future: asyncio.Future[_Entry] = asyncio.get_running_loop().create_future()
-        waiters = self._waiters.setdefault(channel, deque())
-        waiters.append(future)
-        self._waiting += 1
-        try:
-            return await future
-        except asyncio.CancelledError:
-            if future.done() and not future.cancelled() and future.exception() is None:
-                # The message arrived in the same instant we were cancelled:
-                # give it to the next receiver instead of losing it.
-                self._requeue(channel, future.result())
-            raise
-        finally:
-            current = self._waiters.get(channel)
-            if current is not None:
-                if future in current:
+    def _forget_waiter(self, channel: str, future: asyncio.Future[_Entry]) -> None:
+        """Drop a finished or cancelled receiver's future (a woken one is gone already)."""
+        current = self._waiters.get(channel)
+        if current is not None:
+            if not future.done() or future.cancelled():
+                with contextlib.suppress(ValueError):
                     current.remove(future)
                     self._waiting -= 1
-                if not current:
-                    del self._waiters[channel]
+            if not current:
+                del self._waiters[channel]
 
     def _requeue(self, channel: str, entry: _Entry) -> None:
         if not self._wake_one(channel, entry):

@@ -26,6 +26,7 @@ __all__ = [
     "STREAM_GROUP_PUBLISH",
     "STREAM_GROUP_SEND",
     "STREAM_HISTORY",
+    "STREAM_INBOX_ADVANCE",
     "STREAM_REPLAY",
     "STREAM_SEND",
     "LuaScript",
@@ -240,6 +241,24 @@ if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then
 end
 redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 return 1
+""",
+)
+
+STREAM_INBOX_ADVANCE = LuaScript(
+    "stream_inbox_advance",
+    """
+-- KEYS[1]: a process's inbox cursor   KEYS[2]: its inbox stream
+-- ARGV[1]: the id of the last entry handed on   ARGV[2]: the cursor's TTL in ms
+-- ARGV[3]: trim entries below this id ('' to trim nothing)
+-- Records the reader's position and drops what it handed on; returns the cursor's
+-- previous value (false when missing), which tells the reader whether Redis still
+-- holds the inbox it was reading.
+local previous = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if ARGV[3] ~= '' then
+    redis.call('XTRIM', KEYS[2], 'MINID', ARGV[3])
+end
+return previous
 """,
 )
 

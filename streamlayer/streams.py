@@ -193,20 +193,21 @@ class StreamsChannelLayer(StreamlayerLayer):
 
     # --- process-specific channels ------------------------------------------------------
 
-    async def _receive_local(self, channel: str) -> dict[str, Any]:
+    def _check_local(self, channel: str) -> None:
         if process_id_of(channel) != self.process_id:
             raise ValueError(
                 f"cannot receive on {channel!r}: it was not made by this layer's new_channel()"
             )
+
+    def _prepare_local(self, channel: str) -> None:
         self.local.touch(channel)
         reader = self._reader
         running = reusable_task(
             reader.task if reader else None, "receive() on process-specific channels"
         )
         if not running and not self.local.has_queued(channel):
-            # The task first runs after get() below has registered this receiver.
+            # The task first runs after local.get() has registered this receiver.
             self._reader = InboxReader(self)
-        return await self.local.get(channel)
 
     def dispatch_inbox(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         """Decode one inbox entry and hand it to its local channel(s)."""

@@ -170,20 +170,21 @@ class RedisChannelLayer(StreamlayerLayer):
 
     # --- process-specific channels ------------------------------------------------------
 
-    async def _receive_local(self, channel: str) -> dict[str, Any]:
-        inbox = non_local_name(channel)
-        if not inbox.endswith(f".{self.client_prefix}!"):
+    def _check_local(self, channel: str) -> None:
+        if not non_local_name(channel).endswith(f".{self.client_prefix}!"):
             raise ValueError(
                 f"cannot receive on {channel!r}: it was not made by this layer's new_channel()"
             )
+
+    def _prepare_local(self, channel: str) -> None:
+        inbox = non_local_name(channel)
         reader = self._readers.get(inbox)
         running = reusable_task(
             reader.task if reader else None, "receive() on process-specific channels"
         )
         if not running and not self.local.has_queued(channel):
-            # The task first runs after get() below has registered this receiver.
+            # The task first runs after local.get() has registered this receiver.
             self._readers[inbox] = _InboxReader(self, inbox)
-        return await self.local.get(channel)
 
     def dispatch_inbox(self, member: bytes, score: float) -> None:
         """Decode one inbox entry and hand it to its local channel(s)."""
