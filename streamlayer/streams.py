@@ -21,8 +21,8 @@ import asyncio
 import itertools
 import logging
 import math
+import secrets
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -61,6 +61,8 @@ logger = logging.getLogger(__name__)
 #: The consumer group every process joins on a normal channel's stream.
 CONSUMER_GROUP = "streamlayer"
 _CLAIM_BATCH = 16
+#: How many channel -> process id lookups group_send remembers.
+_PROCESS_MEMO = 100_000
 
 
 @dataclass
@@ -102,8 +104,14 @@ class StreamsChannelLayer(StreamlayerLayer):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self.process_id = uuid.uuid4().hex
+        #: 64 random bits name this layer instance: its inbox, its consumer name on
+        #: normal channels, the middle of its channel names. Short on purpose: a
+        #: group_send to local members carries every member's name.
+        self.process_id = secrets.token_hex(8)
         self._tag_numbers = itertools.count()
+        self._channel_numbers = itertools.count(1)
+        #: Destination of each process-specific channel seen in a group (bounded memo).
+        self._process_of: dict[str, str] = {}
         self.position = InboxPosition()
         self.local = LocalChannels(self.get_capacity)
         self._reader: InboxReader | None = None
@@ -114,7 +122,7 @@ class StreamsChannelLayer(StreamlayerLayer):
     def new_tag(self) -> str:
         """A dedup tag no other send of any process uses: this layer's random id and a
         counter (cheaper than fresh random bytes per message)."""
-        return f"{self.process_id[:16]}{next(self._tag_numbers):x}"
+        return f"{self.process_id}{next(self._tag_numbers):x}"
 
     @property
     def key_ttl_ms(self) -> int:
@@ -133,7 +141,7 @@ class StreamsChannelLayer(StreamlayerLayer):
 
     async def new_channel(self, prefix: str = "specific") -> str:
         """A new process-specific channel name, served by this process's inbox."""
-        return f"{prefix}.{self.process_id}!{uuid.uuid4().hex}"
+        return f"{prefix}.{self.process_id}!{next(self._channel_numbers):x}"
 
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         """Send ``message`` to ``channel``; raises ChannelFull when its backlog is at capacity."""
@@ -556,9 +564,15 @@ class StreamsChannelLayer(StreamlayerLayer):
         process share its inbox and one payload."""
         inboxes: dict[str, list[str]] = {}
         destinations: list[tuple[int, str, dict[str, Any], int]] = []
+        process_of = self._process_of
+        if len(process_of) > _PROCESS_MEMO:
+            process_of.clear()
         for channel in members:
             if "!" in channel:
-                inboxes.setdefault(process_id_of(channel), []).append(channel)
+                process_id = process_of.get(channel)
+                if process_id is None:
+                    process_id = process_of[channel] = process_id_of(channel)
+                inboxes.setdefault(process_id, []).append(channel)
             else:
                 key = stream_channel_key(self.prefix, channel)
                 cap = self.get_capacity(channel)
