@@ -32,8 +32,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _SCAN_COUNT = 1000
-#: How many validated channel names receive() remembers before starting afresh.
-_RECEIVABLE_CACHE = 100_000
+#: How many validated channel names (and capacities) a layer remembers before starting afresh.
+_NAME_CACHE = 100_000
 
 #: The key under which a message carries its process-specific destination(s).
 #: Shared with channels_redis; a message from a caller must not contain it.
@@ -94,8 +94,10 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         )
         self.connections = ConnectionManager(self.config.hosts)
         self.stats = LayerStats()
-        #: Channel names already validated for receive() (bounded).
+        #: Channel names already validated, for any use and for receive() (bounded).
+        self._valid_channels: set[str] = set()
         self._receivable: set[str] = set()
+        self._capacities: dict[str, int] = {}
 
     def __repr__(self) -> str:
         hosts = ", ".join(h.describe() for h in self.config.hosts)
@@ -125,9 +127,25 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
 
     # --- validation: clear exceptions, never asserts ---------------------------
 
-    def check_channel(self, channel: Any, *, receive: bool = False) -> str:
-        self.require_valid_channel_name(channel, receive=receive)
+    def check_channel(self, channel: Any) -> str:
+        """Channels' own name rules, checked once per name (a busy channel is sent to
+        and received from thousands of times a second; the regex need not run each time)."""
+        if type(channel) is str and channel in self._valid_channels:
+            return channel
+        self.require_valid_channel_name(channel)
+        if len(self._valid_channels) >= _NAME_CACHE:
+            self._valid_channels.clear()
+        self._valid_channels.add(channel)
         return str(channel)
+
+    def get_capacity(self, channel: str) -> int:
+        """The capacity of ``channel`` (``channel_capacity`` patterns first), remembered."""
+        capacity = self._capacities.get(channel)
+        if capacity is None:
+            if len(self._capacities) >= _NAME_CACHE:
+                self._capacities.clear()
+            capacity = self._capacities[channel] = int(super().get_capacity(channel))
+        return capacity
 
     def check_group(self, group: Any) -> str:
         self.require_valid_group_name(group)
@@ -169,7 +187,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         self.check_channel(channel)
         if "!" in channel:
             self._check_local(channel)
-        if len(self._receivable) >= _RECEIVABLE_CACHE:
+        if len(self._receivable) >= _NAME_CACHE:
             self._receivable.clear()
         self._receivable.add(channel)
 

@@ -14,6 +14,7 @@ the same inbox (``recovered=True``) or came back without it (``False``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -111,6 +112,11 @@ class InboxReader(BackgroundReader):
             layer.position.last_id = entry_id.decode()
             layer.dispatch_inbox(entry_id, fields)
         layer.local.sweep(time.time())
+        if entries:
+            # Let the receivers just woken run first: what they send in reply leaves
+            # before our next read, which then finds it at once (a request/reply
+            # round trip does not wait behind our bookkeeping).
+            await asyncio.sleep(0)
         return True
 
     def _lost_connection(self, error: BaseException) -> None:

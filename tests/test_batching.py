@@ -86,7 +86,9 @@ async def test_a_caller_cancelled_before_its_pipeline_left_sends_nothing(
     with fresh_server.client() as client:
         assert client.xlen(stream_inbox_key("batch", layer.process_id)) == 5
     got = [(await asyncio.wait_for(layer.receive(channel), 10))["i"] for _ in range(5)]
-    assert got == list(range(5))
+    # Concurrent sends have no order among themselves: the first went straight out on
+    # a connection of its own, the others together in a pipeline on another.
+    assert sorted(got) == list(range(5))
 
 
 async def test_a_flushed_script_cache_is_reloaded_for_a_pipeline(
