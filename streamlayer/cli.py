@@ -31,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
         "--only", action="append", metavar="LAYER", help="run only this layer (repeatable)"
     )
     bench.add_argument("--no-memory", action="store_true", help="skip the memory figures")
+    bench.add_argument(
+        "--repeat",
+        type=int,
+        metavar="N",
+        help="rounds per layer, taking turns; figures are medians (default 3, quick 1)",
+    )
     return parser
 
 
@@ -46,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         from .bench import run_bench
 
+        if args.repeat is not None and args.repeat < 1:
+            print("--repeat must be at least 1", file=sys.stderr)
+            return 2
         return run_bench(
             hosts=args.hosts,
             quick=args.quick,
@@ -53,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             plot_path=args.plot,
             only=args.only,
             memory=not args.no_memory,
+            repeat=args.repeat,
         )
     return 2  # pragma: no cover - argparse rejects unknown commands
 

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import NoScriptError
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 READ_BATCH = 512
 #: Longest blocking read; also bounded by half the socket timeout.
 BLOCK_SECONDS = 5.0
+#: How long the reader reads on after the last receiver stopped waiting.
+LINGER_SECONDS = 0.5
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 
@@ -95,18 +98,28 @@ class InboxReader(BackgroundReader):
         self._disconnected = False
         #: Compare the cursor with what we last wrote at the next round trip.
         self._check_cursor = True
+        #: When a receiver last waited (the reader stops after LINGER_SECONDS without).
+        self._wanted_at = time.monotonic()
         super().__init__(layer.local, self.key)
 
     async def step(self) -> bool:
         layer = self.layer
-        if not layer.local.waiting():
-            # Nobody waits: trim what we consumed now, not at the next read, so
-            # senders see the true backlog; stop unless someone came meanwhile.
+        now = time.monotonic()
+        if layer.local.waiting():
+            self._wanted_at = now
+        elif now - self._wanted_at >= LINGER_SECONDS:
+            # Nobody has waited for a while: trim what we consumed now, not at the
+            # next read, so senders see the true backlog; stop unless someone came.
             await layer.with_retry(f"trim inbox {self.key!r}", self._settle)
             if not layer.local.waiting():
                 return False
+        # Between a receive() that returned and the next one of the same consumer
+        # nobody waits for a moment; reading on (briefly blocking) costs less than
+        # stopping and starting over, which a request/reply exchange would do for
+        # every message.
+        block = BLOCK_SECONDS if layer.local.waiting() else LINGER_SECONDS / 4
         entries = await layer.with_retry(
-            f"read inbox {self.key!r}", self._read, on_error=self._lost_connection
+            f"read inbox {self.key!r}", partial(self._read, block), on_error=self._lost_connection
         )
         for entry_id, fields in entries:
             layer.position.last_id = entry_id.decode()
@@ -127,16 +140,17 @@ class InboxReader(BackgroundReader):
             self.layer.connection_lost()
 
     def _bookkeeping_due(self) -> bool:
-        """Whether the next round trip must record our position: something was handed
-        on since the last write, the cursor must be checked (a new reader, or one
-        back from a disconnect), or its TTL wants refreshing. A busy inbox records
-        every batch; an idle blocking read costs a bare XREAD."""
+        """Whether the next round trip must also record our position and trim: after
+        anything was handed on (senders' capacity checks count what is left in the
+        inbox, so a drained channel must take new messages at once), when the cursor
+        must be checked (a new reader, or one back from a disconnect), and when its TTL
+        wants refreshing. An idle blocking read is a bare XREAD."""
         position = self.layer.position
+        since_write = time.monotonic() - position.cursor_written_at
         return (
             self._check_cursor
-            or position.written_cursor != position.last_id
             or position.trimmed_to != position.last_id
-            or (time.monotonic() - position.cursor_written_at) * 2000 > self.layer.key_ttl_ms
+            or since_write * 2000 > self.layer.key_ttl_ms
         )
 
     def _queue_bookkeeping(self, pipe: Any) -> None:
@@ -146,6 +160,9 @@ class InboxReader(BackgroundReader):
 
     def _advance_args(self) -> list[Any]:
         position = self.layer.position
+        # If the reply is lost, Redis may hold this value or the previous one: both
+        # are ours (see _cursor_intact).
+        position.attempted_cursor = position.last_id
         trim = next_stream_id(position.last_id) if position.trimmed_to != position.last_id else ""
         return [position.last_id, self.layer.key_ttl_ms, trim]
 
@@ -183,14 +200,16 @@ class InboxReader(BackgroundReader):
         if position.written_cursor is None:
             return True  # nothing written yet: nothing to lose
         if stored is not None:
-            return _as_bytes(stored) == position.written_cursor.encode()
+            ours = {position.written_cursor, position.attempted_cursor}
+            return _as_bytes(stored).decode() in ours
         # Missing. After an idle spell longer than its TTL that is just the TTL.
         idle = time.monotonic() - position.cursor_written_at
         return not self._disconnected and idle * 1000 >= self.layer.key_ttl_ms
 
     async def _settle(self) -> None:
+        """Record and trim everything handed on (the reader is about to stop)."""
         position = self.layer.position
-        if position.trimmed_to != position.last_id and self._bookkeeping_due():
+        if position.trimmed_to != position.last_id:
             await self._advance()
 
     async def _advance(self) -> None:
@@ -199,12 +218,12 @@ class InboxReader(BackgroundReader):
         keys = [self.cursor_key, self.key]
         self._bookkeeping_done(await STREAM_INBOX_ADVANCE(client, keys, self._advance_args()))
 
-    async def _read(self) -> list[Entry]:
+    async def _read(self, block_seconds: float) -> list[Entry]:
         """Bookkeeping (when due) and the blocking XREAD in one round trip; on a Redis
         Cluster, whose pipelines refuse scripts, in two."""
         layer, position = self.layer, self.layer.position
         client = layer.connections.client(self.shard)
-        block = int(layer.connections.block_timeout(self.shard, BLOCK_SECONDS) * 1000)
+        block = int(layer.connections.block_timeout(self.shard, block_seconds) * 1000)
         streams: dict[Any, Any] = {self.key: position.last_id}
         due = self._bookkeeping_due()
         if due and layer.connections.is_cluster:

@@ -25,11 +25,15 @@ T = TypeVar("T")
 
 #: Errors that say "the server is not reachable right now", not "the command is wrong".
 #: ReadOnlyError is what a demoted master answers during a Sentinel failover;
-#: BusyLoadingError (a ConnectionError) is a restarted server loading its data.
+#: BusyLoadingError (a ConnectionError) is a restarted server loading its data;
+#: CLUSTERDOWN, TRYAGAIN and an uncovered slot are a Redis Cluster mid-failover.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
     redis_errors.ReadOnlyError,
+    redis_errors.ClusterDownError,
+    redis_errors.TryAgainError,
+    redis_errors.SlotNotCoveredError,
     ConnectionError,
     TimeoutError,
 )

@@ -71,6 +71,8 @@ class InboxPosition:
 
     last_id: str = "0-0"
     written_cursor: str | None = None
+    #: The last value sent to the cursor key, landed or not (its reply may be lost).
+    attempted_cursor: str | None = None
     cursor_written_at: float = 0.0
     trimmed_to: str | None = None
 

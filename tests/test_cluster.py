@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
 
 from streamlayer import StreamsChannelLayer
 from streamlayer.compat.core import RedisChannelLayer
@@ -15,6 +16,7 @@ from streamlayer.compat.pubsub import RedisPubSubChannelLayer
 from streamlayer.config import ConfigError
 from streamlayer.history import POSITION_KEY
 from streamlayer.keys import stream_channel_key, stream_history_key, stream_inbox_key
+from streamlayer.retry import retry_transient
 from streamlayer.testing import ClusterSetup
 
 pytestmark = pytest.mark.faults
@@ -154,3 +156,29 @@ async def test_master_killed_in_cluster(fresh_cluster: ClusterSetup, record_prop
         assert complete is True  # nothing was trimmed; the epoch was replicated
     finally:
         await layer.close()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ClusterDownError("CLUSTERDOWN The cluster is down"),
+        TryAgainError("TRYAGAIN Multiple keys request during rehashing of slot"),
+        SlotNotCoveredError('Slot "42" is not covered by the cluster.'),
+    ],
+)
+async def test_a_cluster_mid_failover_is_waited_for(error: Exception) -> None:
+    """What a Redis Cluster answers while a replica is being promoted is retried under
+    retry_timeout like a lost connection, not handed to the consumer as a failure
+    (found by test_master_killed_in_cluster under load: a receive died mid-failover)."""
+    attempts = 0
+
+    async def reconfiguring() -> str:
+        nonlocal attempts
+        attempts += 1
+        if attempts < 3:
+            raise error
+        return "served by the promoted replica"
+
+    result = await retry_transient(reconfiguring, give_up_after=10, what="a read")
+    assert result == "served by the promoted replica"
+    assert attempts == 3

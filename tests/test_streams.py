@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from streamlayer import StreamsChannelLayer
+from streamlayer.keys import stream_inbox_key
 from streamlayer.scripts import STREAM_SEND
 from streamlayer.testing import RedisServer, SentinelSetup
 
@@ -495,3 +496,24 @@ def _wait_for_port_change(setup: SentinelSetup, old_port: int) -> None:
             pass
         time.sleep(0.05)
     raise AssertionError("the sentinel never promoted the replica")
+
+
+async def test_the_inbox_is_trimmed_as_it_is_read_and_fully_when_idle(
+    layer: StreamsChannelLayer, fresh_server: RedisServer
+) -> None:
+    """Receiving one message at a time, each consumed entry leaves Redis with the next
+    read (so capacity checks see the true backlog); once nobody receives, all of them."""
+    channel = await layer.new_channel()
+    inbox = stream_inbox_key("streams", layer.process_id)
+    lengths = []
+    with fresh_server.client() as client:
+        for i in range(200):
+            await layer.send(channel, {"type": "n", "i": i})
+            assert (await recv(layer, channel))["i"] == i
+            lengths.append(client.xlen(inbox))
+        assert max(lengths) <= 1
+        for _ in range(500):  # until the idle reader has settled and stopped (bounded)
+            if layer._reader is None or layer._reader.task.done():
+                break
+            await asyncio.sleep(0.01)
+        assert client.xlen(inbox) == 0

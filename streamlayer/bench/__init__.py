@@ -12,6 +12,7 @@ stated against: channels_redis of the same kind and the raw floor.
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from dataclasses import asdict
@@ -38,6 +39,7 @@ LAYERS: dict[str, tuple[str, bool]] = {
 }
 
 _LAYER_TIMEOUT = 900
+_BENCH_EXTRA = "pip install 'streamlayer[bench]'"
 
 
 def _installed(path: str) -> bool:
@@ -72,9 +74,15 @@ def run_bench(
     plot_path: str | None = None,
     only: list[str] | None = None,
     memory: bool = True,
+    repeat: int | None = None,
 ) -> int:
     """Entry point of ``python -m streamlayer bench``; returns the exit status
-    (1 when a scenario found a lost, duplicated or reordered message)."""
+    (1 when a scenario found a lost, duplicated or reordered message).
+
+    Each layer runs ``repeat`` times (default 3, 1 in quick mode), the layers taking
+    turns, and every figure is the median of its runs: this machine's speed drifts by
+    tens of percent within minutes, and interleaved runs spread the drift over every
+    layer instead of charging it to whichever ran during a slow spell."""
     sizes = Sizes.quick() if quick else Sizes()
     server = None
     if hosts is None:
@@ -87,27 +95,70 @@ def run_bench(
     try:
         with redis.Redis.from_url(url) as client:
             version = client.info("server")["redis_version"]
-        print(f"Redis {version} at {url}; {'quick' if quick else 'full'} sizes")
-        for name, (path, broadcast) in LAYERS.items():
-            if only and name not in only:
-                continue
-            if not _installed(path):
-                print(f"  skipping {name}: not installed (pip install 'streamlayer[bench]')")
-                continue
-            print(f"  running {name} ...", flush=True)
-            results[name] = _run_one(path, url, sizes, broadcast, memory and path != "raw")
+        rounds = repeat if repeat is not None else (1 if quick else 3)
+        print(f"Redis {version} at {url}; {'quick' if quick else 'full'} sizes; {rounds} round(s)")
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for round_number in range(1, rounds + 1):
+            for name, (path, broadcast) in LAYERS.items():
+                if only and name not in only:
+                    continue
+                if not _installed(path):
+                    if round_number == 1:
+                        print(
+                            f"  skipping {name}: not installed (pip install 'streamlayer[bench]')"
+                        )
+                    continue
+                print(f"  round {round_number}/{rounds}: {name} ...", flush=True)
+                with_memory = memory and path != "raw" and round_number == 1
+                runs.setdefault(name, []).append(
+                    _run_one(path, url, sizes, broadcast, with_memory)
+                )
+        results = {name: median_of(layer_runs) for name, layer_runs in runs.items()}
     finally:
         if server is not None:
             server.cleanup()
     print()
     print(render_table(results))
-    report = {"redis_version": version, "sizes": asdict(sizes), "results": results}
+    report = {
+        "redis_version": version,
+        "sizes": asdict(sizes),
+        "rounds": rounds,
+        "results": results,
+        "runs": runs,
+    }
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2))
         print(f"\nwrote {json_path}")
     if plot_path:
         print(write_plot(results, plot_path))
     return 1 if _errors(results) else 0
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One layer's runs merged: each figure the median of its runs; a scenario that
+    failed in any run reports that failure."""
+    merged: dict[str, Any] = {}
+    for run in runs:
+        if "error" in run:
+            return run
+    for scenario in runs[0]:
+        outcomes = [run[scenario] for run in runs if scenario in run]
+        failed = [o for o in outcomes if isinstance(o, dict) and "error" in o]
+        if failed or not all(isinstance(o, dict) for o in outcomes):
+            merged[scenario] = failed[0] if failed else outcomes[0]
+            continue
+        merged[scenario] = {
+            metric: (
+                statistics.median(float(o[metric]) for o in outcomes if metric in o)
+                if isinstance(value, int | float)
+                else value
+            )
+            for metric, value in outcomes[0].items()
+        }
+    for run in runs[1:]:  # figures measured in some rounds only (memory: the first)
+        for scenario, outcome in run.items():
+            merged.setdefault(scenario, outcome)
+    return merged
 
 
 def _errors(results: dict[str, Any]) -> list[str]:

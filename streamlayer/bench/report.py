@@ -20,6 +20,7 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("fanout", "members_200_per_second", "fan-out to 200 (deliveries/s)", False),
     ("fanout", "members_1000_per_second", "fan-out to 1000 (deliveries/s)", False),
     ("fanout", "members_50_per_second", "fan-out to 50 (deliveries/s)", False),
+    ("fanout_spread", "per_second", "fan-out over 4 processes (deliveries/s)", False),
     ("many_channels", "per_second", "many channels (msg/s)", False),
     ("cross_process", "per_second", "cross-process (msg/s)", False),
     ("memory", "redis_bytes_per_message", "Redis bytes per backlogged message", True),

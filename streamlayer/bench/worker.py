@@ -67,6 +67,7 @@ async def _run_layer(path: str, url: str, sizes: Sizes, broadcast: bool) -> dict
         finally:
             await close_layer(layer)
     results["cross_process"] = await _cross_process(path, url, sizes.cross_process)
+    results["fanout_spread"] = await _fanout_spread(path, url, sizes, broadcast)
     return results
 
 
@@ -93,6 +94,79 @@ async def _cross_process(path: str, url: str, count: int) -> Metrics | dict[str,
         return {"per_second": count / (finished - float(first["t0"]))}
     finally:
         await close_layer(layer)
+
+
+#: Receiving processes of the spread fan-out.
+SPREAD_PROCESSES = 4
+
+
+async def _fanout_spread(
+    path: str, url: str, sizes: Sizes, broadcast: bool
+) -> Metrics | dict[str, str]:
+    """One group whose members live in SPREAD_PROCESSES other OS processes (the size of
+    the first fan-out, split evenly), ``fanout_sends`` group_sends from this one;
+    deliveries per second from the first send to the last receive anywhere."""
+    members = sizes.fanout_members[0]
+    per_process = max(1, members // SPREAD_PROCESSES)
+    group = f"bench-spread-{time.monotonic_ns()}"
+    layer = make_layer(path, url, "bench-spread", capacity=100_000)
+    command = [sys.executable, "-m", "streamlayer.bench.worker", "members", path, url, group]
+    command += [str(per_process), str(sizes.fanout_sends)]
+    children = [
+        await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
+        for _ in range(SPREAD_PROCESSES)
+    ]
+    try:
+        for child in children:  # each says "ready" once its members are in the group
+            line = await _line_of(child)
+            if line.strip() != b"ready":
+                return {"error": f"a member process failed to start: {line!r}"}
+        if broadcast:
+            await asyncio.sleep(0.2)  # let Pub/Sub subscriptions settle (no event to wait on)
+        started = time.time()
+        for n in range(sizes.fanout_sends):
+            await layer.group_send(group, {"type": "bench.fanout", "n": n, "body": BODY})
+        reports = []
+        for child in children:
+            reports.append(json.loads(await _line_of(child)))
+        if not all(report["ok"] for report in reports):
+            return {"error": "spread fan-out: a member lost, duplicated or reordered messages"}
+        finished = max(float(report["done"]) for report in reports)
+        delivered = per_process * SPREAD_PROCESSES * sizes.fanout_sends
+        return {"per_second": delivered / (finished - started), "processes": SPREAD_PROCESSES}
+    finally:
+        for child in children:
+            if child.returncode is None:
+                child.kill()
+            await child.wait()
+        await close_layer(layer)
+
+
+async def _line_of(child: asyncio.subprocess.Process) -> bytes:
+    if child.stdout is None:
+        raise BenchError("a member process has no stdout")
+    return await asyncio.wait_for(child.stdout.readline(), 60)
+
+
+async def _members_here(path: str, url: str, group: str, count: int, sends: int) -> None:
+    """The receiving side of the spread fan-out: ``count`` members of ``group``."""
+    layer = make_layer(path, url, "bench-spread", capacity=100_000)
+    try:
+        channels = [await layer.new_channel() for _ in range(count)]
+        for channel in channels:
+            await layer.group_add(group, channel)
+
+        async def member(channel: str) -> bool:
+            got = [(await layer.receive(channel))["n"] for _ in range(sends)]
+            return got == list(range(sends))
+
+        receiving = [asyncio.ensure_future(member(c)) for c in channels]
+        await asyncio.sleep(0)  # every receive() is waiting (or subscribing) before "ready"
+        print("ready", flush=True)
+        ok = all(await asyncio.wait_for(asyncio.gather(*receiving), 60))
+        print(json.dumps({"ok": ok, "done": time.time()}), flush=True)
+    finally:
+        await close_layer(layer, flush=False)
 
 
 async def _send_from_here(path: str, url: str, channel: str, count: int) -> None:
@@ -165,7 +239,16 @@ def main(argv: list[str] | None = None) -> int:
     send.add_argument("url")
     send.add_argument("channel")
     send.add_argument("count", type=int)
+    members = commands.add_parser("members", help="the receiving side of the spread fan-out")
+    members.add_argument("path")
+    members.add_argument("url")
+    members.add_argument("group")
+    members.add_argument("count", type=int)
+    members.add_argument("sends", type=int)
     args = parser.parse_args(argv)
+    if args.command == "members":
+        asyncio.run(_members_here(args.path, args.url, args.group, args.count, args.sends))
+        return 0
     if args.command == "send":
         asyncio.run(_send_from_here(args.path, args.url, args.channel, args.count))
         return 0
