@@ -183,6 +183,14 @@ async def _memory(path: str, url: str, broadcast: bool) -> dict[str, float]:
     """Redis bytes per backlogged message, and client bytes per idle channel (a
     channel with a receive() waiting on it, as a connected consumer has)."""
     figures: dict[str, float] = {}
+    if not broadcast:  # Pub/Sub keeps no backlog in Redis: nothing to measure
+        figures.update(await _backlog_bytes(path, url))
+    figures.update(await _idle_channel_bytes(path, url))
+    return figures
+
+
+async def _backlog_bytes(path: str, url: str) -> dict[str, float]:
+    figures: dict[str, float] = {}
     with redis.Redis.from_url(url) as client:
         layer = make_layer(path, url, "bench-memory", capacity=MEMORY_MESSAGES * 2)
         try:
@@ -194,7 +202,11 @@ async def _memory(path: str, url: str, broadcast: bool) -> dict[str, float]:
             figures["redis_bytes_per_message"] = (after - before) / MEMORY_MESSAGES
         finally:
             await close_layer(layer)
+    return figures
 
+
+async def _idle_channel_bytes(path: str, url: str) -> dict[str, float]:
+    figures: dict[str, float] = {}
     layer = make_layer(path, url, "bench-idle", capacity=100)
     try:
         gc.collect()
