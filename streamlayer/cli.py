@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -37,7 +38,57 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="rounds per layer, taking turns; figures are medians (default 3, quick 1)",
     )
+    doctor = commands.add_parser(
+        "doctor", help="check that a Redis can carry a channel layer (exit 1 on a problem)"
+    )
+    doctor.add_argument(
+        "--hosts",
+        action="append",
+        required=True,
+        metavar="URL",
+        help="a redis:// URL of a server, a Cluster node or a Sentinel (repeatable)",
+    )
+    doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
+    inspect = commands.add_parser(
+        "inspect", help="what a StreamsChannelLayer keeps in Redis: inboxes, channels, groups"
+    )
+    inspect.add_argument("--hosts", action="append", required=True, metavar="URL")
+    inspect.add_argument("--prefix", default="asgi", help="the layer's prefix (default: asgi)")
+    inspect.add_argument("--json", action="store_true", help="print the snapshot as JSON")
     return parser
+
+
+def _doctor(urls: list[str], as_json: bool) -> int:
+    from .doctor import diagnose
+
+    reports = [report for url in urls for report in diagnose(url)]
+    if as_json:
+        print(json.dumps([r.as_dict() for r in reports], indent=2))
+    else:
+        from .console import print_doctor
+
+        print_doctor(reports)
+    return 1 if any(r.problems for r in reports) else 0
+
+
+def _inspect(urls: list[str], prefix: str, as_json: bool) -> int:
+    from .inspection import connect, inspect_layer
+
+    snapshots = []
+    for url in urls:
+        client = connect(url)
+        try:
+            snapshots.append(inspect_layer(client, prefix))
+        finally:
+            client.close()
+    if as_json:
+        print(json.dumps([s.as_dict() for s in snapshots], indent=2))
+        return 0
+    from .console import print_inspection
+
+    for snapshot in snapshots:
+        print_inspection(snapshot)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             memory=not args.no_memory,
             repeat=args.repeat,
         )
+    if args.command == "doctor":
+        return _doctor(args.hosts, args.json)
+    if args.command == "inspect":
+        return _inspect(args.hosts, args.prefix, args.json)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

@@ -1,0 +1,186 @@
+"""``python -m streamlayer doctor`` and ``inspect``, run as an operator runs them,
+against real servers: a healthy one, one with a command renamed away, a replica,
+a Sentinel, a Redis Cluster, and nothing listening at all."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from streamlayer import StreamsChannelLayer
+from streamlayer.doctor import ServerReport, _check_version
+from streamlayer.keys import stream_channel_key
+from streamlayer.testing import ClusterSetup, RedisServer, SentinelSetup, free_port
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "streamlayer", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def doctor(*urls: str) -> tuple[int, list[dict[str, Any]]]:
+    hosts = [arg for url in urls for arg in ("--hosts", url)]
+    done = run_cli("doctor", *hosts, "--json")
+    return done.returncode, json.loads(done.stdout)
+
+
+def statuses(report: dict[str, Any]) -> dict[str, str]:
+    return {f["check"]: f["status"] for f in report["findings"]}
+
+
+def details(report: dict[str, Any]) -> dict[str, str]:
+    return {f["check"]: f["detail"] for f in report["findings"]}
+
+
+@pytest.fixture
+def renamed_server() -> Iterator[RedisServer]:
+    server = RedisServer(extra_args=("--rename-command", "XAUTOCLAIM", "XAUTOCLAIM_OFF")).start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def replica(fresh_server: RedisServer) -> Iterator[RedisServer]:
+    server = RedisServer(extra_args=("--replicaof", "127.0.0.1", str(fresh_server.port))).start()
+    yield server
+    server.cleanup()
+
+
+def test_doctor_passes_a_healthy_server_and_warns_of_no_persistence(
+    fresh_server: RedisServer,
+) -> None:
+    code, reports = doctor(fresh_server.url)
+    assert code == 0
+    [report] = reports
+    found = statuses(report)
+    assert found["version"] == found["commands"] == found["scripting"] == "ok"
+    assert found["role"] == "ok" and report["role"] == "master"
+    assert found["persistence"] == "warn"  # the test servers run without AOF
+    assert "median of 20 PINGs" in details(report)["latency"]
+    assert report["problems"] == 0
+
+
+def test_doctor_finds_a_command_renamed_away(renamed_server: RedisServer) -> None:
+    code, [report] = doctor(renamed_server.url)
+    assert code == 1
+    assert statuses(report)["commands"] == "problem"
+    assert "xautoclaim" in details(report)["commands"]
+
+
+def test_doctor_refuses_a_replica(replica: RedisServer) -> None:
+    code, [report] = doctor(replica.url)
+    assert code == 1
+    assert statuses(report)["role"] == "problem"
+    assert "replica" in details(report)["role"]
+
+
+def test_doctor_reports_an_unreachable_server() -> None:
+    code, [report] = doctor(f"redis://127.0.0.1:{free_port()}")
+    assert code == 1
+    assert statuses(report) == {"connect": "problem"}
+
+
+def test_doctor_follows_a_sentinel_to_its_master(sentinel_setup: SentinelSetup) -> None:
+    sentinel = sentinel_setup.sentinel
+    code, reports = doctor(sentinel.url)
+    assert code == 0
+    assert reports[0]["role"] == "sentinel"
+    assert statuses(reports[0])["sentinel"] == "ok"
+    master = reports[1]
+    assert master["role"] == "master"
+    assert str(sentinel_setup.current_master_port()) in master["address"]
+    assert statuses(master)["version"] == "ok"
+
+
+def test_doctor_recognises_a_cluster(cluster_setup: ClusterSetup) -> None:
+    node = cluster_setup.live()[0]
+    code, [report] = doctor(node.url)
+    assert code == 0
+    assert statuses(report)["cluster"] == "ok"
+    assert '"cluster"' in details(report)["cluster"]
+
+
+@pytest.mark.parametrize(
+    ("info", "status"),
+    [
+        ({"redis_version": "6.0.16"}, "problem"),
+        ({"redis_version": "6.2.14"}, "ok"),
+        ({"redis_version": "8.2.1"}, "ok"),
+        ({"redis_version": "7.2.4", "server_name": "valkey", "valkey_version": "8.1.1"}, "ok"),
+    ],
+)
+def test_version_rule(info: dict[str, Any], status: str) -> None:
+    report = ServerReport("here")
+    _check_version(info, report)
+    assert report.findings[0].status == status
+    if info.get("server_name") == "valkey":
+        assert "Valkey 8.1.1" in report.findings[0].detail
+
+
+async def populate(hosts: list[Any], prefix: str) -> StreamsChannelLayer:
+    """An inbox with a backlog of 4, a normal channel of 2 entries (after one was
+    received), a group of 2 with a history of 1."""
+    layer = StreamsChannelLayer(hosts=hosts, prefix=prefix, group_history=10)
+    mine = await layer.new_channel()
+    for i in range(3):
+        await layer.send(mine, {"type": "n", "i": i})
+    for _ in range(3):
+        await layer.send("jobs", {"type": "job"})
+    await layer.receive("jobs")  # joins the channel's consumer group, takes one job
+    await layer.group_add("room", mine)
+    await layer.group_add("room", "lobby")
+    await layer.group_send("room", {"type": "hello"})
+    return layer
+
+
+async def test_inspect_shows_inboxes_channels_and_groups(fresh_server: RedisServer) -> None:
+    layer = await populate([fresh_server.url], "ops")
+    try:
+        with fresh_server.client() as client:  # a worker read one job and died holding it
+            key = stream_channel_key("ops", "jobs")
+            client.xreadgroup("streamlayer", "crashed-worker", {key: ">"}, count=1)
+        done = run_cli("inspect", "--hosts", fresh_server.url, "--prefix", "ops", "--json")
+        assert done.returncode == 0, done.stderr
+        [snapshot] = json.loads(done.stdout)
+        [inbox] = snapshot["inboxes"]
+        assert inbox["process"] == layer.process_id
+        assert inbox["backlog"] == 4  # three sends and the group message
+        assert inbox["last_message_age_s"] < 60
+        channels = {c["channel"]: c for c in snapshot["channels"]}
+        assert channels["jobs"]["backlog"] == 2
+        assert channels["jobs"]["pending"] == 1
+        assert {"name": "crashed-worker", "pending": 1} in [
+            {k: c[k] for k in ("name", "pending")} for c in channels["jobs"]["consumers"]
+        ]
+        assert channels["lobby"]["backlog"] == 1
+        assert snapshot["groups"] == [{"group": "room", "members": 2, "history": 1}]
+        assert snapshot["totals"]["keys"] >= 5
+        assert snapshot["totals"]["memory_bytes"] > 0
+        table = run_cli("inspect", "--hosts", fresh_server.url, "--prefix", "ops")
+        assert table.returncode == 0
+        assert "process inboxes (1)" in table.stdout and "groups (1)" in table.stdout
+        other = run_cli("inspect", "--hosts", fresh_server.url, "--prefix", "nobody", "--json")
+        assert json.loads(other.stdout)[0]["totals"] == {"keys": 0, "memory_bytes": 0}
+    finally:
+        await layer.flush()
+        await layer.close()
+
+
+async def test_inspect_covers_every_master_of_a_cluster(cluster_setup: ClusterSetup) -> None:
+    layer = await populate([cluster_setup.host_entry()], "opscl")
+    try:
+        node = cluster_setup.live()[0]
+        done = run_cli("inspect", "--hosts", node.url, "--prefix", "opscl", "--json")
+        assert done.returncode == 0, done.stderr
+        [snapshot] = json.loads(done.stdout)
+        assert [i["backlog"] for i in snapshot["inboxes"]] == [4]
+        assert {c["channel"] for c in snapshot["channels"]} == {"jobs", "lobby"}
+        assert snapshot["groups"] == [{"group": "room", "members": 2, "history": 1}]
+    finally:
+        await layer.flush()
+        await layer.close()
