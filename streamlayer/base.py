@@ -42,7 +42,16 @@ RESERVED_KEY = "__asgi_channel__"
 
 @dataclass
 class LayerStats:
-    """Counters of one layer instance (process-local)."""
+    """Counters of one layer instance (process-local), only ever increasing.
+
+    sent / received: messages; full: sends refused (ChannelFull) and group members
+    skipped at capacity; expired: messages dropped unread after ``expiry``; dropped:
+    messages pushed out of a full local queue; decode_errors: corrupt or undecryptable
+    entries skipped; retries: Redis operations retried after a transient error;
+    duplicates: copies a retried send made, dropped; redelivered: normal-channel
+    entries taken over from a crashed worker; reconnects: inbox readers that lost
+    Redis.
+    """
 
     sent: int = 0
     received: int = 0
@@ -57,6 +66,11 @@ class LayerStats:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+    def __call__(self) -> dict[str, int]:
+        """``layer.stats()``: a snapshot of every counter, for a metrics exporter
+        (``layer.stats.sent`` reads one); see :mod:`streamlayer.metrics`."""
+        return self.as_dict()
 
 
 class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]

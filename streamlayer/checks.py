@@ -1,0 +1,128 @@
+"""Django system checks for ``CHANNEL_LAYERS`` entries that use streamlayer.
+
+Registered when ``"streamlayer"`` is in ``INSTALLED_APPS`` (see
+:mod:`streamlayer.apps`), so ``manage.py check``, ``runserver`` and ``migrate``
+report a broken layer configuration before the first message is lost to it:
+
+* ``streamlayer.E001``: a ``CONFIG`` the layer would refuse (an unknown or
+  misspelt key, with the key it probably meant; a value of the wrong type or out
+  of range);
+* ``streamlayer.E002``: a ``BACKEND`` under ``streamlayer.`` that does not exist;
+* ``streamlayer.E003``: ``group_history`` on a backend that cannot replay;
+* ``streamlayer.W001``: an encryption key shorter than 32 bytes;
+* ``streamlayer.W002``: ``expiry`` shorter than the interface server's timeouts
+  (``STREAMLAYER_INTERFACE_TIMEOUT``, default 20 s: daphne's
+  ``websocket_connect_timeout``), so a message can expire while the server still
+  waits for the consumer to read it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, Warning
+
+from .config import LayerConfig
+
+__all__ = ["BACKENDS", "check_channel_layers", "check_layers"]
+
+#: Every layer class streamlayer ships, by BACKEND path.
+BACKENDS = (
+    "streamlayer.StreamsChannelLayer",
+    "streamlayer.compat.core.RedisChannelLayer",
+    "streamlayer.compat.pubsub.RedisPubSubChannelLayer",
+)
+#: The backends that keep group history and replay it.
+REPLAYING_BACKENDS = ("streamlayer.StreamsChannelLayer", "streamlayer.streams.StreamsChannelLayer")
+#: daphne's websocket_connect_timeout: the longest an interface server waits by default.
+DEFAULT_INTERFACE_TIMEOUT = 20.0
+_MIN_KEY_BYTES = 32
+
+
+def check_channel_layers(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """The check Django runs (registered by :class:`streamlayer.apps.StreamlayerConfig`):
+    every streamlayer entry of ``settings.CHANNEL_LAYERS``."""
+    layers = getattr(settings, "CHANNEL_LAYERS", {}) or {}
+    timeout = getattr(settings, "STREAMLAYER_INTERFACE_TIMEOUT", DEFAULT_INTERFACE_TIMEOUT)
+    return check_layers(layers, interface_timeout=float(timeout))
+
+
+def check_layers(
+    layers: Mapping[str, Mapping[str, Any]],
+    interface_timeout: float = DEFAULT_INTERFACE_TIMEOUT,
+) -> list[CheckMessage]:
+    messages: list[CheckMessage] = []
+    for alias, entry in layers.items():
+        backend = str(entry.get("BACKEND", ""))
+        if not backend.startswith("streamlayer."):
+            continue
+        where = f"CHANNEL_LAYERS[{alias!r}]"
+        if backend not in BACKENDS and backend not in REPLAYING_BACKENDS:
+            messages.append(_unknown_backend(where, backend))
+            continue
+        options = dict(entry.get("CONFIG", {}) or {})
+        try:
+            config = LayerConfig.from_options(options)
+        except (TypeError, ValueError) as exc:
+            messages.append(Error(f"{where}['CONFIG']: {exc}", obj=alias, id="streamlayer.E001"))
+            continue
+        messages += _check_config(where, alias, backend, options, config, interface_timeout)
+    return messages
+
+
+def _unknown_backend(where: str, backend: str) -> Error:
+    close = difflib.get_close_matches(backend, BACKENDS, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"one of {', '.join(BACKENDS)}"
+    return Error(
+        f"{where}['BACKEND'] is {backend!r}: streamlayer has no such layer",
+        hint=hint,
+        obj=backend,
+        id="streamlayer.E002",
+    )
+
+
+def _check_config(
+    where: str,
+    alias: str,
+    backend: str,
+    options: Mapping[str, Any],
+    config: LayerConfig,
+    interface_timeout: float,
+) -> list[CheckMessage]:
+    messages: list[CheckMessage] = []
+    if options.get("group_history") and backend not in REPLAYING_BACKENDS:
+        messages.append(
+            Error(
+                f"{where}: group_history is set, but {backend} keeps no group history",
+                hint="replay needs BACKEND 'streamlayer.StreamsChannelLayer'",
+                obj=alias,
+                id="streamlayer.E003",
+            )
+        )
+    for index, key in enumerate(config.symmetric_encryption_keys):
+        size = len(key.encode() if isinstance(key, str) else key)
+        if size < _MIN_KEY_BYTES:
+            messages.append(
+                Warning(
+                    f"{where}: symmetric_encryption_keys[{index}] is {size} bytes long",
+                    hint=f"use at least {_MIN_KEY_BYTES} random bytes, e.g. "
+                    "python -c 'import secrets; print(secrets.token_urlsafe(32))'",
+                    obj=alias,
+                    id="streamlayer.W001",
+                )
+            )
+    if config.expiry < interface_timeout:
+        messages.append(
+            Warning(
+                f"{where}: expiry is {config.expiry:g} s, shorter than the interface "
+                f"server's timeout of {interface_timeout:g} s",
+                hint="a message can expire while the server still waits for its consumer; "
+                "raise expiry, or set STREAMLAYER_INTERFACE_TIMEOUT to your server's",
+                obj=alias,
+                id="streamlayer.W002",
+            )
+        )
+    return messages
