@@ -39,9 +39,7 @@ def test_a_misspelt_key_is_an_error_naming_the_key_it_meant() -> None:
 
 
 def test_a_wrong_value_is_an_error() -> None:
-    assert ids({"default": {"BACKEND": STREAMS, "CONFIG": {"expiry": -1}}}) == [
-        "streamlayer.E001"
-    ]
+    assert ids({"default": {"BACKEND": STREAMS, "CONFIG": {"expiry": -1}}}) == ["streamlayer.E001"]
 
 
 def test_a_misspelt_backend_is_an_error_with_a_hint() -> None:
