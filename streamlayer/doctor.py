@@ -70,7 +70,8 @@ def diagnose(url: str) -> list[ServerReport]:
             report.add("connect", "problem", f"cannot reach Redis: {exc}")
             return [report]
         info = client.info()
-        if info.get("redis_mode") == "sentinel":
+        # Valkey names it server_mode.
+        if (info.get("redis_mode") or info.get("server_mode")) == "sentinel":
             report.role = "sentinel"
             return [report, *_sentinel_masters(client, report)]
         _check_server(client, info, report)

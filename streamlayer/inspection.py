@@ -20,7 +20,7 @@ from .keys import scan_pattern
 
 __all__ = ["LayerSnapshot", "inspect_layer"]
 
-_KEY = re.compile(r":s:(?P<kind>inbox|cursor|chan|group|history|hmeta):\{(?P<name>.*)\}$")
+_KEY = re.compile(r":s:(?P<kind>inbox|cursor|chan|done|group|history|hmeta):\{(?P<name>.*)\}$")
 _SCAN_COUNT = 1000
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "scan_pattern",
     "stream_channel_key",
     "stream_cursor_key",
+    "stream_delivered_key",
     "stream_group_key",
     "stream_history_key",
     "stream_history_meta_key",
@@ -86,6 +87,12 @@ def stream_cursor_key(prefix: str, process_id: str) -> str:
 def stream_channel_key(prefix: str, channel: str) -> str:
     """Stream of a normal channel, read through one consumer group."""
     return f"{prefix}:s:chan:{{{channel}}}"
+
+
+def stream_delivered_key(prefix: str, channel: str) -> str:
+    """Sorted set of the dedup tags of a normal channel's recently delivered entries
+    (same slot as its stream), so a retried send finds what was already delivered."""
+    return f"{prefix}:s:done:{{{channel}}}"
 
 
 def stream_group_key(prefix: str, group: str) -> str:

@@ -206,7 +206,8 @@ class GroupHistory:
                     continue
                 payload = layer.serialize({**message, RESERVED_KEY: channel})
             args += [payload, layer.new_tag(), read.position_of(entry_id)]
-        full = int(await layer.append(f"replay to {channel!r}", STREAM_REPLAY, shard, [key], args))
+        keys = [key, layer.delivered_key(channel, key)]
+        full = int(await layer.append(f"replay to {channel!r}", STREAM_REPLAY, shard, keys, args))
         if full:
             layer.stats.full += full
         return not full

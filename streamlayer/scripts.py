@@ -127,7 +127,11 @@ return #parked / 2
 
 # --- Streams layer -------------------------------------------------------------------
 
-# Shared by STREAM_SEND and STREAM_GROUP_SEND: append one payload to one stream.
+# Shared by STREAM_SEND, STREAM_GROUP_SEND and STREAM_REPLAY: append one payload to one
+# stream. ``delivered`` is the sorted set of tags STREAM_ACK recorded for a normal
+# channel (the stream's own key for an inbox, which has none): a retried send whose
+# first attempt landed and was already received, acknowledged and deleted finds its
+# tag there instead of in the stream.
 _STREAM_APPEND = """
 local function already_there(key, tag, scan)
     local recent = redis.call('XREVRANGE', key, '+', '-', 'COUNT', scan)
@@ -142,12 +146,15 @@ local function already_there(key, tag, scan)
     return false
 end
 
-local function append(key, payload, tag, capacity, minid, ttl, retry, group, position)
+local function append(key, delivered, payload, tag, capacity, minid, ttl, retry, group, position)
     if retry == '1' then
         -- A retry after a lost reply: the first attempt may have landed.
         local found = already_there(key, tag, capacity + 1)
         if found then
             return found
+        end
+        if delivered ~= key and redis.call('ZSCORE', delivered, tag) then
+            return 'delivered'
         end
     end
     redis.call('XTRIM', key, 'MINID', minid)
@@ -171,11 +178,14 @@ STREAM_SEND = LuaScript(
     _STREAM_APPEND
     + """
 -- KEYS[1]: the destination stream (a process inbox or a normal channel)
+-- KEYS[2]: the channel's delivered tags (KEYS[1] again for an inbox)
 -- ARGV[1]: payload   ARGV[2]: dedup tag   ARGV[3]: capacity
 -- ARGV[4]: MINID (entries older than expiry are trimmed)   ARGV[5]: key TTL in ms
 -- ARGV[6]: '1' when this call retries an attempt whose reply was lost
--- Returns the entry id, or false when the stream is at capacity.
-return append(KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], '', '')
+-- Returns the entry id ('delivered' if a retry found it delivered already), or
+-- false when the stream is at capacity.
+return append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5],
+    ARGV[6], '', '')
 """,
 )
 
@@ -183,18 +193,20 @@ STREAM_GROUP_SEND = LuaScript(
     "stream_group_send",
     _STREAM_APPEND
     + """
--- KEYS[1..n]: destination streams on this shard
+-- KEYS[1..n]: destination streams on this shard   KEYS[n+1..2n]: their delivered tags
 -- ARGV[1..n]: payloads   ARGV[n+1..2n]: dedup tags   ARGV[2n+1..3n]: capacities
 -- ARGV[3n+1]: group   ARGV[3n+2]: its history position ('' when it keeps no history)
 -- ARGV[3n+3]: MINID   ARGV[3n+4]: key TTL in ms   ARGV[3n+5]: '1' on a retry
 -- Returns how many destinations were full (and skipped).
-local n = #KEYS
+local n = #KEYS / 2
 local group, position = ARGV[3 * n + 1], ARGV[3 * n + 2]
 local minid, ttl, retry = ARGV[3 * n + 3], ARGV[3 * n + 4], ARGV[3 * n + 5]
 local full = 0
 for i = 1, n do
     local capacity = tonumber(ARGV[2 * n + i])
-    if not append(KEYS[i], ARGV[i], ARGV[n + i], capacity, minid, ttl, retry, group, position) then
+    local payload, tag = ARGV[i], ARGV[n + i]
+    if not append(KEYS[i], KEYS[n + i], payload, tag, capacity, minid, ttl, retry, group,
+        position) then
         full = full + 1
     end
 end
@@ -205,11 +217,15 @@ return full
 STREAM_ACK = LuaScript(
     "stream_ack",
     """
--- KEYS[1]: a normal channel's stream   ARGV[1]: consumer group   ARGV[2]: consumer
--- ARGV[3]: entry id   ARGV[4]: '1' when this call retries an attempt whose reply was lost
--- Acknowledges the entry and deletes it (a delivered message leaves no trace), if the
--- consumer still owns it. Returns 1 when the caller may deliver it, 0 when another
--- consumer took it over (XAUTOCLAIM after claim_after) and delivers it instead.
+-- KEYS[1]: a normal channel's stream   KEYS[2]: its delivered tags (a sorted set)
+-- ARGV[1]: consumer group   ARGV[2]: consumer   ARGV[3]: entry id
+-- ARGV[4]: '1' when this call retries an attempt whose reply was lost
+-- ARGV[5]: the entry's dedup tag   ARGV[6]: now in ms
+-- ARGV[7]: how long a retried send may still come (ms): tags are kept that long
+-- Acknowledges the entry and deletes it (a delivered message leaves no trace but its
+-- tag, which a retried send of it finds), if the consumer still owns it. Returns 1
+-- when the caller may deliver it, 0 when another consumer took it over (XAUTOCLAIM
+-- after claim_after) and delivers it instead.
 local group, consumer, id = ARGV[1], ARGV[2], ARGV[3]
 local mine = redis.call('XPENDING', KEYS[1], group, id, id, 1, consumer)
 if #mine == 0 then
@@ -225,6 +241,12 @@ if #mine == 0 then
 end
 redis.call('XACK', KEYS[1], group, id)
 redis.call('XDEL', KEYS[1], id)
+if ARGV[5] ~= '' then
+    local now, keep = tonumber(ARGV[6]), tonumber(ARGV[7])
+    redis.call('ZADD', KEYS[2], now, ARGV[5])
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - keep)
+    redis.call('PEXPIRE', KEYS[2], keep)
+end
 return 1
 """,
 )
@@ -431,6 +453,7 @@ STREAM_REPLAY = LuaScript(
     _STREAM_APPEND
     + """
 -- KEYS[1]: the stream of a channel that joined a group from a position
+-- KEYS[2]: its delivered tags (KEYS[1] again for an inbox)
 -- ARGV[1]: group   ARGV[2]: capacity
 -- ARGV[3..]: (payload, dedup tag, position) per replayed message, oldest first
 -- then: MINID, key TTL in ms, '1' when this call retries an attempt whose reply was lost
@@ -440,7 +463,8 @@ local minid, ttl, retry = ARGV[#ARGV - 2], ARGV[#ARGV - 1], ARGV[#ARGV]
 local full = 0
 for i = 3, #ARGV - 3, 3 do
     local payload, tag, position = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-    if not append(KEYS[1], payload, tag, capacity, minid, ttl, retry, group, position) then
+    if not append(KEYS[1], KEYS[2], payload, tag, capacity, minid, ttl, retry, group,
+        position) then
         full = full + 1
     end
 end

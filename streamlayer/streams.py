@@ -40,6 +40,7 @@ from .keys import (
     process_id_of,
     scan_pattern,
     stream_channel_key,
+    stream_delivered_key,
     stream_group_key,
     stream_inbox_key,
 )
@@ -61,6 +62,8 @@ logger = logging.getLogger(__name__)
 #: The consumer group every process joins on a normal channel's stream.
 CONSUMER_GROUP = "streamlayer"
 _CLAIM_BATCH = 16
+#: Seconds beyond retry_timeout a delivered tag is kept (a retry's last attempt in flight).
+_RETRY_SLACK = 5.0
 #: How many channel -> process id lookups group_send remembers.
 _PROCESS_MEMO = 100_000
 
@@ -152,13 +155,19 @@ class StreamsChannelLayer(StreamlayerLayer):
         if "!" in channel:
             message = {**message, RESERVED_KEY: channel}
         key, shard = self.destination(channel)
+        keys = [key, self.delivered_key(channel, key)]
         capacity = self.get_capacity(channel)
         args = [self.serialize(message), self.new_tag(), capacity]
-        stored = await self.append(f"send to {channel!r}", STREAM_SEND, shard, [key], args)
+        stored = await self.append(f"send to {channel!r}", STREAM_SEND, shard, keys, args)
         self.count_send(channel, stored is not None, capacity)
 
     def _shard(self, name: str) -> int:
         return self.connections.shard_for(name)
+
+    def delivered_key(self, channel: str, stream: str) -> str:
+        """Where a normal channel's delivered tags are kept (see STREAM_ACK); an inbox
+        has none, and the scripts take its own key to mean that."""
+        return stream if "!" in channel else stream_delivered_key(self.prefix, channel)
 
     def destination(self, channel: str) -> tuple[str, int]:
         """The stream a message for ``channel`` goes to, and its shard: the inbox of
@@ -186,6 +195,7 @@ class StreamsChannelLayer(StreamlayerLayer):
         args: Callable[[], list[Any]],
         *,
         maybe_landed: bool = False,
+        extra: Callable[[], list[Any]] | None = None,
     ) -> Any:
         """Call a script whose last argument says whether an earlier attempt may have
         landed without its reply ('1'): attempts after the first, or every attempt when
@@ -197,7 +207,10 @@ class StreamsChannelLayer(StreamlayerLayer):
             nonlocal attempts
             retry = "1" if attempts else "0"
             attempts += 1
-            return await self.connections.batcher(shard).call(script, keys, [*args(), retry])
+            tail = extra() if extra is not None else []
+            return await self.connections.batcher(shard).call(
+                script, keys, [*args(), retry, *tail]
+            )
 
         return await self.with_retry(what, call)
 
@@ -438,7 +451,8 @@ class StreamsChannelLayer(StreamlayerLayer):
         entry_id, fields = entry
         ack = state.acks.get(entry_id)
         if ack is None:
-            ack = asyncio.ensure_future(self._acknowledge(channel, state, entry_id))
+            tag = fields.get(b"i", b"")
+            ack = asyncio.ensure_future(self._acknowledge(channel, state, entry_id, tag))
             state.acks[entry_id] = ack
         try:
             ours = await asyncio.shield(ack)
@@ -471,15 +485,22 @@ class StreamsChannelLayer(StreamlayerLayer):
                 message[POSITION_KEY] = position_tag(group, position)
         return message
 
-    async def _acknowledge(self, channel: str, state: _NormalChannel, entry_id: bytes) -> bool:
-        """STREAM_ACK, retried; True when this process still owned the entry."""
+    async def _acknowledge(
+        self, channel: str, state: _NormalChannel, entry_id: bytes, tag: bytes
+    ) -> bool:
+        """STREAM_ACK, retried; True when this process still owned the entry. The
+        entry's tag is remembered for as long as a retried send of it may come, but
+        no longer than ``expiry`` (every key of the layer vanishes within it)."""
+        window = min(self.config.retry_timeout + _RETRY_SLACK, self.config.expiry)
+        keep_ms = max(1000, math.ceil(window * 1000))
         ours = await self.idempotent(
             f"acknowledge on {channel!r}",
             STREAM_ACK,
             state.shard,
-            [state.key],
+            [state.key, stream_delivered_key(self.prefix, channel)],
             lambda: [CONSUMER_GROUP, self.process_id, entry_id],
             maybe_landed=entry_id in state.unsure_acks,
+            extra=lambda: [tag, int(time.time() * 1000), keep_ms],
         )
         return bool(ours)
 
@@ -566,6 +587,7 @@ class StreamsChannelLayer(StreamlayerLayer):
         process share its inbox and one payload."""
         inboxes: dict[str, list[str]] = {}
         destinations: list[tuple[int, str, dict[str, Any], int]] = []
+        inbox_prefix = f"{self.prefix}:s:inbox:"
         process_of = self._process_of
         if len(process_of) > _PROCESS_MEMO:
             process_of.clear()
@@ -584,17 +606,22 @@ class StreamsChannelLayer(StreamlayerLayer):
             payload = {**message, RESERVED_KEY: channels}
             cap = self.get_capacity(channels[0])
             destinations.append((self._shard(process_id), key, payload, cap))
-        by_scope: dict[tuple[int, int], list[tuple[str, bytes, str, int]]] = {}
+        by_scope: dict[tuple[int, int], list[tuple[str, bytes, str, int, str]]] = {}
         for shard, key, payload, cap in destinations:
-            entry = (key, self.serialize(payload), self.new_tag(), cap)
+            delivered = key if key.startswith(inbox_prefix) else self._delivered_of(key)
+            entry = (key, self.serialize(payload), self.new_tag(), cap, delivered)
             by_scope.setdefault(self.connections.script_scope(shard, key), []).append(entry)
         plan: list[tuple[int, list[str], list[Any]]] = []
         for (shard, _slot), entries in by_scope.items():
-            keys = [e[0] for e in entries]
+            keys = [e[0] for e in entries] + [e[4] for e in entries]
             args: list[Any] = [e[1] for e in entries] + [e[2] for e in entries]
             args += [e[3] for e in entries]
             plan.append((shard, keys, args))
         return plan
+
+    def _delivered_of(self, channel_key: str) -> str:
+        """The delivered-tags key next to a normal channel's stream key."""
+        return channel_key.replace(":s:chan:{", ":s:done:{", 1)
 
     # --- flush and close ------------------------------------------------------------------
 

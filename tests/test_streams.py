@@ -18,7 +18,7 @@ import pytest
 
 from streamlayer import StreamsChannelLayer
 from streamlayer.keys import stream_inbox_key
-from streamlayer.scripts import STREAM_SEND
+from streamlayer.scripts import STREAM_ACK, STREAM_SEND
 from streamlayer.testing import RedisServer, SentinelSetup
 
 pytestmark = pytest.mark.faults
@@ -366,12 +366,40 @@ async def test_a_retried_send_is_stored_once(fresh_server: RedisServer) -> None:
     client = Redis(host="127.0.0.1", port=fresh_server.port)
     minid = f"{int((time.time() - 60) * 1000)}-0"
     args = [b"payload", "tag-1", 10, minid, 60_000]
-    first = await STREAM_SEND(client, ["s"], [*args, "0"])
-    again = await STREAM_SEND(client, ["s"], [*args, "1"])
+    first = await STREAM_SEND(client, ["s", "s"], [*args, "0"])
+    again = await STREAM_SEND(client, ["s", "s"], [*args, "1"])
     assert first == again
     assert await client.xlen("s") == 1
-    await STREAM_SEND(client, ["s"], [b"payload", "tag-2", 10, minid, 60_000, "1"])
+    await STREAM_SEND(client, ["s", "s"], [b"payload", "tag-2", 10, minid, 60_000, "1"])
     assert await client.xlen("s") == 2
+    await client.aclose()
+
+
+async def test_a_retried_send_already_delivered_is_not_stored_again(
+    fresh_server: RedisServer,
+) -> None:
+    """On a normal channel the first attempt can land, be received, acknowledged and
+    deleted before the retry (after a lost reply) runs: the retry finds the tag the
+    acknowledgement kept, and stores nothing."""
+    from redis.asyncio import Redis
+
+    client = Redis(host="127.0.0.1", port=fresh_server.port)
+    stream, done = "chan", "done"
+    minid = f"{int((time.time() - 60) * 1000)}-0"
+    args = [b"payload", "tag-1", 10, minid, 60_000]
+    await client.xgroup_create(stream, "g", id="0", mkstream=True)
+    first = await STREAM_SEND(client, [stream, done], [*args, "0"])
+    [[_, [(entry_id, fields)]]] = await client.xreadgroup("g", "c", {stream: ">"})
+    now = int(time.time() * 1000)
+    ack = ["g", "c", entry_id, "0", fields[b"i"], now, 15_000]
+    assert await STREAM_ACK(client, [stream, done], ack) == 1
+    assert await client.xlen(stream) == 0
+    assert await STREAM_SEND(client, [stream, done], [*args, "1"]) == b"delivered"
+    assert await client.xlen(stream) == 0, "the retry stored a second copy"
+    assert first != b"delivered"
+    # Without the record (an inbox has none), the same retry would store it again.
+    assert await STREAM_SEND(client, [stream, stream], [*args, "1"]) not in (None, b"delivered")
+    assert await client.xlen(stream) == 1
     await client.aclose()
 
 
