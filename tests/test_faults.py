@@ -75,7 +75,9 @@ async def test_client_kill_during_a_burst_of_sends(
 
     task = asyncio.ensure_future(killer())
     sent = 0
-    while not killer_done.is_set() and sent < 5000:
+    # Bounded by the channel's capacity (1000): every send is accepted, so each one
+    # is in the count, and a faster layer does not turn the test into a ChannelFull.
+    while not killer_done.is_set() and sent < 1000:
         await layer.send("burst", {"type": "n", "i": sent})
         sent += 1
     await task
