@@ -1,0 +1,73 @@
+"""The page: a room's messages, a text box, and the WebSocket that survives
+disconnects (it reconnects with the position of the last message it showed)."""
+
+from django.http import HttpRequest, HttpResponse
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>streamlayer chat: {room}</title>
+<style>
+ body {{ font-family: sans-serif; max-width: 40em; margin: 2em auto; }}
+ #log {{ border: 1px solid #ccc; height: 22em; overflow-y: auto; padding: .5em; }}
+ #log p {{ margin: .2em 0; }} .author {{ color: #555; font-weight: bold; }}
+ #state {{ font-size: .8em; color: #777; }}
+</style></head>
+<body>
+<h1>Room <code>{room}</code></h1>
+<p id="state">connecting...</p>
+<div id="log"></div>
+<form id="say"><input id="author" value="guest" size="8">
+<input id="text" autocomplete="off" size="40" autofocus><button>Send</button></form>
+<script>
+const room = {room_json};
+const log = document.getElementById("log"), state = document.getElementById("state");
+const key = "chat-last-" + room;
+let last = sessionStorage.getItem(key);   // position of the last message shown
+const shown = new Set();
+let socket = null;
+
+function show(m) {{
+  if (m.position && shown.has(m.position)) return;
+  if (m.position) {{
+    shown.add(m.position); last = m.position; sessionStorage.setItem(key, last);
+  }}
+  const p = document.createElement("p");
+  const who = document.createElement("span");
+  who.className = "author"; who.textContent = m.author + ": ";
+  p.append(who, document.createTextNode(m.text));
+  log.append(p); log.scrollTop = log.scrollHeight;
+}}
+
+function connect(delay = 500) {{
+  const url = new URL("/ws/chat/" + room + "/", window.location.href);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  if (last) url.searchParams.set("since", last);
+  socket = new WebSocket(url);
+  socket.onopen = () => {{ delay = 500; state.textContent = "connected to " + location.host; }};
+  socket.onmessage = (event) => {{
+    const data = JSON.parse(event.data);
+    if (data.reload) {{ log.textContent = ""; shown.clear(); data.reload.forEach(show); }}
+    else show(data);
+  }};
+  socket.onclose = () => {{
+    state.textContent = "offline: reconnecting...";
+    setTimeout(() => connect(Math.min(delay * 2, 10000)), delay * (0.5 + Math.random()));
+  }};
+}}
+document.getElementById("say").onsubmit = (event) => {{
+  event.preventDefault();
+  const text = document.getElementById("text");
+  if (socket && socket.readyState === 1 && text.value) {{
+    const author = document.getElementById("author").value;
+    socket.send(JSON.stringify({{text: text.value, author: author}}));
+    text.value = "";
+  }}
+}};
+connect();
+</script></body></html>
+"""
+
+
+def index(request: HttpRequest, room: str = "lobby") -> HttpResponse:
+    import json
+
+    return HttpResponse(PAGE.format(room=room, room_json=json.dumps(room)))

@@ -1,0 +1,125 @@
+"""The example chat (examples/chat) end to end: two daphne processes on one Redis,
+real WebSocket clients (the ``websockets`` package), messages crossing processes,
+a tab that comes back with ``?since=`` on the other process, and Redis restarting
+mid-conversation."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from streamlayer.testing import RedisServer
+
+websockets = pytest.importorskip("websockets")
+pytest.importorskip("daphne")
+
+RUN = Path(__file__).resolve().parent.parent / "examples" / "chat" / "run.py"
+_WAIT = 15.0
+
+
+def _chat_servers() -> Any:
+    spec = importlib.util.spec_from_file_location("example_chat_run", RUN)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ChatServers
+
+
+@pytest.fixture
+def redis_aof() -> Iterator[RedisServer]:
+    server = RedisServer(persistence=True).start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def chat(redis_aof: RedisServer) -> Iterator[Any]:
+    servers = _chat_servers()(redis_aof.url).start()
+    yield servers
+    servers.stop()
+
+
+def ws_url(chat: Any, index: int, room: str, since: str | None = None) -> str:
+    url = f"ws://127.0.0.1:{chat.ports[index]}/ws/chat/{room}/"
+    return url + (f"?since={since}" if since else "")
+
+
+async def say(socket: Any, text: str, author: str = "a") -> None:
+    await socket.send(json.dumps({"text": text, "author": author}))
+
+
+async def hear(socket: Any, count: int) -> list[dict[str, Any]]:
+    return [json.loads(await asyncio.wait_for(socket.recv(), _WAIT)) for _ in range(count)]
+
+
+async def texts(socket: Any, count: int) -> list[str]:
+    return [m["text"] for m in await hear(socket, count)]
+
+
+@pytest.fixture
+async def pair(chat: Any) -> AsyncIterator[tuple[Any, Any]]:
+    """Two tabs in one room, one on each server process, both joined."""
+    a = await websockets.connect(ws_url(chat, 0, "lobby"))
+    b = await websockets.connect(ws_url(chat, 1, "lobby"))
+    # b's message reaching a proves both joined (a consumer handles messages only
+    # after connect(), which joins, has returned).
+    await say(b, "hello", "b")
+    assert await texts(a, 1) == ["hello"]
+    assert await texts(b, 1) == ["hello"]
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+async def test_messages_cross_processes_in_order(pair: tuple[Any, Any]) -> None:
+    a, b = pair
+    for i in range(30):
+        await say(a, f"m{i}")
+    expected = [f"m{i}" for i in range(30)]
+    assert await texts(b, 30) == expected
+    assert await texts(a, 30) == expected
+
+
+async def test_a_tab_back_on_the_other_process_gets_what_it_missed(
+    chat: Any, pair: tuple[Any, Any]
+) -> None:
+    a, b = pair
+    await say(a, "before")
+    [seen] = await hear(b, 1)
+    await texts(a, 1)
+    await b.close()  # the tab goes offline, remembering where it was
+    for i in range(5):
+        await say(a, f"missed {i}")
+    assert await texts(a, 5) == [f"missed {i}" for i in range(5)]
+    back = await websockets.connect(ws_url(chat, 0, "lobby", since=seen["position"]))
+    try:
+        replayed = await hear(back, 5)
+        assert [m["text"] for m in replayed] == [f"missed {i}" for i in range(5)]
+        positions = [m["position"] for m in replayed]
+        assert len(set(positions)) == 5 and seen["position"] not in positions
+        await say(a, "live again")
+        assert await texts(back, 1) == ["live again"]
+    finally:
+        await back.close()
+
+
+async def test_redis_restarting_mid_conversation_loses_nothing(
+    redis_aof: RedisServer, pair: tuple[Any, Any]
+) -> None:
+    a, b = pair
+    for i in range(5):
+        await say(a, f"before {i}")
+    assert await texts(b, 5) == [f"before {i}" for i in range(5)]
+    await asyncio.to_thread(redis_aof.stop)
+    await asyncio.to_thread(redis_aof.start)
+    for i in range(5):  # sent while the servers' connections come back: retried
+        await say(a, f"after {i}")
+    got = await texts(b, 5)
+    assert got == [f"after {i}" for i in range(5)]
+    assert (await texts(a, 10))[-5:] == got
