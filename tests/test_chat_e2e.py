@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -123,3 +125,34 @@ async def test_redis_restarting_mid_conversation_loses_nothing(
     got = await texts(b, 5)
     assert got == [f"after {i}" for i in range(5)]
     assert (await texts(a, 10))[-5:] == got
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="headless Chromium is not installed (Debian: apt-get install chromium)",
+)
+async def test_the_page_replays_in_a_real_browser(chat: Any, tmp_path: Path) -> None:
+    """The page's own script, in headless Chromium: opened with ?since= it connects,
+    gets the messages after that position replayed, and shows them; a screenshot of
+    it is kept next to the test's files."""
+    async with websockets.connect(ws_url(chat, 0, "lobby")) as a:
+        for text in ("alpha-one", "bravo-two", "charlie-three"):
+            await say(a, text)
+        first, *_ = await hear(a, 3)
+    page = f"{chat.urls[1]}lobby/?since={first['position']}"
+    browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    browser += ["--virtual-time-budget=10000"]
+    dumped = await asyncio.to_thread(
+        subprocess.run, [*browser, "--dump-dom", page], capture_output=True, text=True, timeout=90
+    )
+    log = dumped.stdout.partition('id="log"')[2]
+    assert "bravo-two" in log and "charlie-three" in log, dumped.stdout[-2000:]
+    assert "alpha-one" not in log  # it came before the position the page was opened at
+    assert log.index("bravo-two") < log.index("charlie-three")
+    picture = tmp_path / "chat.png"
+    shot = [*browser, f"--screenshot={picture}", "--window-size=900,700", page]
+    await asyncio.to_thread(subprocess.run, shot, capture_output=True, timeout=90)
+    assert picture.stat().st_size > 5_000

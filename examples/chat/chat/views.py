@@ -21,7 +21,8 @@ PAGE = """<!doctype html>
 const room = {room_json};
 const log = document.getElementById("log"), state = document.getElementById("state");
 const key = "chat-last-" + room;
-let last = sessionStorage.getItem(key);   // position of the last message shown
+// Position of the last message shown: from a link (?since=...), or this tab's memory.
+let last = new URL(location.href).searchParams.get("since") || sessionStorage.getItem(key);
 const shown = new Set();
 let socket = null;
 
