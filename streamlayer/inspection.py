@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from .keys import scan_pattern
+from .keys import scan_pattern, stream_group_key
 
 __all__ = ["LayerSnapshot", "inspect_layer"]
 
@@ -131,7 +131,7 @@ def _channel(client: redis.Redis, channel: str, key: str) -> dict[str, Any]:
 def _group(
     client: redis.Redis, prefix: str, group: str, history_key: str | None
 ) -> dict[str, Any]:
-    members = int(client.zcard(f"{prefix}:s:group:{{{group}}}"))
+    members = int(client.zcard(stream_group_key(prefix, group)))
     history = int(client.xlen(history_key)) if history_key else 0
     return {"group": group, "members": members, "history": history}
 

@@ -123,6 +123,9 @@ class StreamsChannelLayer(StreamlayerLayer):
         self._normal: dict[str, _NormalChannel] = {}
         self._recent = RecentTags()
         self.history = GroupHistory(self)
+        #: How long STREAM_ACK keeps a delivered tag: a retried send's window, within expiry.
+        window = min(self.config.retry_timeout + _RETRY_SLACK, self.config.expiry)
+        self._delivered_keep_ms = max(1000, math.ceil(window * 1000))
 
     def new_tag(self) -> str:
         """A dedup tag no other send of any process uses: this layer's random id and a
@@ -491,8 +494,7 @@ class StreamsChannelLayer(StreamlayerLayer):
         """STREAM_ACK, retried; True when this process still owned the entry. The
         entry's tag is remembered for as long as a retried send of it may come, but
         no longer than ``expiry`` (every key of the layer vanishes within it)."""
-        window = min(self.config.retry_timeout + _RETRY_SLACK, self.config.expiry)
-        keep_ms = max(1000, math.ceil(window * 1000))
+        keep_ms = self._delivered_keep_ms
         ours = await self.idempotent(
             f"acknowledge on {channel!r}",
             STREAM_ACK,
@@ -586,8 +588,8 @@ class StreamsChannelLayer(StreamlayerLayer):
         script arguments (payloads, dedup tags, capacities). Local channels of one
         process share its inbox and one payload."""
         inboxes: dict[str, list[str]] = {}
-        destinations: list[tuple[int, str, dict[str, Any], int]] = []
-        inbox_prefix = f"{self.prefix}:s:inbox:"
+        #: (shard, stream key, delivered-tags key, payload, capacity)
+        destinations: list[tuple[int, str, str, dict[str, Any], int]] = []
         process_of = self._process_of
         if len(process_of) > _PROCESS_MEMO:
             process_of.clear()
@@ -599,16 +601,16 @@ class StreamsChannelLayer(StreamlayerLayer):
                 inboxes.setdefault(process_id, []).append(channel)
             else:
                 key = stream_channel_key(self.prefix, channel)
+                delivered = stream_delivered_key(self.prefix, channel)
                 cap = self.get_capacity(channel)
-                destinations.append((self._shard(channel), key, message, cap))
+                destinations.append((self._shard(channel), key, delivered, message, cap))
         for process_id, channels in inboxes.items():
             key = stream_inbox_key(self.prefix, process_id)
             payload = {**message, RESERVED_KEY: channels}
             cap = self.get_capacity(channels[0])
-            destinations.append((self._shard(process_id), key, payload, cap))
+            destinations.append((self._shard(process_id), key, key, payload, cap))
         by_scope: dict[tuple[int, int], list[tuple[str, bytes, str, int, str]]] = {}
-        for shard, key, payload, cap in destinations:
-            delivered = key if key.startswith(inbox_prefix) else self._delivered_of(key)
+        for shard, key, delivered, payload, cap in destinations:
             entry = (key, self.serialize(payload), self.new_tag(), cap, delivered)
             by_scope.setdefault(self.connections.script_scope(shard, key), []).append(entry)
         plan: list[tuple[int, list[str], list[Any]]] = []
@@ -618,10 +620,6 @@ class StreamsChannelLayer(StreamlayerLayer):
             args += [e[3] for e in entries]
             plan.append((shard, keys, args))
         return plan
-
-    def _delivered_of(self, channel_key: str) -> str:
-        """The delivered-tags key next to a normal channel's stream key."""
-        return channel_key.replace(":s:chan:{", ":s:done:{", 1)
 
     # --- flush and close ------------------------------------------------------------------
 
