@@ -156,3 +156,17 @@ async def test_the_page_replays_in_a_real_browser(chat: Any, tmp_path: Path) -> 
     shot = [*browser, f"--screenshot={picture}", "--window-size=900,700", page]
     await asyncio.to_thread(subprocess.run, shot, capture_output=True, timeout=90)
     assert picture.stat().st_size > 5_000
+
+
+def test_the_readme_main_command_runs_its_checked_tour() -> None:
+    """``./scripts/demo`` runs examples/chat/run.py; with --check it stops after the
+    scripted conversation (Redis restart included) and says how it went."""
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, str(RUN), "--check"], capture_output=True, text=True, timeout=90
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count(" ok ") == 4, done.stdout
+    assert "FAILED" not in done.stdout
+    assert "reconnected (recovered=True)" in done.stdout

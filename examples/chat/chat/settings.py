@@ -13,6 +13,7 @@ INSTALLED_APPS = ["channels", "streamlayer"]
 ROOT_URLCONF = "chat.urls"
 ASGI_APPLICATION = "chat.asgi.application"
 USE_TZ = True
+TIME_ZONE = "UTC"
 
 CHANNEL_LAYERS = {
     "default": {

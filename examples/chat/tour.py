@@ -1,0 +1,131 @@
+"""A scripted conversation through the running chat, so the demo shows what it
+does on a machine without a browser: two tabs on two processes, one tab going
+offline while Redis restarts, and coming back on the other process.
+
+Each step is checked; ``run.py`` prints them and exits non-zero (with
+``--check``) when one fails. The tab clients are real WebSocket clients (the
+``websockets`` package), as in ``tests/test_chat_e2e.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import websockets
+
+ROOM = "tour"
+_WAIT = 15.0
+
+
+@dataclass
+class Step:
+    what: str
+    ok: bool
+    detail: str
+    seconds: float
+
+
+@dataclass
+class Tour:
+    """The chat's WebSocket URLs, one per process, and how to restart Redis (None
+    when the Redis is not ours to restart)."""
+
+    ws_bases: list[str]
+    restart_redis: Callable[[], None] | None = None
+    steps: list[Step] = field(default_factory=list)
+
+    def url(self, process: int, since: str | None = None) -> str:
+        url = f"{self.ws_bases[process]}ws/chat/{ROOM}/"
+        return url + (f"?since={since}" if since else "")
+
+    async def check(self, what: str, step: Callable[[], Awaitable[str]]) -> bool:
+        started = time.perf_counter()
+        try:
+            detail, ok = await step(), True
+        except (AssertionError, TimeoutError, OSError, websockets.WebSocketException) as error:
+            detail, ok = f"{type(error).__name__}: {error}", False
+        self.steps.append(Step(what, ok, detail, time.perf_counter() - started))
+        return ok
+
+    async def run(self) -> bool:
+        """Every step in order; stops at the first failure (later steps need it)."""
+        a = await websockets.connect(self.url(0))
+        b = await websockets.connect(self.url(1))
+        back = None
+        try:
+            seen: dict[str, Any] = {}
+
+            async def cross() -> str:
+                await _say(b, "hello from process 2", "tab 2")
+                _expect(await _texts(a, 1), ["hello from process 2"])
+                _expect(await _texts(b, 1), ["hello from process 2"])
+                return "tab 2's message reached tab 1 through Redis"
+
+            async def in_order() -> str:
+                sent = [f"message {i}" for i in range(20)]
+                for text in sent:
+                    await _say(a, text, "tab 1")
+                heard = await _hear(b, 20)
+                _expect([m["text"] for m in heard], sent)
+                await _texts(a, 20)
+                seen.update(heard[-1])
+                return "20 messages from tab 1 arrived at tab 2, in order"
+
+            async def offline() -> str:
+                await b.close()
+                missed = [f"while tab 2 was away {i}" for i in range(3)]
+                for text in missed:
+                    await _say(a, text, "tab 1")
+                _expect(await _texts(a, 3), missed)
+                if self.restart_redis is None:
+                    return "tab 1 said 3 more (Redis is not ours: no restart)"
+                await asyncio.to_thread(self.restart_redis)
+                after = [f"after the restart {i}" for i in range(2)]
+                for text in after:
+                    await _say(a, text, "tab 1")
+                _expect(await _texts(a, 2), after)
+                return "tab 1 said 3 more, Redis restarted, tab 1 said 2 more"
+
+            async def comes_back() -> str:
+                nonlocal back
+                back = await websockets.connect(self.url(0, since=seen["position"]))
+                count = 5 if self.restart_redis else 3
+                replayed = await _texts(back, count)
+                _expect(replayed[:3], [f"while tab 2 was away {i}" for i in range(3)])
+                _expect(replayed[3:], [f"after the restart {i}" for i in range(count - 3)])
+                await _say(a, "welcome back", "tab 1")
+                _expect(await _texts(back, 1), ["welcome back"])
+                return f"the {count} missed messages came first, in order, then live ones"
+
+            return (
+                await self.check("two tabs on two processes", cross)
+                and await self.check("order across processes", in_order)
+                and await self.check("tab 2 offline, chat goes on", offline)
+                and await self.check("tab 2 back on process 1 (?since=)", comes_back)
+            )
+        finally:
+            for socket in (a, b, back):
+                if socket is not None:
+                    await socket.close()
+
+
+def _expect(got: list[str], wanted: list[str]) -> None:
+    if got != wanted:
+        raise AssertionError(f"expected {wanted!r}, got {got!r}")
+
+
+async def _say(socket: Any, text: str, author: str) -> None:
+    await socket.send(json.dumps({"text": text, "author": author}))
+
+
+async def _hear(socket: Any, count: int) -> list[dict[str, Any]]:
+    return [json.loads(await asyncio.wait_for(socket.recv(), _WAIT)) for _ in range(count)]
+
+
+async def _texts(socket: Any, count: int) -> list[str]:
+    return [m["text"] for m in await _hear(socket, count)]
