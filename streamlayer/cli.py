@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,9 +45,17 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--hosts",
         action="append",
-        required=True,
+        default=[],
         metavar="URL",
         help="a redis:// URL of a server, a Cluster node or a Sentinel (repeatable)",
+    )
+    doctor.add_argument(
+        "--settings",
+        nargs="?",
+        const="",
+        metavar="MODULE",
+        help="check the streamlayer entries of a Django project's CHANNEL_LAYERS and "
+        "every host they name (default: $DJANGO_SETTINGS_MODULE)",
     )
     doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
     inspect = commands.add_parser(
@@ -58,10 +67,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _doctor(urls: list[str], as_json: bool) -> int:
+def _doctor(urls: list[str], settings_module: str | None, as_json: bool) -> int:
     from .doctor import diagnose
 
-    reports = [report for url in urls for report in diagnose(url)]
+    reports: list[Any] = []
+    if settings_module is not None:
+        layers_reports = _doctor_settings(settings_module)
+        if layers_reports is None:
+            return 2
+        reports += layers_reports
+    reports += [report for url in urls for report in diagnose(url)]
     if as_json:
         print(json.dumps([r.as_dict() for r in reports], indent=2))
     else:
@@ -69,6 +84,35 @@ def _doctor(urls: list[str], as_json: bool) -> int:
 
         print_doctor(reports)
     return 1 if any(r.problems for r in reports) else 0
+
+
+def _doctor_settings(module: str) -> list[Any] | None:
+    """The reports of :func:`~streamlayer.doctor.diagnose_layers` on the Django
+    settings ``module`` names, or None (said on stderr) when they cannot be read."""
+    import os
+
+    from .doctor import diagnose_layers
+
+    if module:
+        os.environ["DJANGO_SETTINGS_MODULE"] = module
+    if not os.environ.get("DJANGO_SETTINGS_MODULE"):
+        print("--settings needs a module name or DJANGO_SETTINGS_MODULE", file=sys.stderr)
+        return None
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as manage.py finds the project's settings
+    from django.conf import settings
+    from django.core.exceptions import ImproperlyConfigured
+
+    try:
+        layers = getattr(settings, "CHANNEL_LAYERS", {}) or {}
+        timeout = getattr(settings, "STREAMLAYER_INTERFACE_TIMEOUT", None)
+    except (ImportError, ImproperlyConfigured) as exc:
+        print(f"cannot read the Django settings: {exc}", file=sys.stderr)
+        return None
+    reports = diagnose_layers(layers, None if timeout is None else float(timeout))
+    if not reports:
+        print("CHANNEL_LAYERS has no streamlayer entry", file=sys.stderr)
+    return reports
 
 
 def _inspect(urls: list[str], prefix: str, as_json: bool) -> int:
@@ -116,7 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeat=args.repeat,
         )
     if args.command == "doctor":
-        return _doctor(args.hosts, args.json)
+        if not args.hosts and args.settings is None:
+            print("doctor needs --hosts URL or --settings [MODULE]", file=sys.stderr)
+            return 2
+        return _doctor(args.hosts, args.settings, args.json)
     if args.command == "inspect":
         return _inspect(args.hosts, args.prefix, args.json)
     return 2  # pragma: no cover - argparse rejects unknown commands

@@ -7,18 +7,36 @@ The command exits 1 when any check finds a problem, so it can gate a deployment.
 
 A Sentinel address is recognised, and every master it watches is checked in turn;
 a Redis Cluster node is recognised, and the cluster's health is checked too.
+
+:func:`diagnose_layers` starts from a ``CHANNEL_LAYERS`` mapping instead (``doctor
+--settings``): each streamlayer entry's configuration is checked as Django's
+system checks do, then every host it names, in the form it names it (URL,
+``(host, port)``, dict of client options with its password and TLS settings, the
+Sentinels of a named master, the nodes of a Cluster).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis
+from django.core.checks import ERROR
 
-__all__ = ["MIN_VERSION", "REQUIRED_COMMANDS", "Finding", "ServerReport", "diagnose"]
+from .config import HostSpec, LayerConfig
+
+__all__ = [
+    "MIN_VERSION",
+    "REQUIRED_COMMANDS",
+    "Finding",
+    "ServerReport",
+    "diagnose",
+    "diagnose_host",
+    "diagnose_layers",
+]
 
 #: XAUTOCLAIM, XTRIM MINID and SET ... GET arrived in Redis 6.2.
 MIN_VERSION = (6, 2)
@@ -31,6 +49,7 @@ REQUIRED_COMMANDS = (
 )  # fmt: skip
 _PINGS = 20
 _TIMEOUT = 5.0
+_TIMEOUTS = {"socket_timeout": _TIMEOUT, "socket_connect_timeout": _TIMEOUT}
 
 
 @dataclass(frozen=True)
@@ -61,8 +80,82 @@ class ServerReport:
 
 def diagnose(url: str) -> list[ServerReport]:
     """Check the server at ``url`` (and, for a Sentinel, every master it watches)."""
-    report = ServerReport(_address(url))
-    client = redis.Redis.from_url(url, socket_timeout=_TIMEOUT, socket_connect_timeout=_TIMEOUT)
+    client = redis.Redis.from_url(url, **_TIMEOUTS)
+    return _diagnose(client, _address(url))
+
+
+def diagnose_host(host: HostSpec) -> list[ServerReport]:
+    """Check one ``hosts`` entry of a layer configuration, connecting as the layer would."""
+    if host.is_cluster:
+        kwargs = {**_client_kwargs(host.kwargs), **_TIMEOUTS}
+        return [
+            report
+            for node_host, port in host.cluster_nodes
+            for report in _diagnose(
+                redis.Redis(host=node_host, port=port, **kwargs), f"{node_host}:{port}"
+            )
+        ]
+    if host.is_sentinel:
+        kwargs = {**_client_kwargs(host.sentinel_kwargs or {}), **_TIMEOUTS}
+        master = {"name": host.master_name, "kwargs": _client_kwargs(host.kwargs)}
+        return [
+            report
+            for node_host, port in host.sentinels
+            for report in _diagnose(
+                redis.Redis(host=node_host, port=port, **kwargs), f"{node_host}:{port}", master
+            )
+        ]
+    kwargs = {**_client_kwargs(host.kwargs), **_TIMEOUTS}
+    if host.url is not None:
+        return _diagnose(redis.Redis.from_url(host.url, **kwargs), _address(host.url))
+    return _diagnose(redis.Redis(**kwargs), host.describe().removeprefix("redis://"))
+
+
+def diagnose_layers(
+    layers: Mapping[str, Mapping[str, Any]], interface_timeout: float | None = None
+) -> list[ServerReport]:
+    """A report on each streamlayer entry's configuration, then on each of its hosts
+    (a host several entries share is checked once)."""
+    from .checks import DEFAULT_INTERFACE_TIMEOUT, check_layers
+
+    timeout = DEFAULT_INTERFACE_TIMEOUT if interface_timeout is None else interface_timeout
+    reports: list[ServerReport] = []
+    seen: set[str] = set()
+    for alias, entry in layers.items():
+        backend = str(entry.get("BACKEND", ""))
+        if not backend.startswith("streamlayer."):
+            continue
+        report = ServerReport(f"CHANNEL_LAYERS[{alias!r}]", role="config")
+        reports.append(report)
+        messages = check_layers({alias: entry}, interface_timeout=timeout)
+        for message in messages:
+            status = "problem" if message.level >= ERROR else "warn"
+            hint = f" ({message.hint})" if message.hint else ""
+            report.add(message.id or "config", status, f"{message.msg}{hint}")
+        if any(f.status == "problem" for f in report.findings):
+            continue  # a configuration the layer refuses names no host to trust
+        report.add("config", "ok", f"{backend}: the layer accepts this CONFIG")
+        config = LayerConfig.from_options(dict(entry.get("CONFIG", {}) or {}))
+        for host in config.hosts:
+            if host.describe() not in seen:
+                seen.add(host.describe())
+                reports += diagnose_host(host)
+    return reports
+
+
+def _client_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
+    """redis-py's pool options as a client takes them (``unix_socket_path`` is the
+    client's name of the pool's ``path``)."""
+    kwargs = dict(options)
+    if "path" in kwargs:
+        kwargs["unix_socket_path"] = kwargs.pop("path")
+    return kwargs
+
+
+def _diagnose(
+    client: redis.Redis, address: str, master: Mapping[str, Any] | None = None
+) -> list[ServerReport]:
+    report = ServerReport(address)
     try:
         try:
             client.ping()
@@ -73,7 +166,7 @@ def diagnose(url: str) -> list[ServerReport]:
         # Valkey names it server_mode.
         if (info.get("redis_mode") or info.get("server_mode")) == "sentinel":
             report.role = "sentinel"
-            return [report, *_sentinel_masters(client, report)]
+            return [report, *_sentinel_masters(client, report, master)]
         _check_server(client, info, report)
         return [report]
     finally:
@@ -233,21 +326,36 @@ def _check_cluster(client: redis.Redis, report: ServerReport) -> None:
         report.add("cluster", "problem", f"Redis Cluster in state {state!r}")
 
 
-def _sentinel_masters(client: redis.Redis, report: ServerReport) -> list[ServerReport]:
+def _sentinel_masters(
+    client: redis.Redis, report: ServerReport, master: Mapping[str, Any] | None
+) -> list[ServerReport]:
+    """Every master the Sentinel watches, or only the one a layer names (checked with
+    the layer's own client options: password, TLS)."""
     masters: Any = client.sentinel_masters()
     if not masters:
         report.add("sentinel", "problem", "this Sentinel watches no master")
         return []
     names = ", ".join(sorted(masters))
-    report.add(
-        "sentinel",
-        "ok",
-        f"Sentinel watching {names}: use hosts=[{{'sentinels': [...], 'master_name': ...}}]",
-    )
+    kwargs: dict[str, Any] = {}
+    if master is not None:
+        if master["name"] not in masters:
+            report.add(
+                "sentinel", "problem", f"this Sentinel watches {names}, not {master['name']!r}"
+            )
+            return []
+        masters = {master["name"]: masters[master["name"]]}
+        kwargs = dict(master["kwargs"])
+        report.add("sentinel", "ok", f"Sentinel watching {master['name']!r}")
+    else:
+        report.add(
+            "sentinel",
+            "ok",
+            f"Sentinel watching {names}: use hosts=[{{'sentinels': [...], 'master_name': ...}}]",
+        )
     reports = []
     for name, state in sorted(masters.items()):
-        url = f"redis://{state['ip']}:{state['port']}"
-        for found in diagnose(url):
+        server = redis.Redis(host=state["ip"], port=int(state["port"]), **{**kwargs, **_TIMEOUTS})
+        for found in _diagnose(server, f"{state['ip']}:{state['port']}"):
             found.address = f"{found.address} (master {name!r})"
             reports.append(found)
     return reports

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -103,6 +104,101 @@ def test_doctor_recognises_a_cluster(cluster_setup: ClusterSetup) -> None:
     assert code == 0
     assert statuses(report)["cluster"] == "ok"
     assert '"cluster"' in details(report)["cluster"]
+
+
+def doctor_settings(
+    tmp_path: Path, layers: dict[str, Any], *extra: str
+) -> tuple[int, list[dict[str, Any]], str]:
+    """``doctor --settings`` on a Django settings module holding ``layers``, run
+    from the project's folder as an operator would."""
+    (tmp_path / "ops_settings.py").write_text(
+        f"SECRET_KEY = 'x'\nCHANNEL_LAYERS = {layers!r}\n{''.join(extra)}"
+    )
+    command = [sys.executable, "-m", "streamlayer", "doctor", "--settings", "ops_settings"]
+    done = subprocess.run(
+        [*command, "--json"], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    return done.returncode, json.loads(done.stdout or "[]"), done.stderr
+
+
+def test_doctor_checks_a_django_projects_layers_and_their_hosts(
+    fresh_server: RedisServer, tmp_path: Path
+) -> None:
+    streams = {
+        "BACKEND": "streamlayer.StreamsChannelLayer",
+        "CONFIG": {"hosts": [("127.0.0.1", fresh_server.port)], "expiry": 5},
+    }
+    classic = {
+        "BACKEND": "streamlayer.compat.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [{"address": fresh_server.url}], "symmetric_encryption_keys": ["k"]},
+    }
+    other = {"BACKEND": "channels.layers.InMemoryChannelLayer"}
+    layers = {"default": streams, "jobs": classic, "memory": other}
+    code, reports, stderr = doctor_settings(tmp_path, layers)
+    assert code == 0, stderr  # warnings only
+    addresses = [r["address"] for r in reports]
+    assert addresses == [  # the server both entries name is checked once
+        "CHANNEL_LAYERS['default']",
+        f"127.0.0.1:{fresh_server.port}",
+        "CHANNEL_LAYERS['jobs']",
+    ]
+    default, server, jobs = reports
+    assert statuses(default) == {"streamlayer.W002": "warn", "config": "ok"}
+    assert "expiry is 5 s" in details(default)["streamlayer.W002"]
+    assert statuses(jobs) == {"streamlayer.W001": "warn", "config": "ok"}
+    assert statuses(server)["version"] == "ok" and server["role"] == "master"
+
+
+def test_doctor_refuses_a_misspelt_key_and_an_unreachable_host(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    layers = {
+        "default": {
+            "BACKEND": "streamlayer.StreamsChannelLayer",
+            "CONFIG": {"hosts": [f"redis://127.0.0.1:{port}"], "expiy": 60},
+        },
+        "other": {
+            "BACKEND": "streamlayer.StreamsChannelLayer",
+            "CONFIG": {"hosts": [f"redis://127.0.0.1:{port}"]},
+        },
+    }
+    code, reports, _ = doctor_settings(tmp_path, layers)
+    assert code == 1
+    default, other, server = reports
+    assert statuses(default) == {"streamlayer.E001": "problem"}
+    assert "expiry" in details(default)["streamlayer.E001"]  # the key it probably meant
+    assert statuses(other) == {"config": "ok"}
+    assert server["address"] == f"127.0.0.1:{port}"
+    assert statuses(server) == {"connect": "problem"}
+
+
+def test_doctor_follows_a_layers_sentinel_to_its_named_master(
+    sentinel_setup: SentinelSetup, tmp_path: Path
+) -> None:
+    sentinel = ("127.0.0.1", sentinel_setup.sentinel.port)
+    entry = {"sentinels": [sentinel], "master_name": sentinel_setup.master_name}
+    layer = {"BACKEND": "streamlayer.StreamsChannelLayer", "CONFIG": {"hosts": [entry]}}
+    code, reports, stderr = doctor_settings(tmp_path, {"default": layer})
+    assert code == 0, stderr
+    config, found_sentinel, master = reports
+    assert statuses(config) == {"config": "ok"}
+    assert found_sentinel["role"] == "sentinel"
+    assert master["role"] == "master"
+    assert str(sentinel_setup.current_master_port()) in master["address"]
+    wrong = {**layer, "CONFIG": {"hosts": [{**entry, "master_name": "nope"}]}}
+    code, reports, _ = doctor_settings(tmp_path, {"default": wrong})
+    assert code == 1
+    assert "not 'nope'" in details(reports[1])["sentinel"]
+
+
+def test_doctor_says_when_it_cannot_read_the_settings(tmp_path: Path) -> None:
+    done = run_cli("doctor")
+    assert done.returncode == 2 and "--hosts URL or --settings" in done.stderr
+    command = [sys.executable, "-m", "streamlayer", "doctor", "--settings", "no_such_settings"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2
+    assert "cannot read the Django settings" in done.stderr
 
 
 @pytest.mark.parametrize(
