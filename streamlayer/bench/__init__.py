@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..testing import RedisServer
-from .report import render_table, write_plot
+from .report import print_report, write_plot
 from .scenarios import Sizes
 
 __all__ = ["LAYERS", "run_bench"]
@@ -84,11 +86,12 @@ def run_bench(
     tens of percent within minutes, and interleaved runs spread the drift over every
     layer instead of charging it to whichever ran during a slow spell."""
     sizes = Sizes.quick() if quick else Sizes()
+    console = _console()
     server = None
     if hosts is None:
         server = RedisServer().start()
         url = server.url
-        print(f"started a throwaway redis-server on {url} ({server.binary})")
+        console.print(f"started a throwaway redis-server on {url} ({server.binary})")
     else:
         url = hosts
     results: dict[str, Any] = {}
@@ -96,29 +99,27 @@ def run_bench(
         with redis.Redis.from_url(url) as client:
             version = client.info("server")["redis_version"]
         rounds = repeat if repeat is not None else (1 if quick else 3)
-        print(f"Redis {version} at {url}; {'quick' if quick else 'full'} sizes; {rounds} round(s)")
+        console.print(
+            f"Redis {version} at {url}; {'quick' if quick else 'full'} sizes; {rounds} round(s)"
+        )
+        layers = _layers_to_run(only, console)
         runs: dict[str, list[dict[str, Any]]] = {}
-        for round_number in range(1, rounds + 1):
-            for name, (path, broadcast) in LAYERS.items():
-                if only and name not in only:
-                    continue
-                if not _installed(path):
-                    if round_number == 1:
-                        print(
-                            f"  skipping {name}: not installed (pip install 'streamlayer[bench]')"
-                        )
-                    continue
-                print(f"  round {round_number}/{rounds}: {name} ...", flush=True)
-                with_memory = memory and path != "raw" and round_number == 1
-                runs.setdefault(name, []).append(
-                    _run_one(path, url, sizes, broadcast, with_memory)
-                )
+        with _progress(console) as progress:
+            task = progress.add_task("layers", total=rounds * len(layers))
+            for round_number in range(1, rounds + 1):
+                for name, (path, broadcast) in layers.items():
+                    progress.update(task, description=f"round {round_number}/{rounds}: {name}")
+                    with_memory = memory and path != "raw" and round_number == 1
+                    runs.setdefault(name, []).append(
+                        _run_one(path, url, sizes, broadcast, with_memory)
+                    )
+                    progress.advance(task)
         results = {name: median_of(layer_runs) for name, layer_runs in runs.items()}
     finally:
         if server is not None:
             server.cleanup()
-    print()
-    print(render_table(results))
+    console.print()
+    print_report(results, console)
     report = {
         "redis_version": version,
         "sizes": asdict(sizes),
@@ -128,10 +129,41 @@ def run_bench(
     }
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2))
-        print(f"\nwrote {json_path}")
+        console.print(f"wrote {json_path}")
     if plot_path:
-        print(write_plot(results, plot_path))
+        console.print(write_plot(results, plot_path))
     return 1 if _errors(results) else 0
+
+
+def _console() -> Console:
+    """Wide enough for six layer columns when the output goes to a file or a CI log
+    (rich assumes 80 columns there)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
+def _layers_to_run(only: list[str] | None, console: Console) -> dict[str, tuple[str, bool]]:
+    chosen = {}
+    for name, (path, broadcast) in LAYERS.items():
+        if only and name not in only:
+            continue
+        if not _installed(path):
+            console.print(f"skipping {name}: not installed ({_BENCH_EXTRA})")
+            continue
+        chosen[name] = (path, broadcast)
+    return chosen
+
+
+def _progress(console: Console) -> Progress:
+    """A bar over every layer run (each takes from seconds to minutes); where the
+    output is not a terminal rich draws it once, at the end."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The bench's table, its target check, and its optional chart."""
+"""The bench's tables (rich), its target check, and its optional chart."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TARGETS", "render_table", "write_plot"]
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["TARGETS", "print_report", "results_table", "target_ratios", "write_plot"]
 
 #: (scenario, metric, label, lower is better)
 ROWS: list[tuple[str, str, str, bool]] = [
@@ -51,9 +54,13 @@ def _cell(value: float | None, base: float | None) -> str:
     return text
 
 
-def render_table(results: dict[str, Any]) -> str:
+def results_table(results: dict[str, Any]) -> Table:
+    """Every figure of every layer, each with its ratio to channels_redis of the same kind."""
     layers = list(results)
-    rows: list[list[str]] = [["", *layers]]
+    table = Table(title="Every layer on the same Redis (ratio to channels_redis)")
+    table.add_column("scenario")
+    for layer in layers:
+        table.add_column(layer, justify="right")
     for scenario, metric, label, _lower in ROWS:
         values = [figure(results, layer, scenario, metric) for layer in layers]
         if all(v is None for v in values):
@@ -63,26 +70,34 @@ def render_table(results: dict[str, Any]) -> str:
             incumbent = INCUMBENT.get(layer)
             base = figure(results, incumbent, scenario, metric) if incumbent else None
             cells.append(_cell(value, base))
-        rows.append([label, *cells])
-    errors = [
-        f"  {layer}: {detail}" for layer in layers for detail in _layer_errors(results[layer])
-    ]
-    lines = _align(rows)
-    lines.append("")
-    lines.append(
-        "(ratios) against channels_redis of the same kind: Streams and compat.core against\n"
-        "its sorted-set layer, compat.pubsub against its Pub/Sub layer; for latency and\n"
-        "memory lower is better. Every message was checked: none lost, none duplicated,\n"
-        "order kept per sender."
+        table.add_row(label, *cells)
+    table.caption = (
+        "Ratios: Streams and compat.core against channels_redis' sorted-set layer, "
+        "compat.pubsub against its Pub/Sub layer; for latency and memory lower is better. "
+        "Every message was checked: none lost, none duplicated, order kept per sender."
     )
-    lines.append("")
-    lines.append("StreamsChannelLayer against the performance targets:")
-    lines.extend(f"  {line}" for line in check_targets(results))
-    if errors:
-        lines.append("")
-        lines.append("errors:")
-        lines.extend(errors)
-    return "\n".join(lines)
+    return table
+
+
+def targets_table(results: dict[str, Any]) -> Table:
+    table = Table(title="StreamsChannelLayer against the performance targets")
+    for column in ("target", "ratio", "wanted", "verdict"):
+        table.add_column(column, justify="right" if column in ("ratio", "wanted") else "left")
+    for target, ratio in target_ratios(results):
+        if ratio is None:
+            table.add_row(target.label, "-", target.wanted, "not measured in this run")
+            continue
+        verdict = "[green]met[/]" if target.ok(ratio) else "[bold red]NOT met[/]"
+        table.add_row(target.label, f"{ratio:.2f}x", target.wanted, verdict)
+    return table
+
+
+def print_report(results: dict[str, Any], console: Console) -> None:
+    console.print(results_table(results))
+    console.print(targets_table(results))
+    errors = [(layer, detail) for layer in results for detail in _layer_errors(results[layer])]
+    for layer, detail in errors:
+        console.print(f"[bold red]error[/] {layer}: {detail}", markup=True, highlight=False)
 
 
 def _layer_errors(layer: Any) -> list[str]:
@@ -95,13 +110,6 @@ def _layer_errors(layer: Any) -> list[str]:
         for name, value in layer.items()
         if isinstance(value, dict) and "error" in value
     ]
-
-
-def _align(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines
 
 
 @dataclass(frozen=True)
@@ -138,18 +146,15 @@ TARGETS = [
 ]  # fmt: skip
 
 
-def check_targets(results: dict[str, Any]) -> list[str]:
-    lines = []
+def target_ratios(results: dict[str, Any]) -> list[tuple[Target, float | None]]:
+    """Each target with the measured ratio of Streams to its reference (None when one of
+    the two was not measured)."""
+    found: list[tuple[Target, float | None]] = []
     for target in TARGETS:
         ours = figure(results, "Streams", target.scenario, target.metric)
         theirs = figure(results, target.reference, target.scenario, target.metric)
-        if ours is None or not theirs:
-            lines.append(f"{target.label}: not measured in this run")
-            continue
-        ratio = ours / theirs
-        verdict = "met" if target.ok(ratio) else "NOT met"
-        lines.append(f"{target.label}: {ratio:.2f}x (target {target.wanted}): {verdict}")
-    return lines
+        found.append((target, ours / theirs if ours is not None and theirs else None))
+    return found
 
 
 def write_plot(results: dict[str, Any], path: str) -> str:
