@@ -9,7 +9,9 @@ rules into clear exceptions and wires the shared pieces together.
 from __future__ import annotations
 
 import logging
+import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -24,6 +26,7 @@ from .local import LocalChannels
 from .retry import retry_transient
 from .scripts import GROUP_MEMBERS
 from .serializers import MessageSerializer, registry
+from .sync import sync_aware
 
 __all__ = ["RESERVED_KEY", "LayerStats", "StreamlayerLayer"]
 
@@ -108,6 +111,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         )
         self.connections = ConnectionManager(self.config.hosts)
         self.stats = LayerStats()
+        _LAYERS.add(self)
         #: Channel names already validated, for any use and for receive() (bounded).
         self._valid_channels: set[str] = set()
         self._receivable: set[str] = set()
@@ -245,6 +249,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         """The sorted set holding ``group``'s members (each layer names its own)."""
         raise NotImplementedError
 
+    @sync_aware
     async def group_add(self, group: str, channel: str) -> None:
         """Add ``channel`` to ``group`` (membership lasts ``group_expiry`` seconds)."""
         self.check_group(group)
@@ -259,6 +264,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
 
         await self.with_retry(f"group_add to {group!r}", add)
 
+    @sync_aware
     async def group_discard(self, group: str, channel: str) -> None:
         """Remove ``channel`` from ``group``; a channel that is not a member is ignored."""
         self.check_group(group)
@@ -269,6 +275,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
             lambda: self.connections.client(shard).zrem(key, channel),
         )
 
+    @sync_aware
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         """Send ``message`` to every member of ``group``; full members are skipped and
         counted (the spec lets a group send drop rather than raise)."""
@@ -319,10 +326,32 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
 
     # --- lifecycle -----------------------------------------------------------------
 
+    def after_fork(self) -> None:
+        """In a forked child (Celery's prefork pool, gunicorn ``--preload``): forget the
+        parent's connections without touching their sockets, and count afresh. Layers
+        with an identity of their own (an inbox, dedup tags) take a new one here, or
+        parent and child would read each other's messages and drop each other's sends
+        as duplicates."""
+        self.connections.forget_after_fork()
+        self.stats = LayerStats()
+
     async def close(self) -> None:
-        """Stop background work and close this event loop's connections."""
+        """Stop background work and close this event loop's connections, and those
+        sync callers' calls share (see :mod:`streamlayer.sync`)."""
         await self.connections.close()
 
     async def close_pools(self) -> None:
         """channels_redis' name for :meth:`close`."""
         await self.close()
+
+
+#: Every layer of this process, renewed in a forked child (see after_fork()).
+_LAYERS: weakref.WeakSet[StreamlayerLayer] = weakref.WeakSet()
+
+
+def _renew_layers_after_fork() -> None:
+    for layer in list(_LAYERS):
+        layer.after_fork()
+
+
+os.register_at_fork(after_in_child=_renew_layers_after_fork)

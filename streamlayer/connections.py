@@ -8,6 +8,11 @@ loop closes that loop's pools when the loop winds down (``asyncio.run`` and
 asgiref cancel every remaining task before closing a loop), and pools of
 loops found closed are dropped, so nothing is reused across loops or leaked.
 
+Calls from sync code (``async_to_sync(layer.send)``) are the exception: they
+use one synchronous, thread-safe redis-py client per host instead, shared by
+every calling thread (:class:`SyncBackedClient`; when and why in
+:mod:`streamlayer.sync`).
+
 The shard choice for a key is the same CRC-based consistent hash that
 channels_redis uses, so both put a given channel or group on the same server.
 """
@@ -15,12 +20,19 @@ channels_redis uses, so both put a given channel or group on the same server.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import binascii
 import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
+import redis
+import redis.cluster
+import redis.retry
+import redis.sentinel
 from redis import asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection
@@ -34,6 +46,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .batching import ShardBatcher
 from .config import HostSpec
 from .exceptions import LayerClosed
+from .scripts import LuaScript
+from .sync import SYNC_IO
 
 __all__ = ["ConnectionManager", "consistent_hash", "create_pool"]
 
@@ -148,6 +162,76 @@ def socket_timeout(spec: HostSpec) -> float | None:
     return DEFAULT_SOCKET_TIMEOUT
 
 
+def create_sync_client(spec: HostSpec) -> Any:
+    """A synchronous, thread-safe client for ``spec`` (plain, URL, Sentinel or Cluster),
+    with the same options as the asyncio pools and no retries of its own."""
+    kwargs = {**spec.kwargs, "retry": redis.retry.Retry(NoBackoff(), 0)}
+    if spec.is_cluster:
+        nodes = [
+            redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]
+            for host, port in spec.cluster_nodes
+        ]
+        return redis.RedisCluster(startup_nodes=nodes, **kwargs)
+    if spec.is_sentinel:
+        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            list(spec.sentinels),
+            sentinel_kwargs=None if spec.sentinel_kwargs is None else dict(spec.sentinel_kwargs),
+        )
+        return sentinel.master_for(spec.master_name, **kwargs)  # type: ignore[no-untyped-call]
+    if spec.url is not None:
+        return redis.Redis.from_url(spec.url, **kwargs)
+    return redis.Redis(connection_pool=redis.ConnectionPool(**kwargs))
+
+
+class SyncBackedClient:
+    """What the layers call on a ``redis.asyncio`` client, done by a synchronous one.
+
+    Only for a sync caller's call, which runs on a loop serving that call alone
+    (see :mod:`streamlayer.sync`): blocking on the socket holds up nothing else,
+    and the connection comes from a pool every thread shares instead of one bound
+    to a loop that is about to close. It is also the script runner
+    :meth:`ConnectionManager.batcher` hands out there: one call at a time, nothing
+    to coalesce.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        command = getattr(self.client, name)
+
+        async def run(*args: Any, **kwargs: Any) -> Any:
+            return command(*args, **kwargs)
+
+        setattr(self, name, run)  # found directly from now on
+        return run
+
+    def pipeline(self, transaction: bool = True) -> _SyncBackedPipeline:
+        return _SyncBackedPipeline(self.client.pipeline(transaction=transaction))
+
+    async def call(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        return await script(cast(aioredis.Redis, self), keys, args)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class _SyncBackedPipeline:
+    """A synchronous pipeline whose ``execute`` is awaited, as the asyncio one's is."""
+
+    def __init__(self, pipeline: Any) -> None:
+        self._pipeline = pipeline
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipeline, name)  # queueing commands is synchronous in both
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        try:
+            return cast(list[Any], self._pipeline.execute(raise_on_error=raise_on_error))
+        finally:
+            self._pipeline.reset()
+
+
 class _LoopClients:
     """The clients of one event loop; closed by its guard task when the loop winds down."""
 
@@ -245,6 +329,9 @@ class ConnectionManager:
             raise ValueError("at least one host is required")
         self.hosts = tuple(hosts)
         self._loops: dict[asyncio.AbstractEventLoop, _LoopClients] = {}
+        #: Per host: the client sync callers' calls share (made on first use).
+        self._sync_clients: dict[int, SyncBackedClient] = {}
+        self._sync_lock = threading.Lock()
 
     @property
     def ring_size(self) -> int:
@@ -263,8 +350,23 @@ class ConnectionManager:
         return shard, key_slot(key.encode()) if self.is_cluster else 0
 
     def client(self, index: int) -> aioredis.Redis:
-        """The client for shard ``index`` in the running event loop (created lazily)."""
+        """The client for shard ``index`` in the running event loop (created lazily);
+        in a sync caller's call, the shared synchronous one."""
+        if SYNC_IO.get():
+            return cast(aioredis.Redis, self.sync_client(index))
         return self._loop_clients().client(index)
+
+    def sync_client(self, index: int) -> SyncBackedClient:
+        """The synchronous client of shard ``index`` every sync caller shares."""
+        client = self._sync_clients.get(index)
+        if client is None:
+            with self._sync_lock:
+                client = self._sync_clients.get(index)
+                if client is None:
+                    client = SyncBackedClient(create_sync_client(self.hosts[index]))
+                    self._sync_clients[index] = client
+                    _WITH_SYNC_CLIENTS.add(self)
+        return client
 
     def _loop_clients(self) -> _LoopClients:
         loop = asyncio.get_running_loop()
@@ -277,6 +379,8 @@ class ConnectionManager:
     def batcher(self, index: int) -> ShardBatcher:
         """The script batcher for shard ``index`` in the running event loop: script calls
         made in the same loop turn share one pipeline (see :mod:`streamlayer.batching`)."""
+        if SYNC_IO.get():
+            return cast(ShardBatcher, self.sync_client(index))
         return self._loop_clients().batcher(index)
 
     def block_timeout(self, index: int, wanted: float) -> float:
@@ -288,7 +392,9 @@ class ConnectionManager:
         return max(0.01, min(wanted, timeout / 2))
 
     async def close(self) -> None:
-        """Close this loop's clients; forget those of loops that are already closed."""
+        """Close this loop's clients and the sync callers' ones (a later sync call opens
+        afresh); forget the clients of loops that are already closed."""
+        self.close_sync_clients()
         self._drop_closed_loops()
         try:
             loop = asyncio.get_running_loop()
@@ -298,11 +404,44 @@ class ConnectionManager:
         if clients is not None:
             await clients.close()
 
+    def forget_after_fork(self) -> None:
+        """In a forked child: drop every client without closing it. The sockets are the
+        parent's too; the objects are kept (never collected, never closed), and redis-py's
+        synchronous pools would notice the fork by themselves anyway."""
+        _ABANDONED.extend([self._loops, self._sync_clients])
+        self._loops, self._sync_clients = {}, {}
+        self._sync_lock = threading.Lock()
+
+    def close_sync_clients(self) -> None:
+        """Disconnect the sync callers' clients. Safe at any moment: a call in flight on
+        one sees a dropped connection and is retried like any other."""
+        with self._sync_lock:
+            clients, self._sync_clients = list(self._sync_clients.values()), {}
+        for client in clients:
+            try:
+                client.close()
+            except Exception:  # a dead connection must not stop the others closing
+                logger.debug("error closing a sync client", exc_info=True)
+
     def open_loops(self) -> int:
         """How many event loops currently hold clients (for tests and diagnostics)."""
         self._drop_closed_loops()
         return len(self._loops)
 
     def _drop_closed_loops(self) -> None:
-        for loop in [loop for loop in self._loops if loop.is_closed()]:
-            del self._loops[loop]
+        # A snapshot first: sync callers' threads add loops concurrently (see sync.py).
+        for loop in [loop for loop in list(self._loops) if loop.is_closed()]:
+            self._loops.pop(loop, None)
+
+
+#: A forked child's copies of its parent's clients (see forget_after_fork()).
+_ABANDONED: list[Any] = []
+
+#: Managers holding sync callers' clients, closed at interpreter exit.
+_WITH_SYNC_CLIENTS: weakref.WeakSet[ConnectionManager] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_sync_clients_at_exit() -> None:
+    for manager in list(_WITH_SYNC_CLIENTS):
+        manager.close_sync_clients()

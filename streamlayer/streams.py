@@ -24,11 +24,12 @@ import math
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from asgiref.sync import markcoroutinefunction
 from redis.exceptions import ResponseError
 
 from .base import RESERVED_KEY, StreamlayerLayer
@@ -54,6 +55,7 @@ from .scripts import (
     STREAM_SEND,
     LuaScript,
 )
+from .sync import sync_aware
 
 __all__ = ["StreamsChannelLayer"]
 
@@ -127,6 +129,20 @@ class StreamsChannelLayer(StreamlayerLayer):
         window = min(self.config.retry_timeout + _RETRY_SLACK, self.config.expiry)
         self._delivered_keep_ms = max(1000, math.ceil(window * 1000))
 
+    def after_fork(self) -> None:
+        """A new identity for the child: inbox, consumer name, channel names, dedup tags."""
+        super().after_fork()
+        self.process_id = secrets.token_hex(8)
+        self._tag_numbers = itertools.count()
+        self._channel_numbers = itertools.count(1)
+        self._process_of = {}
+        self.position = InboxPosition()
+        self.local = LocalChannels(self.get_capacity)
+        self._reader = None
+        self._normal = {}
+        self._recent = RecentTags()
+        self.history = GroupHistory(self)
+
     def new_tag(self) -> str:
         """A dedup tag no other send of any process uses: this layer's random id and a
         counter (cheaper than fresh random bytes per message)."""
@@ -151,6 +167,7 @@ class StreamsChannelLayer(StreamlayerLayer):
         """A new process-specific channel name, served by this process's inbox."""
         return f"{prefix}.{self.process_id}!{next(self._channel_numbers):x}"
 
+    @sync_aware
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         """Send ``message`` to ``channel``; raises ChannelFull when its backlog is at capacity."""
         self.check_message(message)
@@ -511,16 +528,23 @@ class StreamsChannelLayer(StreamlayerLayer):
     def group_key(self, group: str) -> str:
         return stream_group_key(self.prefix, group)
 
-    async def group_add(  # type: ignore[override]
+    @markcoroutinefunction
+    def group_add(  # type: ignore[override]
         self, group: str, channel: str, since: str | Position | None = None
-    ) -> bool | None:
+    ) -> Coroutine[Any, Any, bool | None]:
         """Add ``channel`` to ``group``. With ``since`` (a position a message of the
         group carried under ``"__position__"``), first replay to ``channel`` every
         retained message after it, in order, then live ones: returns True when the
-        replay is complete, False when some messages after ``since`` are gone."""
+        replay is complete, False when some messages after ``since`` are gone.
+
+        Without ``since`` a sync caller's call reuses connections (the base class's
+        group_add); with it the call stays on the loop that awaits it, since a replay
+        to a channel of this process feeds that loop's receivers."""
         if since is None:
-            await super().group_add(group, channel)
-            return None
+            return super().group_add(group, channel)
+        return self._join(group, channel, since)
+
+    async def _join(self, group: str, channel: str, since: str | Position) -> bool:
         position = Position.parse(since)
         self.check_group(group)
         self.check_channel(channel)
@@ -542,6 +566,7 @@ class StreamsChannelLayer(StreamlayerLayer):
         position = None if since is None else Position.parse(since)
         return await self.history.read(group, position, limit)
 
+    @sync_aware
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         """Send ``message`` to every member of ``group``. A group with history first
         records it there (in the same round trip that reads the members) and the
@@ -566,19 +591,13 @@ class StreamsChannelLayer(StreamlayerLayer):
     ) -> int:
         """One payload per destination stream, one STREAM_GROUP_SEND per shard (per
         slot on a Redis Cluster); returns how many destinations were full."""
-        plan = self._plan_group_send(members, message)
-        results = await asyncio.gather(
-            *(
-                self.append(
-                    f"group_send to {group!r}",
-                    STREAM_GROUP_SEND,
-                    shard,
-                    keys,
-                    [*args, group, position],
-                )
-                for shard, keys, args in plan
-            )
-        )
+        what = f"group_send to {group!r}"
+        calls = [
+            self.append(what, STREAM_GROUP_SEND, shard, keys, [*args, group, position])
+            for shard, keys, args in self._plan_group_send(members, message)
+        ]
+        # One shard (the usual case) needs no task of its own: gather would make one.
+        results = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         return sum(int(r) for r in results)
 
     def _plan_group_send(

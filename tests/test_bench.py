@@ -27,7 +27,8 @@ def test_quick_bench_runs_every_layer_and_checks_every_message(
     for name, (_path, broadcast) in LAYERS.items():
         measured = results[name]
         if name == "raw redis-py":
-            assert set(measured) == {"p2p_sequential", "p2p_concurrent", "latency"}
+            assert set(measured) == {"p2p_sequential", "p2p_concurrent", "latency", "sync_calls"}
+            assert measured["sync_calls"]["per_second"] > 0  # asgiref's floor
             continue
         for scenario in SCENARIOS:
             if scenario.needs_worker_channels and broadcast:
@@ -35,6 +36,9 @@ def test_quick_bench_runs_every_layer_and_checks_every_message(
             else:
                 assert measured[scenario.name], f"{name} {scenario.name} measured nothing"
         assert measured["cross_process"]["per_second"] > 0
+        assert measured["sync_calls"]["per_second"] > 0
+        if not name.startswith("channels_redis"):  # which opens one per call
+            assert measured["sync_calls"]["new_connections"] <= 1
         assert measured["fanout_spread"]["per_second"] > 0
         assert "client_bytes_per_idle_channel" in measured["memory"]
         assert ("redis_bytes_per_message" in measured["memory"]) is not broadcast

@@ -26,6 +26,13 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("fanout_spread", "per_second", "fan-out over 4 processes (deliveries/s)", False),
     ("many_channels", "per_second", "many channels (msg/s)", False),
     ("cross_process", "per_second", "cross-process (msg/s)", False),
+    (
+        "sync_calls",
+        "per_second",
+        "sync callers, async_to_sync(group_send) (calls/s; raw: asgiref alone)",
+        False,
+    ),
+    ("sync_calls", "new_connections", "sync callers: new Redis connections in those calls", True),
     ("memory", "redis_bytes_per_message", "Redis bytes per backlogged message", True),
     ("memory", "client_bytes_per_idle_channel", "client bytes per idle channel", True),
 ]
@@ -139,6 +146,8 @@ TARGETS = [
            "channels_redis pubsub", "<= 1x", lambda r: r <= 1.0),
     Target("latency p50 vs raw XADD/XREAD pair", "latency", "p50_us",
            "raw redis-py", "<= 1.6x", lambda r: r <= 1.6),
+    Target("sync calls vs channels_redis core", "sync_calls", "per_second",
+           "channels_redis core", ">= 5x", lambda r: r >= 5),
     Target("Redis bytes per message vs channels_redis core", "memory",
            "redis_bytes_per_message", "channels_redis core", "<= 1x", lambda r: r <= 1.0),
     Target("client bytes per idle channel vs channels_redis core", "memory",

@@ -39,6 +39,7 @@ class Sizes:
     many_channels: int = 1000
     per_channel: int = 5
     cross_process: int = 5000
+    sync_calls: int = 1000
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -53,6 +54,7 @@ class Sizes:
             many_channels=100,
             per_channel=3,
             cross_process=500,
+            sync_calls=300,
         )
 
 

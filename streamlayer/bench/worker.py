@@ -20,6 +20,7 @@ import redis
 
 from .raw import RAW_SCENARIOS
 from .scenarios import BODY, SCENARIOS, BenchError, Metrics, Sizes
+from .sync_calls import sync_calls, sync_floor
 
 __all__ = ["main"]
 
@@ -237,6 +238,14 @@ async def _run_raw(url: str, sizes: Sizes) -> dict[str, Any]:
     return results
 
 
+def _sync_calls(path: str, url: str, count: int) -> Metrics | dict[str, str]:
+    """Outside any event loop, as sync code calls a layer (see sync_calls.py)."""
+    try:
+        return sync_calls(lambda prefix: make_layer(path, url, prefix, 100_000), url, count)
+    except BenchError as exc:
+        return {"error": str(exc)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m streamlayer.bench.worker")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -268,8 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     sizes = Sizes(**{**raw_sizes, "fanout_members": tuple(raw_sizes["fanout_members"])})
     if args.path == "raw":
         results = asyncio.run(_run_raw(args.url, sizes))
+        results["sync_calls"] = sync_floor(sizes.sync_calls)
     else:
         results = asyncio.run(_run_layer(args.path, args.url, sizes, args.broadcast))
+        results["sync_calls"] = _sync_calls(args.path, args.url, sizes.sync_calls)
         if args.memory:
             results["memory"] = asyncio.run(_memory(args.path, args.url, args.broadcast))
     print(json.dumps({"pid": os.getpid(), "sizes": asdict(sizes), "results": results}))

@@ -48,6 +48,7 @@ from ..scripts import (
     CLASSIC_RESTORE_BACKUP,
     CLASSIC_SEND,
 )
+from ..sync import sync_aware
 
 __all__ = ["RedisChannelLayer"]
 
@@ -137,6 +138,17 @@ class RedisChannelLayer(StreamlayerLayer):
         #: (shard, key) pairs whose channels_redis $inflight backup was already restored.
         self._restored: set[tuple[int, str]] = set()
 
+    def after_fork(self) -> None:
+        """A new inbox for the child (channels_redis would share the parent's)."""
+        super().after_fork()
+        self.client_prefix = uuid.uuid4().hex
+        self.local = LocalChannels(self.get_capacity)
+        self._readers = {}
+        self._parked = {}
+        self._fetches = set()
+        self._orphans = {}
+        self._restored = set()
+
     @property
     def expiry_ttl(self) -> int:
         """Key TTL in whole seconds (EXPIRE takes integers; never 0, which deletes)."""
@@ -148,6 +160,7 @@ class RedisChannelLayer(StreamlayerLayer):
         """A new process-specific channel name, received through this layer's inbox."""
         return f"{prefix}.{self.client_prefix}!{uuid.uuid4().hex}"
 
+    @sync_aware
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         """Send ``message`` to ``channel``; raises ChannelFull when it is at capacity."""
         self.check_message(message)
@@ -332,9 +345,9 @@ class RedisChannelLayer(StreamlayerLayer):
         """One CLASSIC_GROUP_SEND per shard; returns how many members were full."""
         plan = self._plan_group_send(members, message)
         now = time.time()
-        results = await asyncio.gather(
-            *(self._group_send_shard(group, shard, batch, now) for shard, batch in plan.items())
-        )
+        calls = [self._group_send_shard(group, shard, batch, now) for shard, batch in plan.items()]
+        # One shard (the usual case) needs no task of its own: gather would make one.
+        results = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         return sum(results)
 
     def _plan_group_send(

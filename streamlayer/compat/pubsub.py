@@ -30,6 +30,7 @@ from ..connections import socket_timeout
 from ..exceptions import LayerClosed
 from ..local import LocalChannels
 from ..subscriber import Subscriber
+from ..sync import sync_aware
 
 __all__ = ["RELEASE_AFTER", "RedisPubSubChannelLayer"]
 
@@ -172,6 +173,11 @@ class RedisPubSubChannelLayer(StreamlayerLayer):
         super().__init__(**options)
         self._presences: dict[asyncio.AbstractEventLoop, _LoopPresence] = {}
 
+    def after_fork(self) -> None:
+        """The child subscribes afresh: the parent's subscriptions are the parent's."""
+        super().after_fork()
+        self._presences = {}
+
     def _here(self) -> _LoopPresence:
         """This event loop's presence (each loop subscribes on its own connections)."""
         loop = asyncio.get_running_loop()
@@ -197,6 +203,7 @@ class RedisPubSubChannelLayer(StreamlayerLayer):
         await self._here().add_channel(channel)
         return channel
 
+    @sync_aware
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         """Publish ``message`` to ``channel``. Nobody subscribed: it is gone (Pub/Sub)."""
         self.check_channel(channel)
@@ -247,6 +254,7 @@ class RedisPubSubChannelLayer(StreamlayerLayer):
             del presence.groups[name]
             presence.unsubscribe(name)
 
+    @sync_aware
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         """Publish ``message`` once to the group's Pub/Sub channel."""
         self.check_group(group)

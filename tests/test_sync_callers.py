@@ -1,0 +1,316 @@
+"""Sync callers: ``async_to_sync(layer.send / group_send / group_add / group_discard)``
+from plain threads (a Celery worker, a management command), from a thread pool, from
+a sync view under an ASGI server (an outer loop), from inside a one-call loop, across
+a fork and at interpreter exit, for each layer, with connections counted by the
+server itself (``INFO stats`` total_connections_received, ``CLIENT LIST``)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import warnings
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from asgiref.sync import async_to_sync, sync_to_async
+
+from streamlayer import sync as sync_module
+from streamlayer.base import StreamlayerLayer
+from streamlayer.exceptions import ChannelFull
+from streamlayer.testing import RedisServer
+
+from .layers import PUBSUB, keeps, layer_class
+
+_WAIT = 15.0
+
+
+class Member:
+    """A group member on the test's loop, in a layer of its own (as another process
+    would be), collecting what it receives."""
+
+    def __init__(self, layer: StreamlayerLayer, group: str) -> None:
+        self.layer = layer
+        self.group = group
+        self.channel = ""
+        self.got: list[dict[str, Any]] = []
+
+    async def join(self) -> Member:
+        self.channel = await self.layer.new_channel()
+        await self.layer.group_add(self.group, self.channel)
+        return self
+
+    async def take(self, count: int) -> list[dict[str, Any]]:
+        while len(self.got) < count:
+            message = await asyncio.wait_for(self.layer.receive(self.channel), _WAIT)
+            self.got.append(message)
+        return self.got[:count]
+
+
+@pytest.fixture
+async def server_and_layers(
+    layer_path: str, fresh_server: RedisServer
+) -> AsyncIterator[tuple[RedisServer, StreamlayerLayer, Member]]:
+    """A server of the test's own, the layer sync code calls, and a member of group
+    "news" in another layer; both layers closed after."""
+    cls = layer_class(layer_path)
+    layer = cls(hosts=[fresh_server.url], prefix="sync", capacity=5000)
+    member_layer = cls(hosts=[fresh_server.url], prefix="sync", capacity=5000)
+    member = await Member(member_layer, "news").join()
+    if layer_path == PUBSUB:
+        # The member's subscription is confirmed; one message proves it hears the group.
+        await layer.group_send("news", {"type": "warm"})
+        await member.take(1)
+        member.got.clear()
+    yield fresh_server, layer, member
+    await layer.flush()
+    await layer.close()
+    await member.layer.close()
+
+
+def new_connections(server: RedisServer, calls: Any) -> int:
+    """How many connections the server accepted while ``calls()`` ran (minus the
+    checker's own second one)."""
+    before = server.total_connections()
+    calls()
+    return server.total_connections() - before - 1
+
+
+async def test_a_thousand_calls_from_one_thread_open_one_connection(
+    server_and_layers: tuple[RedisServer, StreamlayerLayer, Member],
+) -> None:
+    server, layer, member = server_and_layers
+    loops_before = layer.connections.open_loops()
+
+    def calls() -> None:
+        group_send, send = async_to_sync(layer.group_send), async_to_sync(layer.send)
+        for i in range(500):
+            group_send("news", {"type": "g", "i": i})
+            send(member.channel, {"type": "s", "i": i})
+
+    opened = await asyncio.to_thread(new_connections, server, calls)
+    assert opened <= 1
+    got = await member.take(1000)
+    assert [(m["type"], m["i"]) for m in got] == [(t, i) for i in range(500) for t in "gs"]
+    assert layer.connections.open_loops() == loops_before  # no call's loop kept a pool
+
+
+async def test_group_add_and_discard_from_a_thread_reuse_one_connection(
+    server_and_layers: tuple[RedisServer, StreamlayerLayer, Member],
+) -> None:
+    server, layer, _ = server_and_layers
+    if not keeps(layer, "remote_members"):
+        pytest.skip("on Pub/Sub a member must be a channel of the process that subscribes")
+
+    def calls() -> None:
+        add, discard = async_to_sync(layer.group_add), async_to_sync(layer.group_discard)
+        for i in range(500):
+            add("crowd", f"worker-{i}")
+            discard("crowd", f"worker-{i - 1}")
+
+    assert await asyncio.to_thread(new_connections, server, calls) <= 1
+    with server.client() as client:
+        assert client.zrange(layer.group_key("crowd"), 0, -1) == [b"worker-499"]
+
+
+async def test_a_thread_pool_opens_at_most_one_connection_per_thread(
+    server_and_layers: tuple[RedisServer, StreamlayerLayer, Member],
+) -> None:
+    """Eight Celery-style worker threads, 125 calls each: a connection is taken from
+    the shared pool for a call and given back, so at most eight are ever open."""
+    server, layer, member = server_and_layers
+    pool_threads: list[threading.Thread] = []
+
+    def worker(n: int) -> None:
+        pool_threads.append(threading.current_thread())
+        send = async_to_sync(layer.group_send)
+        for i in range(125):
+            send("news", {"type": "g", "n": n, "i": i})
+
+    def calls() -> None:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(worker, range(8)))
+
+    assert await asyncio.to_thread(new_connections, server, calls) <= 8
+    got = await member.take(1000)
+    for n in range(8):  # each thread's messages in its order
+        assert [m["i"] for m in got if m["n"] == n] == list(range(125))
+    # The pool's threads have ended: the next thread that calls closes their loops.
+    await asyncio.to_thread(lambda: async_to_sync(layer.group_send)("news", {"type": "x"}))
+    owners = sync_module.threads_with_loops()
+    assert not [t for t in pool_threads if t in owners]
+
+
+async def test_close_lets_go_of_every_connection_sync_calls_used(
+    server_and_layers: tuple[RedisServer, StreamlayerLayer, Member],
+) -> None:
+    server, layer, member = server_and_layers
+    await layer.close()  # holds nothing now
+    baseline = await asyncio.to_thread(server.connected_clients)
+
+    def calls() -> None:
+        with ThreadPoolExecutor(4) as pool:
+            list(
+                pool.map(lambda i: async_to_sync(layer.send)(member.channel, {"i": i}), range(40))
+            )
+
+    await asyncio.to_thread(calls)
+    assert await asyncio.to_thread(server.connected_clients) > baseline
+    await layer.close()
+    assert await asyncio.to_thread(server.connected_clients) == baseline
+    # The layer stays usable: the next sync call connects afresh.
+    await asyncio.to_thread(lambda: async_to_sync(layer.send)(member.channel, {"i": 40}))
+    assert sorted(m["i"] for m in await member.take(41)) == list(range(41))
+
+
+async def test_bad_input_and_a_full_channel_raise_in_the_caller(
+    server_and_layers: tuple[RedisServer, StreamlayerLayer, Member],
+) -> None:
+    server, layer, _ = server_and_layers
+
+    def bad_calls() -> list[type[BaseException]]:
+        raised = []
+        for call in (
+            lambda: async_to_sync(layer.send)("no spaces allowed", {"type": "x"}),
+            lambda: async_to_sync(layer.group_send)("news", ["not", "a", "dict"]),
+            lambda: async_to_sync(layer.group_send)("news", {"__asgi_channel__": "x"}),
+        ):
+            try:
+                call()
+            except (TypeError, ValueError) as exc:
+                raised.append(type(exc))
+        return raised
+
+    assert len(await asyncio.to_thread(bad_calls)) == 3
+    if keeps(layer, "capacity"):
+        small = type(layer)(hosts=[server.url], prefix="sync-full", capacity=1)
+
+        def overfill() -> None:
+            async_to_sync(small.send)("jobs", {"type": "one"})
+            async_to_sync(small.send)("jobs", {"type": "two"})
+
+        with pytest.raises(ChannelFull, match="capacity of 1"):
+            await asyncio.to_thread(overfill)
+        await small.flush()
+        await small.close()
+
+
+async def test_a_sync_view_under_an_asgi_server_runs_on_the_servers_loop(
+    server_and_layers: tuple[RedisServer, StreamlayerLayer, Member],
+) -> None:
+    """Django runs a sync view in a sync_to_async thread; async_to_sync there finds
+    the server's loop and the call runs on it, with that loop's connections (on the
+    Pub/Sub layer group_add works from there, as a SyncConsumer's does)."""
+    server, layer, member = server_and_layers
+    await layer.send(member.channel, {"type": "s", "i": -1})  # this loop's pool opens
+    channel = await layer.new_channel()
+
+    def view() -> None:
+        async_to_sync(layer.group_add)("view-group", channel)
+        for i in range(50):
+            async_to_sync(layer.send)(member.channel, {"type": "s", "i": i})
+        async_to_sync(layer.group_send)("view-group", {"type": "g"})
+
+    before = await asyncio.to_thread(server.total_connections)
+    await sync_to_async(view)()
+    assert await asyncio.to_thread(server.total_connections) - before - 1 <= 1
+    assert [m["i"] for m in await member.take(51)] == list(range(-1, 50))
+    assert await asyncio.wait_for(layer.receive(channel), _WAIT) == {"type": "g"}
+
+
+async def test_calls_inside_a_function_async_to_sync_runs_reuse_connections(
+    server_and_layers: tuple[RedisServer, StreamlayerLayer, Member],
+) -> None:
+    """``async_to_sync(notify)()`` where notify awaits the layer: each call runs on a
+    loop made for it, and the layer's calls there use the shared pool."""
+    server, layer, member = server_and_layers
+
+    async def notify(i: int) -> None:
+        await layer.group_send("news", {"type": "g", "i": i})
+        await layer.send(member.channel, {"type": "s", "i": i})
+
+    def calls() -> None:
+        for i in range(100):
+            async_to_sync(notify)(i)
+
+    assert await asyncio.to_thread(new_connections, server, calls) <= 1
+    got = await member.take(200)
+    assert [(m["type"], m["i"]) for m in got] == [(t, i) for i in range(100) for t in "gs"]
+
+
+async def test_a_forked_child_opens_its_own_connections(
+    server_and_layers: tuple[RedisServer, StreamlayerLayer, Member],
+) -> None:
+    """After a fork the child must not use its parent's sockets: it connects afresh,
+    and the parent's calls keep working."""
+    _, layer, member = server_and_layers
+
+    def identity() -> str | None:  # what names this process's inbox and dedup tags
+        return getattr(layer, "process_id", getattr(layer, "client_prefix", None))
+
+    parents = identity()
+
+    def fork_and_send() -> int:
+        async_to_sync(layer.send)(member.channel, {"who": "parent", "i": 0})
+        with warnings.catch_warnings():  # 3.12+ warns of fork in a threaded process
+            warnings.simplefilter("ignore", DeprecationWarning)
+            child = os.fork()
+        if child == 0:
+            code = 1
+            try:
+                if parents is not None and identity() == parents:
+                    os._exit(3)  # would share the parent's inbox and dedup tags
+                for i in range(10):
+                    async_to_sync(layer.send)(member.channel, {"who": "child", "i": i})
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(child, 0)
+        async_to_sync(layer.send)(member.channel, {"who": "parent", "i": 1})
+        return os.waitstatus_to_exitcode(status)
+
+    assert await asyncio.to_thread(fork_and_send) == 0
+    got = await member.take(12)
+    assert [m["i"] for m in got if m["who"] == "child"] == list(range(10))
+    assert [m["i"] for m in got if m["who"] == "parent"] == [0, 1]
+
+
+def test_a_process_that_never_closes_the_layer_exits_cleanly(
+    layer_path: str, fresh_server: RedisServer
+) -> None:
+    """A management command: sync calls from the main thread and another thread, no
+    close(); the interpreter exits promptly, without a warning, and the server sees
+    every connection go."""
+    baseline = fresh_server.connected_clients()
+    script = textwrap.dedent(
+        f"""
+        import threading
+        from asgiref.sync import async_to_sync
+        from tests.layers import layer_class
+        layer = layer_class({layer_path!r})(hosts=[{fresh_server.url!r}], prefix="exit")
+        def calls():
+            for i in range(50):
+                async_to_sync(layer.group_send)("g", {{"type": "x", "i": i}})
+        calls()
+        thread = threading.Thread(target=calls)
+        thread.start()
+        thread.join()
+        print("sent")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "sent"
+    assert done.stderr == ""  # no ResourceWarning, no task destroyed pending
+    assert fresh_server.connected_clients() == baseline
