@@ -170,3 +170,30 @@ def test_the_readme_main_command_runs_its_checked_tour() -> None:
     assert done.stdout.count(" ok ") == 4, done.stdout
     assert "FAILED" not in done.stdout
     assert "reconnected (recovered=True)" in done.stdout
+
+
+async def test_a_sync_django_view_announces_without_opening_connections(
+    redis_aof: RedisServer, pair: tuple[Any, Any], chat: Any
+) -> None:
+    """``POST /lobby/announce/`` is a plain sync view calling
+    ``async_to_sync(layer.group_send)`` under daphne: 100 of them reach both tabs in
+    order, and Redis accepts no new connection meanwhile (the calls run on the
+    server's loop and its connections; docs/sync.rst)."""
+    import urllib.request
+
+    a, b = pair
+    url = f"{chat.urls[1]}lobby/announce/"
+
+    def announce_all() -> None:
+        for i in range(100):
+            request = urllib.request.Request(url, data=f"news {i}".encode(), method="POST")
+            with urllib.request.urlopen(request, timeout=_WAIT) as response:
+                assert response.status == 204
+
+    before = await asyncio.to_thread(redis_aof.total_connections)
+    await asyncio.to_thread(announce_all)
+    opened = await asyncio.to_thread(redis_aof.total_connections) - before - 1
+    assert opened <= 1
+    expected = [f"news {i}" for i in range(100)]
+    assert await texts(a, 100) == expected
+    assert await texts(b, 100) == expected

@@ -15,6 +15,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -110,10 +111,14 @@ def run_bench(
                 for name, (path, broadcast) in layers.items():
                     progress.update(task, description=f"round {round_number}/{rounds}: {name}")
                     with_memory = memory and path != "raw" and round_number == 1
+                    started = time.monotonic()
                     runs.setdefault(name, []).append(
                         _run_one(path, url, sizes, broadcast, with_memory)
                     )
                     progress.advance(task)
+                    if not console.is_terminal:  # no live bar in a log: a line per run
+                        took = time.monotonic() - started
+                        console.print(f"round {round_number}/{rounds}: {name} ({took:.0f} s)")
         results = {name: median_of(layer_runs) for name, layer_runs in runs.items()}
     finally:
         if server is not None:

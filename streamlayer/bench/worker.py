@@ -238,10 +238,12 @@ async def _run_raw(url: str, sizes: Sizes) -> dict[str, Any]:
     return results
 
 
-def _sync_calls(path: str, url: str, count: int) -> Metrics | dict[str, str]:
-    """Outside any event loop, as sync code calls a layer (see sync_calls.py)."""
+def _sync_calls(path: str, url: str, count: int, broadcast: bool) -> Metrics | dict[str, str]:
+    """Outside any event loop, as sync code calls a layer (see sync_calls.py); the
+    member process's layer has the spread fan-out's prefix."""
     try:
-        return sync_calls(lambda prefix: make_layer(path, url, prefix, 100_000), url, count)
+        make = lambda: make_layer(path, url, "bench-spread", 100_000)  # noqa: E731
+        return sync_calls(make, path, url, count, broadcast)
     except BenchError as exc:
         return {"error": str(exc)}
 
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         results["sync_calls"] = sync_floor(sizes.sync_calls)
     else:
         results = asyncio.run(_run_layer(args.path, args.url, sizes, args.broadcast))
-        results["sync_calls"] = _sync_calls(args.path, args.url, sizes.sync_calls)
+        results["sync_calls"] = _sync_calls(args.path, args.url, sizes.sync_calls, args.broadcast)
         if args.memory:
             results["memory"] = asyncio.run(_memory(args.path, args.url, args.broadcast))
     print(json.dumps({"pid": os.getpid(), "sizes": asdict(sizes), "results": results}))

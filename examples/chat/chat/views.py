@@ -1,7 +1,12 @@
 """The page: a room's messages, a text box, and the WebSocket that survives
 disconnects (it reconnects with the position of the last message it showed)."""
 
-from django.http import HttpRequest, HttpResponse
+import time
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed
+from django.views.decorators.csrf import csrf_exempt
 
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>streamlayer chat: {room}</title>
@@ -72,3 +77,20 @@ def index(request: HttpRequest, room: str = "lobby") -> HttpResponse:
     import json
 
     return HttpResponse(PAGE.format(room=room, room_json=json.dumps(room)))
+
+
+@csrf_exempt
+def announce(request: HttpRequest, room: str) -> HttpResponse:
+    """``POST /<room>/announce/`` with the text as the body: a plain sync Django view
+    (a cron job, a webhook, an admin action) telling a room something.
+
+    Django runs it in a thread under the ASGI server; ``async_to_sync`` finds the
+    server's loop there and the layer sends on that loop's connections, so a
+    thousand announcements open no connection (see docs/sync.rst)."""
+    if request.method != "POST":
+        return HttpResponseNotAllowed(["POST"])
+    text = request.body.decode("utf8", "replace")[:2000]
+    layer = get_channel_layer()
+    message = {"type": "chat.message", "text": text, "author": "announcer", "at": time.time()}
+    async_to_sync(layer.group_send)(f"room-{room}", message)
+    return HttpResponse(status=204)
