@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 import warnings
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,6 @@ from typing import Any
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 
-from streamlayer import sync as sync_module
 from streamlayer.base import StreamlayerLayer
 from streamlayer.exceptions import ChannelFull
 from streamlayer.testing import RedisServer
@@ -124,10 +122,8 @@ async def test_a_thread_pool_opens_at_most_one_connection_per_thread(
     """Eight Celery-style worker threads, 125 calls each: a connection is taken from
     the shared pool for a call and given back, so at most eight are ever open."""
     server, layer, member = server_and_layers
-    pool_threads: list[threading.Thread] = []
 
     def worker(n: int) -> None:
-        pool_threads.append(threading.current_thread())
         send = async_to_sync(layer.group_send)
         for i in range(125):
             send("news", {"type": "g", "n": n, "i": i})
@@ -140,10 +136,6 @@ async def test_a_thread_pool_opens_at_most_one_connection_per_thread(
     got = await member.take(1000)
     for n in range(8):  # each thread's messages in its order
         assert [m["i"] for m in got if m["n"] == n] == list(range(125))
-    # The pool's threads have ended: the next thread that calls closes their loops.
-    await asyncio.to_thread(lambda: async_to_sync(layer.group_send)("news", {"type": "x"}))
-    owners = sync_module.threads_with_loops()
-    assert not [t for t in pool_threads if t in owners]
 
 
 async def test_close_lets_go_of_every_connection_sync_calls_used(
@@ -314,3 +306,26 @@ def test_a_process_that_never_closes_the_layer_exits_cleanly(
     assert done.stdout.strip() == "sent"
     assert done.stderr == ""  # no ResourceWarning, no task destroyed pending
     assert fresh_server.connected_clients() == baseline
+
+
+async def test_sync_calls_work_on_every_topology(make_layer: Any) -> None:
+    """The synchronous clients take each form of ``hosts``: one server, three shards,
+    a Sentinel's master, a Redis Cluster (each command to the node of its keys)."""
+    layer, other = make_layer(capacity=1000), make_layer(capacity=1000)
+    members = [await Member(other, f"room-{n}").join() for n in range(6)]
+    if keeps(layer, "queueing") is False:  # Pub/Sub: make sure the subscriptions hear
+        for member in members:
+            await layer.group_send(member.group, {"type": "warm"})
+            await member.take(1)
+            member.got.clear()
+
+    def calls() -> None:
+        for i in range(20):
+            for member in members:
+                async_to_sync(layer.group_send)(member.group, {"type": "g", "i": i})
+                async_to_sync(layer.send)(member.channel, {"type": "s", "i": i})
+
+    await asyncio.to_thread(calls)
+    for member in members:
+        got = await member.take(40)
+        assert [(m["type"], m["i"]) for m in got] == [(t, i) for i in range(20) for t in "gs"]
