@@ -166,6 +166,11 @@ def create_sync_client(spec: HostSpec) -> Any:
     """A synchronous, thread-safe client for ``spec`` (plain, URL, Sentinel or Cluster),
     with the same options as the asyncio pools and no retries of its own."""
     kwargs = {**spec.kwargs, "retry": redis.retry.Retry(NoBackoff(), 0)}
+    # A call blocks its thread on these sockets: bound every wait, as the retry policy
+    # assumes (the calls are short; nothing here is a blocking read).
+    timeout = socket_timeout(spec) or DEFAULT_SOCKET_TIMEOUT
+    kwargs.setdefault("socket_timeout", timeout)
+    kwargs.setdefault("socket_connect_timeout", timeout)
     if spec.is_cluster:
         nodes = [
             redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]
