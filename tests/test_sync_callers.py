@@ -329,3 +329,27 @@ async def test_sync_calls_work_on_every_topology(make_layer: Any) -> None:
     for member in members:
         got = await member.take(40)
         assert [(m["type"], m["i"]) for m in got] == [(t, i) for i in range(20) for t in "gs"]
+
+
+async def test_a_sync_group_send_keeps_the_groups_history(fresh_server: RedisServer) -> None:
+    """On the Streams layer a group with history records each sync caller's message
+    (one script call, over the sync client) and members get it with its position."""
+    from streamlayer import POSITION_KEY, StreamsChannelLayer
+
+    layer = StreamsChannelLayer(hosts=[fresh_server.url], prefix="synch", group_history=50)
+    member = await Member(
+        StreamsChannelLayer(hosts=[fresh_server.url], prefix="synch", group_history=50), "room"
+    ).join()
+
+    def calls() -> None:
+        for i in range(20):
+            async_to_sync(layer.group_send)("room", {"type": "g", "i": i})
+
+    await asyncio.to_thread(calls)
+    got = await member.take(20)
+    assert [m["i"] for m in got] == list(range(20))
+    page = await layer.group_history("room", since=got[4][POSITION_KEY]["position"])
+    assert [m["i"] for m in page.messages] == list(range(5, 20))
+    await layer.flush()
+    await layer.close()
+    await member.layer.close()
