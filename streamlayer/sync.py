@@ -30,15 +30,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 from asgiref.sync import AsyncToSync, markcoroutinefunction
 
 __all__ = ["SYNC_IO", "sync_aware"]
-
-logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _Method = TypeVar("_Method", bound=Callable[..., Coroutine[Any, Any, Any]])
@@ -48,7 +45,8 @@ SYNC_IO: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "streamlayer_sync_io", default=False
 )
 
-#: The loops asgiref's async_to_sync made for one call each (keyed by loop while it runs).
+#: The loops asgiref's async_to_sync made for one call each, while they run: asgiref
+#: keeps them there (since 3.3) to find the thread a nested sync_to_async must use.
 _ONE_CALL_LOOPS: dict[Any, Any] = getattr(AsyncToSync, "loop_thread_executors", {})
 
 

@@ -353,3 +353,17 @@ async def test_a_sync_group_send_keeps_the_groups_history(fresh_server: RedisSer
     await layer.flush()
     await layer.close()
     await member.layer.close()
+
+
+def test_asgiref_still_names_the_loops_it_makes_for_one_call() -> None:
+    """streamlayer.sync recognises those loops by asgiref's own registry of them; a
+    release that renamed it would silently bring back a connection per call."""
+    from asgiref.sync import AsyncToSync
+
+    seen: list[bool] = []
+
+    async def where() -> None:
+        seen.append(asyncio.get_running_loop() in AsyncToSync.loop_thread_executors)
+
+    async_to_sync(where)()
+    assert seen == [True]
