@@ -25,6 +25,7 @@ __all__ = [
     "STREAM_GROUP_JOIN",
     "STREAM_GROUP_PUBLISH",
     "STREAM_GROUP_SEND",
+    "STREAM_GROUP_SEND_KNOWN",
     "STREAM_HISTORY",
     "STREAM_INBOX_ADVANCE",
     "STREAM_REPLAY",
@@ -211,6 +212,56 @@ for i = 1, n do
     end
 end
 return full
+""",
+)
+
+STREAM_GROUP_SEND_KNOWN = LuaScript(
+    "stream_group_send_known",
+    _STREAM_APPEND
+    + """
+-- KEYS[1]: the group's sorted set of members
+-- KEYS[2..n+1]: destination streams of the members the caller knows of
+-- KEYS[n+2..2n+1]: their delivered tags
+-- ARGV[1]: drop members that joined at or before this time (now - group_expiry)
+-- ARGV[2]: the members the destinations were planned for, sorted, joined by newlines
+-- ARGV[3..]: as STREAM_GROUP_SEND (payloads, tags, capacities, group, position, MINID,
+-- key TTL, '1' on a retry)
+-- One round trip for a group whose members have not changed since the caller last
+-- read them: when they are still those, appends as STREAM_GROUP_SEND does and returns
+-- {full}; otherwise appends nothing and returns {-1, member...} for the caller to plan
+-- again. A retry skips the check: its first attempt may have landed, and appending to
+-- the same destinations again is then found out by the dedup tags.
+local n = (#KEYS - 1) / 2
+local base = 2
+local retry = ARGV[base + 3 * n + 5]
+redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
+if retry ~= '1' then
+    local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+    local sorted = {}
+    for i, member in ipairs(members) do
+        sorted[i] = member
+    end
+    table.sort(sorted)
+    if table.concat(sorted, '\\n') ~= ARGV[2] then
+        local reply = {-1}
+        for _, member in ipairs(members) do
+            reply[#reply + 1] = member
+        end
+        return reply
+    end
+end
+local group, position = ARGV[base + 3 * n + 1], ARGV[base + 3 * n + 2]
+local minid, ttl = ARGV[base + 3 * n + 3], ARGV[base + 3 * n + 4]
+local full = 0
+for i = 1, n do
+    local capacity = tonumber(ARGV[base + 2 * n + i])
+    local payload, tag = ARGV[base + i], ARGV[base + n + i]
+    if not append(KEYS[1 + i], KEYS[1 + n + i], payload, tag, capacity, minid, ttl, retry,
+        group, position) then
+        full = full + 1
+    end
+end
+return {full}
 """,
 )
 

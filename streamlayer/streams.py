@@ -52,6 +52,7 @@ from .scripts import (
     STREAM_ACK,
     STREAM_FORGET_CONSUMER,
     STREAM_GROUP_SEND,
+    STREAM_GROUP_SEND_KNOWN,
     STREAM_SEND,
     LuaScript,
 )
@@ -125,6 +126,11 @@ class StreamsChannelLayer(StreamlayerLayer):
         self._normal: dict[str, _NormalChannel] = {}
         self._recent = RecentTags()
         self.history = GroupHistory(self)
+        #: Each group's members as last read (bounded): group_send plans for them and
+        #: a script checks they are still the members (see _group_send_known).
+        self._known_members: dict[str, list[str]] = {}
+        #: Every key on one server (no shards, no Cluster): group_send may take one trip.
+        self._one_server = self.connections.ring_size == 1 and not self.connections.is_cluster
         #: How long STREAM_ACK keeps a delivered tag: a retried send's window, within expiry.
         window = min(self.config.retry_timeout + _RETRY_SLACK, self.config.expiry)
         self._delivered_keep_ms = max(1000, math.ceil(window * 1000))
@@ -142,6 +148,7 @@ class StreamsChannelLayer(StreamlayerLayer):
         self._normal = {}
         self._recent = RecentTags()
         self.history = GroupHistory(self)
+        self._known_members = {}
 
     def new_tag(self) -> str:
         """A dedup tag no other send of any process uses: this layer's random id and a
@@ -573,7 +580,10 @@ class StreamsChannelLayer(StreamlayerLayer):
         members receive it with its position."""
         length = self.history.length_for(self.check_group(group))
         if not length:
-            await super().group_send(group, message)
+            if self._one_server:
+                await self._group_send_known(group, self.check_message(message))
+            else:
+                await super().group_send(group, message)
             return
         self.check_message(message)
         message = {k: v for k, v in message.items() if k != POSITION_KEY}
@@ -585,6 +595,41 @@ class StreamsChannelLayer(StreamlayerLayer):
             else 0
         )
         self.count_group_send(group, len(members), full)
+
+    async def _group_send_known(self, group: str, message: dict[str, Any]) -> None:
+        """A group send in one round trip on a single server: planned for the members
+        this layer last saw, sent only if they are still the members (one script reads
+        and compares them); otherwise that reply names the members, and a second round
+        trip sends to them. Steady groups, the usual case, pay one round trip."""
+        known = self._known_members.get(group)
+        if known is not None:
+            reply = await self._send_to_known(group, known, message)
+            if reply[0] != -1:
+                self.count_group_send(group, len(known), int(reply[0]))
+                return
+            members = [m.decode() if isinstance(m, bytes) else str(m) for m in reply[1:]]
+        else:
+            members = await self.group_members(group)
+        if len(self._known_members) >= _PROCESS_MEMO:
+            self._known_members.clear()
+        self._known_members[group] = members
+        full = await self.send_to_members(group, members, message) if members else 0
+        self.count_group_send(group, len(members), full)
+
+    async def _send_to_known(
+        self, group: str, members: list[str], message: dict[str, Any]
+    ) -> list[Any]:
+        plan = self._plan_group_send(members, message)
+        keys: list[str] = [self.group_key(group)]
+        args: list[Any] = [time.time() - self.group_expiry, "\n".join(sorted(members))]
+        if plan:  # one server: everything is in one scope
+            [(_shard, destinations, payloads)] = plan
+            keys += destinations
+            args += payloads
+        args += [group, ""]
+        shard = self.connections.shard_for(group)
+        what = f"group_send to {group!r}"
+        return list(await self.append(what, STREAM_GROUP_SEND_KNOWN, shard, keys, args))
 
     async def send_to_members(
         self, group: str, members: list[str], message: dict[str, Any], position: str = ""
