@@ -43,6 +43,19 @@ _NAME_CACHE = 100_000
 RESERVED_KEY = "__asgi_channel__"
 
 
+class KnownMembers(list[str]):
+    """A group's members as last read, with the form a script compares them in."""
+
+    def __init__(self, members: list[str]) -> None:
+        super().__init__(members)
+        #: The names sorted and joined by newlines (no channel name contains one).
+        self.digest = "\n".join(sorted(members))
+
+
+def decode_members(raw: list[Any]) -> list[str]:
+    return [m.decode("utf8") if isinstance(m, bytes) else str(m) for m in raw]
+
+
 @dataclass
 class LayerStats:
     """Counters of one layer instance (process-local), only ever increasing.
@@ -116,6 +129,10 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         self._valid_channels: set[str] = set()
         self._receivable: set[str] = set()
         self._capacities: dict[str, int] = {}
+        #: Each group's members as this layer last read them (bounded; group_send).
+        self._known_members: dict[str, KnownMembers] = {}
+        #: Every key on one server (no shards, no Cluster): a group send may be one trip.
+        self._one_server = self.connections.ring_size == 1 and not self.connections.is_cluster
 
     def __repr__(self) -> str:
         hosts = ", ".join(h.describe() for h in self.config.hosts)
@@ -278,12 +295,40 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
     @sync_aware
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         """Send ``message`` to every member of ``group``; full members are skipped and
-        counted (the spec lets a group send drop rather than raise)."""
+        counted (the spec lets a group send drop rather than raise).
+
+        On a single server the send is planned for the members this layer last read
+        and made by one script that first checks they are still the members
+        (:meth:`send_to_known`): one round trip for a steady group. A group that
+        changed answers with its members, and a second trip sends to them."""
         self.check_group(group)
         self.check_message(message)
-        members = await self.group_members(group)
-        full = await self.send_to_members(group, members, message) if members else 0
-        self.count_group_send(group, len(members), full)
+        known = self._known_members.get(group) if self._one_server else None
+        if known is not None:
+            outcome = await self.send_to_known(group, known, message)
+            if isinstance(outcome, int):
+                self.count_group_send(group, len(known), outcome)
+                return
+            members = outcome  # the group changed: these are its members now
+        else:
+            members = await self.group_members(group)
+        if self._one_server:
+            self._remember_members(group, members)
+        full_count = await self.send_to_members(group, members, message) if members else 0
+        self.count_group_send(group, len(members), full_count)
+
+    def _remember_members(self, group: str, members: list[str]) -> None:
+        if len(self._known_members) >= _NAME_CACHE:
+            self._known_members.clear()
+        self._known_members[group] = KnownMembers(members)
+
+    async def send_to_known(
+        self, group: str, known: KnownMembers, message: dict[str, Any]
+    ) -> int | list[str]:
+        """Deliver ``message`` to ``known`` members if they are still ``group``'s, in one
+        script call: how many were full, or the group's members now when they differ
+        (nothing sent). Layers without such a script read the members every time."""
+        return await self.group_members(group)
 
     def count_group_send(self, group: str, members: int, full: int) -> None:
         """Count a group send to ``members`` channels of which ``full`` had no room."""
@@ -300,7 +345,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
             f"group_send to {group!r}",
             lambda: GROUP_MEMBERS(self.connections.client(shard), [key], [cutoff]),
         )
-        return [m.decode("utf8") for m in raw]
+        return decode_members(raw)
 
     async def send_to_members(
         self, group: str, members: list[str], message: dict[str, Any]
@@ -334,6 +379,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         as duplicates."""
         self.connections.forget_after_fork()
         self.stats = LayerStats()
+        self._known_members = {}
 
     async def close(self) -> None:
         """Stop background work and close this event loop's connections, and those

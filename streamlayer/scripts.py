@@ -17,6 +17,7 @@ from redis.exceptions import NoScriptError
 
 __all__ = [
     "CLASSIC_GROUP_SEND",
+    "CLASSIC_GROUP_SEND_KNOWN",
     "CLASSIC_RESTORE_BACKUP",
     "CLASSIC_SEND",
     "GROUP_MEMBERS",
@@ -106,6 +107,52 @@ for i = 1, n do
     end
 end
 return full
+""",
+)
+
+CLASSIC_GROUP_SEND_KNOWN = LuaScript(
+    "classic_group_send_known",
+    """
+-- KEYS[1]: the group's sorted set of members
+-- KEYS[2..n+1]: channel sorted sets of the members the caller knows of
+-- ARGV[1]: drop members that joined at or before this time (now - group_expiry)
+-- ARGV[2]: the members the keys were planned for, sorted, joined by newlines
+-- ARGV[3]: '1' to check them ('0' on a retry, whose first attempt may have landed:
+-- adding the same serialized message again changes nothing)
+-- ARGV[4..]: as CLASSIC_GROUP_SEND (messages, capacities, send time, expiry cutoff, TTL)
+-- Returns {full} when the members are as planned and the message was added;
+-- otherwise adds nothing and returns {-1, member...} for the caller to plan again.
+redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
+if ARGV[3] == '1' then
+    local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+    local sorted = {}
+    for i, member in ipairs(members) do
+        sorted[i] = member
+    end
+    table.sort(sorted)
+    if table.concat(sorted, '\\n') ~= ARGV[2] then
+        local reply = {-1}
+        for _, member in ipairs(members) do
+            reply[#reply + 1] = member
+        end
+        return reply
+    end
+end
+local n, base = #KEYS - 1, 3
+local now, cutoff = ARGV[base + 2 * n + 1], ARGV[base + 2 * n + 2]
+local ttl = ARGV[base + 2 * n + 3]
+local full = 0
+for i = 1, n do
+    local key = KEYS[1 + i]
+    redis.call('ZREMRANGEBYSCORE', key, 0, cutoff)
+    if redis.call('ZCARD', key) < tonumber(ARGV[base + n + i]) then
+        redis.call('ZADD', key, now, ARGV[base + i])
+        redis.call('EXPIRE', key, ttl)
+    else
+        full = full + 1
+    end
+end
+return {full}
 """,
 )
 

@@ -32,7 +32,7 @@ from typing import Any
 from asgiref.sync import markcoroutinefunction
 from redis.exceptions import ResponseError
 
-from .base import RESERVED_KEY, StreamlayerLayer
+from .base import RESERVED_KEY, KnownMembers, StreamlayerLayer, decode_members
 from .cancellation import CancelGuard
 from .exceptions import LayerClosed
 from .history import POSITION_KEY, HistoryPage, Position, position_tag
@@ -126,11 +126,6 @@ class StreamsChannelLayer(StreamlayerLayer):
         self._normal: dict[str, _NormalChannel] = {}
         self._recent = RecentTags()
         self.history = GroupHistory(self)
-        #: Each group's members as last read (bounded): group_send plans for them and
-        #: a script checks they are still the members (see _group_send_known).
-        self._known_members: dict[str, list[str]] = {}
-        #: Every key on one server (no shards, no Cluster): group_send may take one trip.
-        self._one_server = self.connections.ring_size == 1 and not self.connections.is_cluster
         #: How long STREAM_ACK keeps a delivered tag: a retried send's window, within expiry.
         window = min(self.config.retry_timeout + _RETRY_SLACK, self.config.expiry)
         self._delivered_keep_ms = max(1000, math.ceil(window * 1000))
@@ -148,7 +143,6 @@ class StreamsChannelLayer(StreamlayerLayer):
         self._normal = {}
         self._recent = RecentTags()
         self.history = GroupHistory(self)
-        self._known_members = {}
 
     def new_tag(self) -> str:
         """A dedup tag no other send of any process uses: this layer's random id and a
@@ -580,10 +574,7 @@ class StreamsChannelLayer(StreamlayerLayer):
         members receive it with its position."""
         length = self.history.length_for(self.check_group(group))
         if not length:
-            if self._one_server:
-                await self._group_send_known(group, self.check_message(message))
-            else:
-                await super().group_send(group, message)
+            await super().group_send(group, message)
             return
         self.check_message(message)
         message = {k: v for k, v in message.items() if k != POSITION_KEY}
@@ -596,40 +587,21 @@ class StreamsChannelLayer(StreamlayerLayer):
         )
         self.count_group_send(group, len(members), full)
 
-    async def _group_send_known(self, group: str, message: dict[str, Any]) -> None:
-        """A group send in one round trip on a single server: planned for the members
-        this layer last saw, sent only if they are still the members (one script reads
-        and compares them); otherwise that reply names the members, and a second round
-        trip sends to them. Steady groups, the usual case, pay one round trip."""
-        known = self._known_members.get(group)
-        if known is not None:
-            reply = await self._send_to_known(group, known, message)
-            if reply[0] != -1:
-                self.count_group_send(group, len(known), int(reply[0]))
-                return
-            members = [m.decode() if isinstance(m, bytes) else str(m) for m in reply[1:]]
-        else:
-            members = await self.group_members(group)
-        if len(self._known_members) >= _PROCESS_MEMO:
-            self._known_members.clear()
-        self._known_members[group] = members
-        full = await self.send_to_members(group, members, message) if members else 0
-        self.count_group_send(group, len(members), full)
-
-    async def _send_to_known(
-        self, group: str, members: list[str], message: dict[str, Any]
-    ) -> list[Any]:
-        plan = self._plan_group_send(members, message)
+    async def send_to_known(
+        self, group: str, known: KnownMembers, message: dict[str, Any]
+    ) -> int | list[str]:
+        """STREAM_GROUP_SEND_KNOWN: check ``known`` are the members and append to their
+        streams in one script (one server: the plan has one scope at most)."""
         keys: list[str] = [self.group_key(group)]
-        args: list[Any] = [time.time() - self.group_expiry, "\n".join(sorted(members))]
-        if plan:  # one server: everything is in one scope
-            [(_shard, destinations, payloads)] = plan
+        args: list[Any] = [time.time() - self.group_expiry, known.digest]
+        for _shard, destinations, payloads in self._plan_group_send(known, message):
             keys += destinations
             args += payloads
         args += [group, ""]
         shard = self.connections.shard_for(group)
         what = f"group_send to {group!r}"
-        return list(await self.append(what, STREAM_GROUP_SEND_KNOWN, shard, keys, args))
+        reply = await self.append(what, STREAM_GROUP_SEND_KNOWN, shard, keys, args)
+        return decode_members(reply[1:]) if reply[0] == -1 else int(reply[0])
 
     async def send_to_members(
         self, group: str, members: list[str], message: dict[str, Any], position: str = ""

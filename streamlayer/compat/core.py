@@ -31,7 +31,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from ..base import RESERVED_KEY, StreamlayerLayer
+from ..base import RESERVED_KEY, KnownMembers, StreamlayerLayer, decode_members
 from ..cancellation import CancelGuard
 from ..exceptions import LayerClosed
 from ..keys import (
@@ -45,6 +45,7 @@ from ..local import LocalChannels
 from ..reader import BackgroundReader, reusable_task
 from ..scripts import (
     CLASSIC_GROUP_SEND,
+    CLASSIC_GROUP_SEND_KNOWN,
     CLASSIC_RESTORE_BACKUP,
     CLASSIC_SEND,
 )
@@ -338,6 +339,32 @@ class RedisChannelLayer(StreamlayerLayer):
 
     def group_key(self, group: str) -> str:
         return classic_group_key(self.prefix, group)
+
+    async def send_to_known(
+        self, group: str, known: KnownMembers, message: dict[str, Any]
+    ) -> int | list[str]:
+        """CLASSIC_GROUP_SEND_KNOWN: check ``known`` are the members and add the message
+        to their sorted sets in one script (one server: one shard). A retry skips the
+        check: it re-adds the same serialized messages, which changes nothing."""
+        batch = [entry for entries in self._plan_group_send(known, message).values()
+                 for entry in entries]  # fmt: skip
+        keys = [self.group_key(group), *(key for key, _, _ in batch)]
+        now = time.time()
+        tail: list[Any] = [data for _, data, _ in batch]
+        tail += [capacity for _, _, capacity in batch]
+        tail += [now, now - self.expiry, self.expiry_ttl]
+        shard = self.connections.shard_for(group)
+        attempts = 0
+
+        async def call() -> Any:
+            nonlocal attempts
+            check = "0" if attempts else "1"
+            attempts += 1
+            args = [now - self.group_expiry, known.digest, check, *tail]
+            return await CLASSIC_GROUP_SEND_KNOWN(self.connections.client(shard), keys, args)
+
+        reply = await self.with_retry(f"group_send to {group!r}", call)
+        return decode_members(reply[1:]) if reply[0] == -1 else int(reply[0])
 
     async def send_to_members(
         self, group: str, members: list[str], message: dict[str, Any]

@@ -1,0 +1,127 @@
+"""group_send in one round trip on a single server (the stored layers): a script
+checks the group's members are those the layer planned for, and sends; a group that
+changed answers with its members and takes a second trip."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from streamlayer.base import StreamlayerLayer
+from streamlayer.testing import RedisServer
+
+from .layers import layer_class
+
+STORED = ["streamlayer.StreamsChannelLayer", "streamlayer.compat.core.RedisChannelLayer"]
+
+
+@pytest.fixture(params=STORED)
+def make(request: pytest.FixtureRequest) -> Any:
+    return layer_class(request.param)
+
+
+async def recv(layer: StreamlayerLayer, channel: str, within: float = 15) -> dict[str, Any]:
+    return await asyncio.wait_for(layer.receive(channel), within)
+
+
+# --- group_send in one round trip (single server) -------------------------------------
+
+
+async def take(layer: StreamlayerLayer, channel: str, count: int) -> list[dict[str, Any]]:
+    return [await recv(layer, channel) for _ in range(count)]
+
+
+def script_calls(server: RedisServer) -> int:
+    with server.client() as client:
+        stats = client.info("commandstats")
+    return sum(int(stats.get(name, {}).get("calls", 0)) for name in ("cmdstat_evalsha",))
+
+
+async def test_a_steady_group_costs_one_script_call_per_send(
+    fresh_server: RedisServer, make: Any
+) -> None:
+    """The members are read once; later sends check them and append in one script."""
+    sender = make(hosts=[fresh_server.url], prefix="known")
+    member = make(hosts=[fresh_server.url], prefix="known")
+    channels = [await member.new_channel() for _ in range(3)]
+    for channel in channels:
+        await member.group_add("steady", channel)
+    await member.group_add("steady", "jobs")  # a normal channel too
+    await sender.group_send("steady", {"type": "first"})  # reads the members: two calls
+    await sender.group_send("steady", {"type": "second"})  # loads the script, if need be
+    before = await asyncio.to_thread(script_calls, fresh_server)
+    for i in range(10):
+        await sender.group_send("steady", {"type": "m", "i": i})
+    assert await asyncio.to_thread(script_calls, fresh_server) - before == 10
+    for channel in [*channels, "jobs"]:
+        got = await take(member, channel, 12)
+        assert [m.get("i") for m in got] == [None, None, *range(10)]
+    await sender.flush()
+    await sender.close()
+    await member.close()
+
+
+async def test_members_that_changed_since_the_last_send_are_found(
+    fresh_server: RedisServer, make: Any
+) -> None:
+    """Another process adds and discards members (and one expires) between two sends
+    of this one: each send reaches exactly the members of that moment."""
+    sender = make(hosts=[fresh_server.url], prefix="known", group_expiry=60)
+    other = make(hosts=[fresh_server.url], prefix="known", group_expiry=60)
+    a, b, c = [await other.new_channel() for _ in range(3)]
+    await other.group_add("room", a)
+    await other.group_add("room", b)
+    await sender.group_send("room", {"type": "m", "n": 1})  # known: a, b
+    await other.group_add("room", c)
+    await other.group_discard("room", a)
+    await sender.group_send("room", {"type": "m", "n": 2})  # stale: now b, c
+    await sender.group_send("room", {"type": "m", "n": 3})  # known: b, c
+    with fresh_server.client() as client:  # b's membership is older than group_expiry
+        client.zadd(other.group_key("room"), {b: time.time() - 3600})
+    await sender.group_send("room", {"type": "m", "n": 4})  # stale: c only
+    assert [m["n"] for m in await take(other, a, 1)] == [1]
+    assert [m["n"] for m in await take(other, b, 3)] == [1, 2, 3]
+    assert [m["n"] for m in await take(other, c, 3)] == [2, 3, 4]
+    for channel in (a, b, c):
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(other.receive(channel), 0.2)
+    assert sender.stats.sent == 2 + 2 + 2 + 1
+    await sender.flush()
+    await sender.close()
+    await other.close()
+
+
+async def test_one_trip_group_sends_through_killed_connections_arrive_once(
+    fresh_server: RedisServer, make: Any
+) -> None:
+    """Retried one-trip sends (their reply lost with the connection) are not stored
+    twice, whether the members changed in between or not."""
+    sender = make(hosts=[fresh_server.url], prefix="known", capacity=2000)
+    member = make(hosts=[fresh_server.url], prefix="known", capacity=2000)
+    channel = await member.new_channel()
+    await member.group_add("burst", channel)
+    await member.group_add("burst", "burst-jobs")
+    done = asyncio.Event()
+
+    async def killer() -> None:
+        for _ in range(10):
+            await asyncio.sleep(0.01)
+            await asyncio.to_thread(fresh_server.kill_clients, ("normal",))
+        done.set()
+
+    killing = asyncio.ensure_future(killer())
+    sent = 0
+    while not done.is_set() and sent < 1000:
+        await sender.group_send("burst", {"type": "m", "i": sent})
+        sent += 1
+    await killing
+    assert [m["i"] for m in await take(member, channel, sent)] == list(range(sent))
+    assert [m["i"] for m in await take(member, "burst-jobs", sent)] == list(range(sent))
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(member.receive("burst-jobs"), 0.3)
+    await sender.flush()
+    await sender.close()
+    await member.close()
