@@ -8,6 +8,7 @@ rules into clear exceptions and wires the shared pieces together.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -37,6 +38,8 @@ T = TypeVar("T")
 _SCAN_COUNT = 1000
 #: How many validated channel names (and capacities) a layer remembers before starting afresh.
 _NAME_CACHE = 100_000
+#: How many groups' members a layer remembers for one-trip group sends before starting afresh.
+_KNOWN_GROUPS = 10_000
 
 #: The key under which a message carries its process-specific destination(s).
 #: Shared with channels_redis; a message from a caller must not contain it.
@@ -48,8 +51,10 @@ class KnownMembers(list[str]):
 
     def __init__(self, members: list[str]) -> None:
         super().__init__(members)
-        #: The names sorted and joined by newlines (no channel name contains one).
-        self.digest = "\n".join(sorted(members))
+        #: SHA-1 of the names sorted and joined by newlines (no channel name contains
+        #: one): 40 bytes on the wire whatever the group's size; the script hashes the
+        #: members it finds the same way (redis.sha1hex).
+        self.digest = hashlib.sha1("\n".join(sorted(members)).encode()).hexdigest()
 
 
 def decode_members(raw: list[Any]) -> list[str]:
@@ -318,7 +323,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         self.count_group_send(group, len(members), full_count)
 
     def _remember_members(self, group: str, members: list[str]) -> None:
-        if len(self._known_members) >= _NAME_CACHE:
+        if len(self._known_members) >= _KNOWN_GROUPS:
             self._known_members.clear()
         self._known_members[group] = KnownMembers(members)
 

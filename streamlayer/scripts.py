@@ -116,7 +116,7 @@ CLASSIC_GROUP_SEND_KNOWN = LuaScript(
 -- KEYS[1]: the group's sorted set of members
 -- KEYS[2..n+1]: channel sorted sets of the members the caller knows of
 -- ARGV[1]: drop members that joined at or before this time (now - group_expiry)
--- ARGV[2]: the members the keys were planned for, sorted, joined by newlines
+-- ARGV[2]: SHA-1 of the members the keys were planned for, sorted, joined by newlines
 -- ARGV[3]: '1' to check them ('0' on a retry, whose first attempt may have landed:
 -- adding the same serialized message again changes nothing)
 -- ARGV[4..]: as CLASSIC_GROUP_SEND (messages, capacities, send time, expiry cutoff, TTL)
@@ -130,7 +130,7 @@ if ARGV[3] == '1' then
         sorted[i] = member
     end
     table.sort(sorted)
-    if table.concat(sorted, '\\n') ~= ARGV[2] then
+    if redis.sha1hex(table.concat(sorted, '\\n')) ~= ARGV[2] then
         local reply = {-1}
         for _, member in ipairs(members) do
             reply[#reply + 1] = member
@@ -270,7 +270,8 @@ STREAM_GROUP_SEND_KNOWN = LuaScript(
 -- KEYS[2..n+1]: destination streams of the members the caller knows of
 -- KEYS[n+2..2n+1]: their delivered tags
 -- ARGV[1]: drop members that joined at or before this time (now - group_expiry)
--- ARGV[2]: the members the destinations were planned for, sorted, joined by newlines
+-- ARGV[2]: SHA-1 of the members the destinations were planned for, sorted, joined by
+-- newlines
 -- ARGV[3..]: as STREAM_GROUP_SEND (payloads, tags, capacities, group, position, MINID,
 -- key TTL, '1' on a retry)
 -- One round trip for a group whose members have not changed since the caller last
@@ -289,7 +290,7 @@ if retry ~= '1' then
         sorted[i] = member
     end
     table.sort(sorted)
-    if table.concat(sorted, '\\n') ~= ARGV[2] then
+    if redis.sha1hex(table.concat(sorted, '\\n')) ~= ARGV[2] then
         local reply = {-1}
         for _, member in ipairs(members) do
             reply[#reply + 1] = member

@@ -125,3 +125,21 @@ async def test_one_trip_group_sends_through_killed_connections_arrive_once(
     await sender.flush()
     await sender.close()
     await member.close()
+
+
+async def test_a_large_group_is_compared_by_digest(fresh_server: RedisServer, make: Any) -> None:
+    """300 members (normal channels, names in no particular order): the steady sends
+    still take one script call each, and everyone gets everything."""
+    sender = make(hosts=[fresh_server.url], prefix="large", capacity=100)
+    names = [f"ch-{(i * 7919) % 1000:03d}-{i}" for i in range(300)]
+    for name in names:
+        await sender.group_add("crowd", name)
+    await sender.group_send("crowd", {"type": "m", "i": 0})
+    await sender.group_send("crowd", {"type": "m", "i": 1})
+    before = await asyncio.to_thread(script_calls, fresh_server)
+    await sender.group_send("crowd", {"type": "m", "i": 2})
+    assert await asyncio.to_thread(script_calls, fresh_server) - before == 1
+    for name in names[::37]:
+        assert [m["i"] for m in await take(sender, name, 3)] == [0, 1, 2]
+    await sender.flush()
+    await sender.close()
