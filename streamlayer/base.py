@@ -265,6 +265,26 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
             call, give_up_after=self.config.retry_timeout, what=what, on_retry=count
         )
 
+    async def with_retry_flag(
+        self,
+        what: str,
+        call: Callable[[bool], Awaitable[T]],
+        *,
+        maybe_landed: bool = False,
+    ) -> T:
+        """:meth:`with_retry` for a script that must know whether an earlier attempt
+        may have landed without its reply: ``call`` is told so (True) on every attempt
+        after the first, or on every attempt when ``maybe_landed``."""
+        attempts = 1 if maybe_landed else 0
+
+        async def attempt() -> T:
+            nonlocal attempts
+            retrying = attempts > 0
+            attempts += 1
+            return await call(retrying)
+
+        return await self.with_retry(what, attempt)
+
     # --- groups and keys: the parts every Redis layer shares ---------------------------
 
     def group_key(self, group: str) -> str:
@@ -332,8 +352,8 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
     ) -> int | list[str]:
         """Deliver ``message`` to ``known`` members if they are still ``group``'s, in one
         script call: how many were full, or the group's members now when they differ
-        (nothing sent). Layers without such a script read the members every time."""
-        return await self.group_members(group)
+        (nothing sent). Each layer's own."""
+        raise NotImplementedError
 
     def count_group_send(self, group: str, members: int, full: int) -> None:
         """Count a group send to ``members`` channels of which ``full`` had no room."""

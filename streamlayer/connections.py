@@ -69,10 +69,12 @@ def consistent_hash(value: str | bytes, ring_size: int) -> int:
     return int(bucket / (4096 / float(ring_size)))
 
 
-def _pool_kwargs(spec: HostSpec) -> dict[str, Any]:
+def _pool_kwargs(spec: HostSpec, retry: type[Any] = Retry) -> dict[str, Any]:
+    """``spec``'s client options; ``retry`` is redis-py's Retry class of the client kind
+    (asyncio or synchronous)."""
     kwargs = dict(spec.kwargs)
     # Retries belong to streamlayer.retry alone: one policy, one documented bound.
-    kwargs.setdefault("retry", Retry(NoBackoff(), 0))
+    kwargs.setdefault("retry", retry(NoBackoff(), 0))
     return kwargs
 
 
@@ -165,7 +167,7 @@ def socket_timeout(spec: HostSpec) -> float | None:
 def create_sync_client(spec: HostSpec) -> Any:
     """A synchronous, thread-safe client for ``spec`` (plain, URL, Sentinel or Cluster),
     with the same options as the asyncio pools and no retries of its own."""
-    kwargs = {**spec.kwargs, "retry": redis.retry.Retry(NoBackoff(), 0)}
+    kwargs = _pool_kwargs(spec, redis.retry.Retry)
     # A call blocks its thread on these sockets: bound every wait, as the retry policy
     # assumes (the calls are short; nothing here is a blocking read).
     timeout = socket_timeout(spec) or DEFAULT_SOCKET_TIMEOUT
@@ -434,7 +436,7 @@ class ConnectionManager:
         return len(self._loops)
 
     def _drop_closed_loops(self) -> None:
-        # A snapshot first: sync callers' threads add loops concurrently (see sync.py).
+        # A snapshot first: loops of other threads may be added meanwhile.
         for loop in [loop for loop in list(self._loops) if loop.is_closed()]:
             self._loops.pop(loop, None)
 

@@ -27,6 +27,7 @@ import redis
 from django.core.checks import ERROR
 
 from .config import HostSpec, LayerConfig
+from .connections import create_sync_client
 
 __all__ = [
     "MIN_VERSION",
@@ -105,10 +106,8 @@ def diagnose_host(host: HostSpec) -> list[ServerReport]:
                 redis.Redis(host=node_host, port=port, **kwargs), f"{node_host}:{port}", master
             )
         ]
-    kwargs = {**_client_kwargs(host.kwargs), **_TIMEOUTS}
-    if host.url is not None:
-        return _diagnose(redis.Redis.from_url(host.url, **kwargs), _address(host.url))
-    return _diagnose(redis.Redis(**kwargs), host.describe().removeprefix("redis://"))
+    address = _address(host.url) if host.url else host.describe().removeprefix("redis://")
+    return _diagnose(create_sync_client(host), address)
 
 
 def diagnose_layers(

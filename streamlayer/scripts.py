@@ -86,33 +86,72 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 """,
 )
 
+_MEMBERS_CHANGED = """
+local function members_changed(group_key, cutoff, digest, check)
+    -- Drops the members that joined at or before `cutoff`. When `check`, compares the
+    -- rest with `digest` (SHA-1 of the names sorted and joined by newlines): returns
+    -- {-1, member...} when they differ, false when they are the same.
+    redis.call('ZREMRANGEBYSCORE', group_key, 0, cutoff)
+    if not check then
+        return false
+    end
+    local members = redis.call('ZRANGE', group_key, 0, -1)
+    local sorted = {}
+    for i, member in ipairs(members) do
+        sorted[i] = member
+    end
+    table.sort(sorted)
+    if redis.sha1hex(table.concat(sorted, '\\n')) == digest then
+        return false
+    end
+    local reply = {-1}
+    for _, member in ipairs(members) do
+        reply[#reply + 1] = member
+    end
+    return reply
+end
+"""
+
+_CLASSIC_ADD_ALL = """
+local function add_all(k, a, n)
+    -- KEYS[k+1..k+n]: channel sorted sets   ARGV[a+1..a+n]: the serialized message
+    -- for each   ARGV[a+n+1..a+2n]: the capacity of each
+    -- ARGV[a+2n+1]: send time   ARGV[a+2n+2]: expiry cutoff   ARGV[a+2n+3]: key TTL
+    -- Returns how many keys were full (and skipped).
+    local now, cutoff, ttl = ARGV[a + 2 * n + 1], ARGV[a + 2 * n + 2], ARGV[a + 2 * n + 3]
+    local full = 0
+    for i = 1, n do
+        local key = KEYS[k + i]
+        redis.call('ZREMRANGEBYSCORE', key, 0, cutoff)
+        if redis.call('ZCARD', key) < tonumber(ARGV[a + n + i]) then
+            redis.call('ZADD', key, now, ARGV[a + i])
+            redis.call('EXPIRE', key, ttl)
+        else
+            full = full + 1
+        end
+    end
+    return full
+end
+"""
+
 CLASSIC_GROUP_SEND = LuaScript(
     "classic_group_send",
-    """
+    _CLASSIC_ADD_ALL
+    + """
 -- KEYS[1..n]: channel sorted sets on this shard
 -- ARGV[1..n]: the serialized message for each key
 -- ARGV[n+1..2n]: the capacity of each key
 -- ARGV[2n+1]: send time   ARGV[2n+2]: expiry cutoff   ARGV[2n+3]: key TTL
 -- Returns how many keys were full (and skipped).
-local n = #KEYS
-local now, cutoff, ttl = ARGV[2 * n + 1], ARGV[2 * n + 2], ARGV[2 * n + 3]
-local full = 0
-for i = 1, n do
-    redis.call('ZREMRANGEBYSCORE', KEYS[i], 0, cutoff)
-    if redis.call('ZCARD', KEYS[i]) < tonumber(ARGV[n + i]) then
-        redis.call('ZADD', KEYS[i], now, ARGV[i])
-        redis.call('EXPIRE', KEYS[i], ttl)
-    else
-        full = full + 1
-    end
-end
-return full
+return add_all(0, 0, #KEYS)
 """,
 )
 
 CLASSIC_GROUP_SEND_KNOWN = LuaScript(
     "classic_group_send_known",
-    """
+    _MEMBERS_CHANGED
+    + _CLASSIC_ADD_ALL
+    + """
 -- KEYS[1]: the group's sorted set of members
 -- KEYS[2..n+1]: channel sorted sets of the members the caller knows of
 -- ARGV[1]: drop members that joined at or before this time (now - group_expiry)
@@ -122,37 +161,11 @@ CLASSIC_GROUP_SEND_KNOWN = LuaScript(
 -- ARGV[4..]: as CLASSIC_GROUP_SEND (messages, capacities, send time, expiry cutoff, TTL)
 -- Returns {full} when the members are as planned and the message was added;
 -- otherwise adds nothing and returns {-1, member...} for the caller to plan again.
-redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
-if ARGV[3] == '1' then
-    local members = redis.call('ZRANGE', KEYS[1], 0, -1)
-    local sorted = {}
-    for i, member in ipairs(members) do
-        sorted[i] = member
-    end
-    table.sort(sorted)
-    if redis.sha1hex(table.concat(sorted, '\\n')) ~= ARGV[2] then
-        local reply = {-1}
-        for _, member in ipairs(members) do
-            reply[#reply + 1] = member
-        end
-        return reply
-    end
+local changed = members_changed(KEYS[1], ARGV[1], ARGV[2], ARGV[3] == '1')
+if changed then
+    return changed
 end
-local n, base = #KEYS - 1, 3
-local now, cutoff = ARGV[base + 2 * n + 1], ARGV[base + 2 * n + 2]
-local ttl = ARGV[base + 2 * n + 3]
-local full = 0
-for i = 1, n do
-    local key = KEYS[1 + i]
-    redis.call('ZREMRANGEBYSCORE', key, 0, cutoff)
-    if redis.call('ZCARD', key) < tonumber(ARGV[base + n + i]) then
-        redis.call('ZADD', key, now, ARGV[base + i])
-        redis.call('EXPIRE', key, ttl)
-    else
-        full = full + 1
-    end
-end
-return {full}
+return {add_all(1, 3, #KEYS - 1)}
 """,
 )
 
@@ -237,34 +250,47 @@ return append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], AR
 """,
 )
 
+_STREAM_APPEND_ALL = """
+local function append_all(k, a, n)
+    -- KEYS[k+1..k+n]: destination streams   KEYS[k+n+1..k+2n]: their delivered tags
+    -- ARGV[a+1..a+n]: payloads   ARGV[a+n+1..a+2n]: dedup tags
+    -- ARGV[a+2n+1..a+3n]: capacities   ARGV[a+3n+1]: group   ARGV[a+3n+2]: its history
+    -- position ('' when it keeps no history)   ARGV[a+3n+3]: MINID
+    -- ARGV[a+3n+4]: key TTL in ms   ARGV[a+3n+5]: '1' on a retry
+    -- Returns how many destinations were full (and skipped).
+    local group, position = ARGV[a + 3 * n + 1], ARGV[a + 3 * n + 2]
+    local minid, ttl, retry = ARGV[a + 3 * n + 3], ARGV[a + 3 * n + 4], ARGV[a + 3 * n + 5]
+    local full = 0
+    for i = 1, n do
+        local capacity = tonumber(ARGV[a + 2 * n + i])
+        if not append(KEYS[k + i], KEYS[k + n + i], ARGV[a + i], ARGV[a + n + i], capacity,
+            minid, ttl, retry, group, position) then
+            full = full + 1
+        end
+    end
+    return full
+end
+"""
+
 STREAM_GROUP_SEND = LuaScript(
     "stream_group_send",
     _STREAM_APPEND
+    + _STREAM_APPEND_ALL
     + """
 -- KEYS[1..n]: destination streams on this shard   KEYS[n+1..2n]: their delivered tags
 -- ARGV[1..n]: payloads   ARGV[n+1..2n]: dedup tags   ARGV[2n+1..3n]: capacities
 -- ARGV[3n+1]: group   ARGV[3n+2]: its history position ('' when it keeps no history)
 -- ARGV[3n+3]: MINID   ARGV[3n+4]: key TTL in ms   ARGV[3n+5]: '1' on a retry
 -- Returns how many destinations were full (and skipped).
-local n = #KEYS / 2
-local group, position = ARGV[3 * n + 1], ARGV[3 * n + 2]
-local minid, ttl, retry = ARGV[3 * n + 3], ARGV[3 * n + 4], ARGV[3 * n + 5]
-local full = 0
-for i = 1, n do
-    local capacity = tonumber(ARGV[2 * n + i])
-    local payload, tag = ARGV[i], ARGV[n + i]
-    if not append(KEYS[i], KEYS[n + i], payload, tag, capacity, minid, ttl, retry, group,
-        position) then
-        full = full + 1
-    end
-end
-return full
+return append_all(0, 0, #KEYS / 2)
 """,
 )
 
 STREAM_GROUP_SEND_KNOWN = LuaScript(
     "stream_group_send_known",
-    _STREAM_APPEND
+    _MEMBERS_CHANGED
+    + _STREAM_APPEND
+    + _STREAM_APPEND_ALL
     + """
 -- KEYS[1]: the group's sorted set of members
 -- KEYS[2..n+1]: destination streams of the members the caller knows of
@@ -280,36 +306,11 @@ STREAM_GROUP_SEND_KNOWN = LuaScript(
 -- again. A retry skips the check: its first attempt may have landed, and appending to
 -- the same destinations again is then found out by the dedup tags.
 local n = (#KEYS - 1) / 2
-local base = 2
-local retry = ARGV[base + 3 * n + 5]
-redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
-if retry ~= '1' then
-    local members = redis.call('ZRANGE', KEYS[1], 0, -1)
-    local sorted = {}
-    for i, member in ipairs(members) do
-        sorted[i] = member
-    end
-    table.sort(sorted)
-    if redis.sha1hex(table.concat(sorted, '\\n')) ~= ARGV[2] then
-        local reply = {-1}
-        for _, member in ipairs(members) do
-            reply[#reply + 1] = member
-        end
-        return reply
-    end
+local changed = members_changed(KEYS[1], ARGV[1], ARGV[2], ARGV[2 + 3 * n + 5] ~= '1')
+if changed then
+    return changed
 end
-local group, position = ARGV[base + 3 * n + 1], ARGV[base + 3 * n + 2]
-local minid, ttl = ARGV[base + 3 * n + 3], ARGV[base + 3 * n + 4]
-local full = 0
-for i = 1, n do
-    local capacity = tonumber(ARGV[base + 2 * n + i])
-    local payload, tag = ARGV[base + i], ARGV[base + n + i]
-    if not append(KEYS[1 + i], KEYS[1 + n + i], payload, tag, capacity, minid, ttl, retry,
-        group, position) then
-        full = full + 1
-    end
-end
-return {full}
+return {append_all(1, 2, n)}
 """,
 )
 

@@ -24,12 +24,11 @@ import math
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from asgiref.sync import markcoroutinefunction
 from redis.exceptions import ResponseError
 
 from .base import RESERVED_KEY, KnownMembers, StreamlayerLayer, decode_members
@@ -222,18 +221,14 @@ class StreamsChannelLayer(StreamlayerLayer):
         landed without its reply ('1'): attempts after the first, or every attempt when
         ``maybe_landed``. The script then looks for that attempt's effect instead of
         repeating it, so a retried send is stored once and a retried ack counts once."""
-        attempts = 1 if maybe_landed else 0
 
-        async def call() -> Any:
-            nonlocal attempts
-            retry = "1" if attempts else "0"
-            attempts += 1
+        async def call(retrying: bool) -> Any:
             tail = extra() if extra is not None else []
             return await self.connections.batcher(shard).call(
-                script, keys, [*args(), retry, *tail]
+                script, keys, [*args(), "1" if retrying else "0", *tail]
             )
 
-        return await self.with_retry(what, call)
+        return await self.with_retry_flag(what, call, maybe_landed=maybe_landed)
 
     # --- process-specific channels ------------------------------------------------------
 
@@ -529,23 +524,17 @@ class StreamsChannelLayer(StreamlayerLayer):
     def group_key(self, group: str) -> str:
         return stream_group_key(self.prefix, group)
 
-    @markcoroutinefunction
-    def group_add(  # type: ignore[override]
+    @sync_aware
+    async def group_add(  # type: ignore[override]
         self, group: str, channel: str, since: str | Position | None = None
-    ) -> Coroutine[Any, Any, bool | None]:
+    ) -> bool | None:
         """Add ``channel`` to ``group``. With ``since`` (a position a message of the
         group carried under ``"__position__"``), first replay to ``channel`` every
         retained message after it, in order, then live ones: returns True when the
-        replay is complete, False when some messages after ``since`` are gone.
-
-        Without ``since`` a sync caller's call reuses connections (the base class's
-        group_add); with it the call stays on the loop that awaits it, since a replay
-        to a channel of this process feeds that loop's receivers."""
+        replay is complete, False when some messages after ``since`` are gone."""
         if since is None:
-            return super().group_add(group, channel)
-        return self._join(group, channel, since)
-
-    async def _join(self, group: str, channel: str, since: str | Position) -> bool:
+            await super().group_add(group, channel)
+            return None
         position = Position.parse(since)
         self.check_group(group)
         self.check_channel(channel)

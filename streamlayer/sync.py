@@ -56,20 +56,24 @@ def sync_aware(method: _Method) -> _Method:
 
     @functools.wraps(method)
     def call(self: Any, /, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+        coro = method(self, *args, **kwargs)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # created in sync code (asgiref 3.9+), run on some loop later
-            return _where_it_runs(method(self, *args, **kwargs))
-        if loop in _ONE_CALL_LOOPS and not SYNC_IO.get():
-            return _with_sync_io(method(self, *args, **kwargs))
-        return method(self, *args, **kwargs)
+            return _where_it_runs(coro)
+        return _with_sync_io(coro) if _one_call(loop) else coro
 
     return cast(_Method, markcoroutinefunction(call))
 
 
+def _one_call(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``loop`` serves one async_to_sync call (and no call of it set SYNC_IO yet)."""
+    return loop in _ONE_CALL_LOOPS and not SYNC_IO.get()
+
+
 async def _where_it_runs(coro: Coroutine[Any, Any, T]) -> T:
     """Decide once running: a loop made for this one call uses the sync clients."""
-    if asyncio.get_running_loop() in _ONE_CALL_LOOPS and not SYNC_IO.get():
+    if _one_call(asyncio.get_running_loop()):
         return await _with_sync_io(coro)
     return await coro
 

@@ -237,6 +237,15 @@ class RedisServer:
                         killed += client.client_kill_filter(_id=info["id"])
             return killed
 
+    def keep_killing_clients(
+        self, times: int, every: float, kinds: tuple[str, ...] = ("normal", "pubsub")
+    ) -> None:
+        """:meth:`kill_clients` ``times`` times, ``every`` seconds apart: a burst of
+        faults to run in a thread beside the traffic (``asyncio.to_thread``)."""
+        for _ in range(times):
+            time.sleep(every)  # a fault on a timer: there is nothing to wait for
+            self.kill_clients(kinds)
+
     def pause(self, milliseconds: int) -> None:
         with self.client() as client:
             client.execute_command("CLIENT", "PAUSE", milliseconds, "ALL")

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import json
 import shutil
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,12 +25,24 @@ RUN = Path(__file__).resolve().parent.parent / "examples" / "chat" / "run.py"
 _WAIT = 15.0
 
 
-def _chat_servers() -> Any:
-    spec = importlib.util.spec_from_file_location("example_chat_run", RUN)
+def _example(name: str) -> Any:
+    """A module of the example chat (examples/chat is not a package)."""
+    path = RUN.with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"example_chat_{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
     spec.loader.exec_module(module)
-    return module.ChatServers
+    return module
+
+
+def _chat_servers() -> Any:
+    return _example("run").ChatServers
+
+
+# The tour's tab helpers: send as a tab does, hear n messages, their texts.
+_tour = _example("tour")
+say, hear, texts = _tour.say, _tour.hear, _tour.texts
 
 
 @pytest.fixture
@@ -50,18 +62,6 @@ def chat(redis_aof: RedisServer) -> Iterator[Any]:
 def ws_url(chat: Any, index: int, room: str, since: str | None = None) -> str:
     url = f"ws://127.0.0.1:{chat.ports[index]}/ws/chat/{room}/"
     return url + (f"?since={since}" if since else "")
-
-
-async def say(socket: Any, text: str, author: str = "a") -> None:
-    await socket.send(json.dumps({"text": text, "author": author}))
-
-
-async def hear(socket: Any, count: int) -> list[dict[str, Any]]:
-    return [json.loads(await asyncio.wait_for(socket.recv(), _WAIT)) for _ in range(count)]
-
-
-async def texts(socket: Any, count: int) -> list[str]:
-    return [m["text"] for m in await hear(socket, count)]
 
 
 @pytest.fixture
@@ -161,8 +161,6 @@ async def test_the_page_replays_in_a_real_browser(chat: Any, tmp_path: Path) -> 
 def test_the_readme_main_command_runs_its_checked_tour() -> None:
     """``./scripts/demo`` runs examples/chat/run.py; with --check it stops after the
     scripted conversation (Redis restart included) and says how it went."""
-    import sys
-
     done = subprocess.run(
         [sys.executable, str(RUN), "--check"], capture_output=True, text=True, timeout=90
     )

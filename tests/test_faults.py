@@ -65,22 +65,14 @@ async def test_client_kill_during_a_burst_of_sends(
     layer: StreamlayerLayer, fresh_server: RedisServer
 ) -> None:
     """Sends retried after their connection died are not stored twice."""
-    killer_done = asyncio.Event()
-
-    async def killer() -> None:
-        for _ in range(10):
-            await asyncio.sleep(0.01)
-            await asyncio.to_thread(fresh_server.kill_clients)
-        killer_done.set()
-
-    task = asyncio.ensure_future(killer())
+    killing = asyncio.ensure_future(asyncio.to_thread(fresh_server.keep_killing_clients, 10, 0.01))
     sent = 0
     # Bounded by the channel's capacity (1000): every send is accepted, so each one
     # is in the count, and a faster layer does not turn the test into a ChannelFull.
-    while not killer_done.is_set() and sent < 1000:
+    while not killing.done() and sent < 1000:
         await layer.send("burst", {"type": "n", "i": sent})
         sent += 1
-    await task
+    await killing
     got = [(await asyncio.wait_for(layer.receive("burst"), 10))["i"] for _ in range(sent)]
     assert got == list(range(sent))
     with pytest.raises(asyncio.TimeoutError):
@@ -184,12 +176,7 @@ async def test_sync_callers_ride_out_killed_connections(
     assert fresh_server.kill_clients() >= 1  # the shared sync connection
     await asyncio.to_thread(sync_sends, layer, "sync-kill", range(10, 20))
 
-    async def killer() -> None:
-        for _ in range(10):
-            await asyncio.sleep(0.01)
-            await asyncio.to_thread(fresh_server.kill_clients)
-
-    killing = asyncio.ensure_future(killer())
+    killing = asyncio.ensure_future(asyncio.to_thread(fresh_server.keep_killing_clients, 10, 0.01))
     await asyncio.gather(
         asyncio.to_thread(sync_sends, layer, "sync-kill-a", range(300)),
         asyncio.to_thread(sync_sends, layer, "sync-kill-b", range(300)),

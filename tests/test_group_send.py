@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -19,8 +20,22 @@ STORED = ["streamlayer.StreamsChannelLayer", "streamlayer.compat.core.RedisChann
 
 
 @pytest.fixture(params=STORED)
-def make(request: pytest.FixtureRequest) -> Any:
-    return layer_class(request.param)
+async def make(
+    request: pytest.FixtureRequest, fresh_server: RedisServer
+) -> AsyncIterator[Callable[..., StreamlayerLayer]]:
+    """Layers of the parametrized class on the test's own server; the first is
+    flushed, all are closed after the test."""
+    made: list[StreamlayerLayer] = []
+
+    def factory(**options: Any) -> StreamlayerLayer:
+        layer = layer_class(request.param)(hosts=[fresh_server.url], **options)
+        made.append(layer)
+        return layer
+
+    yield factory
+    await made[0].flush()
+    for layer in made:
+        await layer.close()
 
 
 async def recv(layer: StreamlayerLayer, channel: str, within: float = 15) -> dict[str, Any]:
@@ -44,8 +59,8 @@ async def test_a_steady_group_costs_one_script_call_per_send(
     fresh_server: RedisServer, make: Any
 ) -> None:
     """The members are read once; later sends check them and append in one script."""
-    sender = make(hosts=[fresh_server.url], prefix="known")
-    member = make(hosts=[fresh_server.url], prefix="known")
+    sender = make(prefix="known")
+    member = make(prefix="known")
     channels = [await member.new_channel() for _ in range(3)]
     for channel in channels:
         await member.group_add("steady", channel)
@@ -59,9 +74,6 @@ async def test_a_steady_group_costs_one_script_call_per_send(
     for channel in [*channels, "jobs"]:
         got = await take(member, channel, 12)
         assert [m.get("i") for m in got] == [None, None, *range(10)]
-    await sender.flush()
-    await sender.close()
-    await member.close()
 
 
 async def test_members_that_changed_since_the_last_send_are_found(
@@ -69,8 +81,8 @@ async def test_members_that_changed_since_the_last_send_are_found(
 ) -> None:
     """Another process adds and discards members (and one expires) between two sends
     of this one: each send reaches exactly the members of that moment."""
-    sender = make(hosts=[fresh_server.url], prefix="known", group_expiry=60)
-    other = make(hosts=[fresh_server.url], prefix="known", group_expiry=60)
+    sender = make(prefix="known", group_expiry=60)
+    other = make(prefix="known", group_expiry=60)
     a, b, c = [await other.new_channel() for _ in range(3)]
     await other.group_add("room", a)
     await other.group_add("room", b)
@@ -89,9 +101,6 @@ async def test_members_that_changed_since_the_last_send_are_found(
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(other.receive(channel), 0.2)
     assert sender.stats.sent == 2 + 2 + 2 + 1
-    await sender.flush()
-    await sender.close()
-    await other.close()
 
 
 async def test_one_trip_group_sends_through_killed_connections_arrive_once(
@@ -99,22 +108,15 @@ async def test_one_trip_group_sends_through_killed_connections_arrive_once(
 ) -> None:
     """Retried one-trip sends (their reply lost with the connection) are not stored
     twice, whether the members changed in between or not."""
-    sender = make(hosts=[fresh_server.url], prefix="known", capacity=2000)
-    member = make(hosts=[fresh_server.url], prefix="known", capacity=2000)
+    sender = make(prefix="known", capacity=2000)
+    member = make(prefix="known", capacity=2000)
     channel = await member.new_channel()
     await member.group_add("burst", channel)
     await member.group_add("burst", "burst-jobs")
-    done = asyncio.Event()
-
-    async def killer() -> None:
-        for _ in range(10):
-            await asyncio.sleep(0.01)
-            await asyncio.to_thread(fresh_server.kill_clients, ("normal",))
-        done.set()
-
-    killing = asyncio.ensure_future(killer())
+    kill = fresh_server.keep_killing_clients
+    killing = asyncio.ensure_future(asyncio.to_thread(kill, 10, 0.01, ("normal",)))
     sent = 0
-    while not done.is_set() and sent < 1000:
+    while not killing.done() and sent < 1000:
         await sender.group_send("burst", {"type": "m", "i": sent})
         sent += 1
     await killing
@@ -122,15 +124,12 @@ async def test_one_trip_group_sends_through_killed_connections_arrive_once(
     assert [m["i"] for m in await take(member, "burst-jobs", sent)] == list(range(sent))
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(member.receive("burst-jobs"), 0.3)
-    await sender.flush()
-    await sender.close()
-    await member.close()
 
 
 async def test_a_large_group_is_compared_by_digest(fresh_server: RedisServer, make: Any) -> None:
     """300 members (normal channels, names in no particular order): the steady sends
     still take one script call each, and everyone gets everything."""
-    sender = make(hosts=[fresh_server.url], prefix="large", capacity=100)
+    sender = make(prefix="large", capacity=100)
     names = [f"ch-{(i * 7919) % 1000:03d}-{i}" for i in range(300)]
     for name in names:
         await sender.group_add("crowd", name)
@@ -141,5 +140,3 @@ async def test_a_large_group_is_compared_by_digest(fresh_server: RedisServer, ma
     assert await asyncio.to_thread(script_calls, fresh_server) - before == 1
     for name in names[::37]:
         assert [m["i"] for m in await take(sender, name, 3)] == [0, 1, 2]
-    await sender.flush()
-    await sender.close()

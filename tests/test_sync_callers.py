@@ -327,8 +327,13 @@ async def test_sync_calls_work_on_every_topology(make_layer: Any) -> None:
 
     await asyncio.to_thread(calls)
     for member in members:
-        got = await member.take(40)
-        assert [(m["type"], m["i"]) for m in got] == [(t, i) for i in range(20) for t in "gs"]
+        got = [(m["type"], m["i"]) for m in await member.take(40)]
+        for kind in "gs":  # each kind in its order
+            assert [i for t, i in got if t == kind] == list(range(20))
+        if keeps(layer, "queueing"):  # both kinds land in one inbox, in call order
+            assert got == [(t, i) for i in range(20) for t in "gs"]
+        # (Pub/Sub over shards publishes the group's and the channel's messages on two
+        # servers: the two kinds can interleave differently.)
 
 
 async def test_a_sync_group_send_keeps_the_groups_history(fresh_server: RedisServer) -> None:

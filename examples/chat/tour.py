@@ -61,18 +61,18 @@ class Tour:
             seen: dict[str, Any] = {}
 
             async def cross() -> str:
-                await _say(b, "hello from process 2", "tab 2")
-                _expect(await _texts(a, 1), ["hello from process 2"])
-                _expect(await _texts(b, 1), ["hello from process 2"])
+                await say(b, "hello from process 2", "tab 2")
+                _expect(await texts(a, 1), ["hello from process 2"])
+                _expect(await texts(b, 1), ["hello from process 2"])
                 return "tab 2's message reached tab 1 through Redis"
 
             async def in_order() -> str:
                 sent = [f"message {i}" for i in range(20)]
                 for text in sent:
-                    await _say(a, text, "tab 1")
-                heard = await _hear(b, 20)
+                    await say(a, text, "tab 1")
+                heard = await hear(b, 20)
                 _expect([m["text"] for m in heard], sent)
-                await _texts(a, 20)
+                await texts(a, 20)
                 seen.update(heard[-1])
                 return "20 messages from tab 1 arrived at tab 2, in order"
 
@@ -80,26 +80,26 @@ class Tour:
                 await b.close()
                 missed = [f"while tab 2 was away {i}" for i in range(3)]
                 for text in missed:
-                    await _say(a, text, "tab 1")
-                _expect(await _texts(a, 3), missed)
+                    await say(a, text, "tab 1")
+                _expect(await texts(a, 3), missed)
                 if self.restart_redis is None:
                     return "tab 1 said 3 more (Redis is not ours: no restart)"
                 await asyncio.to_thread(self.restart_redis)
                 after = [f"after the restart {i}" for i in range(2)]
                 for text in after:
-                    await _say(a, text, "tab 1")
-                _expect(await _texts(a, 2), after)
+                    await say(a, text, "tab 1")
+                _expect(await texts(a, 2), after)
                 return "tab 1 said 3 more, Redis restarted, tab 1 said 2 more"
 
             async def comes_back() -> str:
                 nonlocal back
                 back = await websockets.connect(self.url(0, since=seen["position"]))
                 count = 5 if self.restart_redis else 3
-                replayed = await _texts(back, count)
+                replayed = await texts(back, count)
                 _expect(replayed[:3], [f"while tab 2 was away {i}" for i in range(3)])
                 _expect(replayed[3:], [f"after the restart {i}" for i in range(count - 3)])
-                await _say(a, "welcome back", "tab 1")
-                _expect(await _texts(back, 1), ["welcome back"])
+                await say(a, "welcome back", "tab 1")
+                _expect(await texts(back, 1), ["welcome back"])
                 return f"the {count} missed messages came first, in order, then live ones"
 
             return (
@@ -119,13 +119,14 @@ def _expect(got: list[str], wanted: list[str]) -> None:
         raise AssertionError(f"expected {wanted!r}, got {got!r}")
 
 
-async def _say(socket: Any, text: str, author: str) -> None:
+async def say(socket: Any, text: str, author: str = "a") -> None:
+    """Send ``text`` as a tab does (also used by tests/test_chat_e2e.py)."""
     await socket.send(json.dumps({"text": text, "author": author}))
 
 
-async def _hear(socket: Any, count: int) -> list[dict[str, Any]]:
+async def hear(socket: Any, count: int) -> list[dict[str, Any]]:
     return [json.loads(await asyncio.wait_for(socket.recv(), _WAIT)) for _ in range(count)]
 
 
-async def _texts(socket: Any, count: int) -> list[str]:
-    return [m["text"] for m in await _hear(socket, count)]
+async def texts(socket: Any, count: int) -> list[str]:
+    return [m["text"] for m in await hear(socket, count)]

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SCENARIOS", "BenchError", "Scenario", "Sizes"]
+__all__ = ["SCENARIOS", "BenchError", "Scenario", "Sizes", "close_layer"]
 
 BODY = "x" * 200
 #: How long any one wait for a message may take before the run is declared broken.
@@ -69,6 +69,22 @@ class Scenario:
     run: Callable[[Any, Sizes], Awaitable[Metrics]]
     #: Broadcast layers (Pub/Sub) have no one-of-N worker channel.
     needs_worker_channels: bool = False
+
+
+async def close_layer(layer: Any, flush: bool = True) -> None:
+    """Flush (delete the run's keys) and close, whichever of channels_redis' names
+    for closing the layer has (its Pub/Sub layer closes on flush)."""
+    try:
+        if flush:
+            await layer.flush()
+    finally:
+        for name in ("close", "close_pools"):
+            try:
+                close = getattr(layer, name)
+            except AttributeError:
+                continue
+            await close()
+            break
 
 
 async def _wait(awaitable: Awaitable[Any]) -> Any:

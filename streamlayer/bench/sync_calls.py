@@ -22,7 +22,7 @@ from typing import Any
 import redis
 from asgiref.sync import async_to_sync
 
-from .scenarios import BODY, BenchError, Metrics
+from .scenarios import BODY, BenchError, Metrics, close_layer
 
 __all__ = ["sync_calls", "sync_floor"]
 
@@ -55,7 +55,7 @@ def sync_calls(
             elapsed = time.perf_counter() - started
             after = int(client.info("stats")["total_connections_received"])
         report = json.loads(_line(member))
-        async_to_sync(_close)(layer)
+        async_to_sync(close_layer)(layer, flush=False)
         if not report["ok"]:
             raise BenchError("sync calls: the member lost, duplicated or reordered messages")
         return {"per_second": (count - 1) / elapsed, "new_connections": after - before}
@@ -85,11 +85,3 @@ def _line(process: subprocess.Popen[str]) -> str:
     if process.stdout is None:
         raise BenchError("the member process has no stdout")
     return process.stdout.readline().strip()
-
-
-async def _close(layer: Any) -> None:
-    for name in ("close", "close_pools"):
-        close = getattr(layer, name, None)
-        if close is not None:
-            await close()
-            return

@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from .raw import RAW_SCENARIOS
-from .scenarios import BODY, SCENARIOS, BenchError, Metrics, Sizes
+from .scenarios import BODY, SCENARIOS, BenchError, Metrics, Sizes, close_layer
 from .sync_calls import sync_calls, sync_floor
 
 __all__ = ["main"]
@@ -36,22 +36,6 @@ def load_layer_class(path: str) -> Any:
 
 def make_layer(path: str, url: str, prefix: str, capacity: int) -> Any:
     return load_layer_class(path)(hosts=[url], prefix=prefix, capacity=capacity)
-
-
-async def close_layer(layer: Any, flush: bool = True) -> None:
-    """Flush (delete the run's keys) and close, whichever of channels_redis' names
-    for closing the layer has (its Pub/Sub layer closes on flush)."""
-    try:
-        if flush:
-            await layer.flush()
-    finally:
-        for name in ("close", "close_pools"):
-            try:
-                close = getattr(layer, name)
-            except AttributeError:
-                continue
-            await close()
-            break
 
 
 async def _run_layer(path: str, url: str, sizes: Sizes, broadcast: bool) -> dict[str, Any]:

@@ -354,16 +354,12 @@ class RedisChannelLayer(StreamlayerLayer):
         tail += [capacity for _, _, capacity in batch]
         tail += [now, now - self.expiry, self.expiry_ttl]
         shard = self.connections.shard_for(group)
-        attempts = 0
 
-        async def call() -> Any:
-            nonlocal attempts
-            check = "0" if attempts else "1"
-            attempts += 1
-            args = [now - self.group_expiry, known.digest, check, *tail]
+        async def call(retrying: bool) -> Any:
+            args = [now - self.group_expiry, known.digest, "0" if retrying else "1", *tail]
             return await CLASSIC_GROUP_SEND_KNOWN(self.connections.client(shard), keys, args)
 
-        reply = await self.with_retry(f"group_send to {group!r}", call)
+        reply = await self.with_retry_flag(f"group_send to {group!r}", call)
         return decode_members(reply[1:]) if reply[0] == -1 else int(reply[0])
 
     async def send_to_members(
