@@ -17,6 +17,16 @@ that loop serves this one call. A thread holds a connection only while a call
 of its is in flight, so the connections open are bounded by the threads calling
 at the same moment, whatever the number of calls.
 
+The thread asgiref starts for every call (and the GIL handoffs while the last
+one winds down) costs more than the call's own work. asgiref 3.9+ calls the
+method in the caller's thread before choosing where to run the coroutine, and
+3.10+ can run every call of a context in one kept thread
+(``AsyncSingleThreadContext``). When ``async_to_sync(layer.method)`` is called
+from a plain thread, the wrapper asks for that: one kept thread per calling
+thread (and process), set only for this call (undone in the caller's thread
+while the call runs, so the caller's other ``async_to_sync`` calls are left as
+they were), ending when the calling thread ends.
+
 Anywhere else nothing changes: under an outer loop (a sync view in a
 ``sync_to_async`` thread of an ASGI server) asgiref runs the call on that loop,
 which keeps its connections; a server's or a worker's own loop uses its pools.
@@ -30,10 +40,19 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import logging
+import os
+import sys
+import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar, cast
 
-from asgiref.sync import AsyncToSync, markcoroutinefunction
+from asgiref.sync import AsyncToSync, SyncToAsync, markcoroutinefunction
+
+try:  # asgiref 3.10+
+    from asgiref.sync import AsyncSingleThreadContext
+except ImportError:  # pragma: no cover - older asgiref: a thread per call, as before
+    AsyncSingleThreadContext = object  # type: ignore[assignment,misc]
 
 __all__ = ["SYNC_IO", "sync_aware"]
 
@@ -49,6 +68,8 @@ SYNC_IO: contextvars.ContextVar[bool] = contextvars.ContextVar(
 #: keeps them there (since 3.3) to find the thread a nested sync_to_async must use.
 _ONE_CALL_LOOPS: dict[Any, Any] = getattr(AsyncToSync, "loop_thread_executors", {})
 
+logger = logging.getLogger(__name__)
+
 
 def sync_aware(method: _Method) -> _Method:
     """Wrap a layer coroutine method so that calls from sync code reuse connections
@@ -60,22 +81,26 @@ def sync_aware(method: _Method) -> _Method:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # created in sync code (asgiref 3.9+), run on some loop later
-            return _where_it_runs(coro)
+            by_asgiref = sys._getframe(1).f_code is _ASYNC_TO_SYNC_CALL
+            return _where_it_runs(coro, _keep_thread() if by_asgiref else None)
         return _with_sync_io(coro) if _one_call(loop) else coro
 
     return cast(_Method, markcoroutinefunction(call))
 
 
+async def _where_it_runs(coro: Coroutine[Any, Any, T], kept: contextvars.Token[Any] | None) -> T:
+    """Decide once running: a loop made for this one call uses the sync clients."""
+    loop = asyncio.get_running_loop()
+    if kept is not None:
+        _undo_in_caller(loop, kept)
+    if _one_call(loop):
+        return await _with_sync_io(coro)
+    return await coro
+
+
 def _one_call(loop: asyncio.AbstractEventLoop) -> bool:
     """Whether ``loop`` serves one async_to_sync call (and no call of it set SYNC_IO yet)."""
     return loop in _ONE_CALL_LOOPS and not SYNC_IO.get()
-
-
-async def _where_it_runs(coro: Coroutine[Any, Any, T]) -> T:
-    """Decide once running: a loop made for this one call uses the sync clients."""
-    if _one_call(asyncio.get_running_loop()):
-        return await _with_sync_io(coro)
-    return await coro
 
 
 async def _with_sync_io(coro: Coroutine[Any, Any, T]) -> T:
@@ -84,3 +109,51 @@ async def _with_sync_io(coro: Coroutine[Any, Any, T]) -> T:
         return await coro
     finally:
         SYNC_IO.reset(token)
+
+
+# -- one kept asgiref thread per calling thread ---------------------------------------
+
+#: The frame that calls a method passed to async_to_sync, in the caller's thread.
+_ASYNC_TO_SYNC_CALL = AsyncToSync.__call__.__code__
+#: asgiref 3.10+: the context whose async_to_sync calls all run in one thread.
+_SINGLE_THREAD: contextvars.ContextVar[Any] | None = getattr(
+    AsyncToSync, "async_single_thread_context", None
+)
+#: This thread's kept-thread context (a _CallerThread), as long as the thread lives.
+_callers = threading.local()
+
+
+class _CallerThread(AsyncSingleThreadContext):
+    """asgiref's one-thread context, kept for one calling thread of one process:
+    asgiref keeps the thread as long as this object lives (a weak key), and a forked
+    child must not reuse a thread that only its parent has."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.pid = os.getpid()
+
+
+def _keep_thread() -> contextvars.Token[Any] | None:
+    """In the caller's thread, inside ``AsyncToSync.__call__`` before it picks a
+    thread for this call: ask for the calling thread's kept one. Returns the token
+    that undoes it, or None where asgiref will not make a thread (an outer loop runs
+    the call) or the caller chose a single thread of its own."""
+    if _SINGLE_THREAD is None or _SINGLE_THREAD.get(None) is not None:
+        return None
+    outer = SyncToAsync.threadlocal
+    if getattr(outer, "main_event_loop", None) and outer.main_event_loop_pid == os.getpid():
+        return None
+    kept = getattr(_callers, "context", None)
+    if kept is None or kept.pid != os.getpid():
+        kept = _callers.context = _CallerThread()
+    return _SINGLE_THREAD.set(kept)
+
+
+def _undo_in_caller(loop: asyncio.AbstractEventLoop, kept: contextvars.Token[Any]) -> None:
+    """Reset the caller's context while it waits for this call: asgiref runs work
+    handed to the waiting caller in its thread (and its context) before returning."""
+    waiting = _ONE_CALL_LOOPS.get(loop)
+    try:
+        waiting.submit(_SINGLE_THREAD.reset, kept)  # type: ignore[union-attr]
+    except (AttributeError, RuntimeError):  # no waiting caller: the setting stays
+        logger.debug("could not undo the kept-thread setting in the calling thread")

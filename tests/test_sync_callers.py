@@ -11,11 +11,13 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import warnings
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import asgiref.sync
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 
@@ -26,6 +28,11 @@ from streamlayer.testing import RedisServer
 from .layers import PUBSUB, keeps, layer_class
 
 _WAIT = 15.0
+
+needs_single_thread_context = pytest.mark.skipif(
+    not hasattr(asgiref.sync, "AsyncSingleThreadContext"),
+    reason="asgiref < 3.10 has no AsyncSingleThreadContext: a thread per call, as before",
+)
 
 
 class Member:
@@ -136,6 +143,76 @@ async def test_a_thread_pool_opens_at_most_one_connection_per_thread(
     got = await member.take(1000)
     for n in range(8):  # each thread's messages in its order
         assert [m["i"] for m in got if m["n"] == n] == list(range(125))
+
+
+def helper_threads() -> set[str]:
+    """The threads asgiref's ``async_to_sync`` runs calls in (ThreadPoolExecutor's)."""
+    return {t.name for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")}
+
+
+@needs_single_thread_context
+async def test_a_threads_calls_reuse_one_asgiref_thread_that_ends_with_it(
+    server_and_layers: tuple[RedisServer, StreamlayerLayer, Member],
+) -> None:
+    """asgiref makes a thread and a loop for each call; the layer's calls from one
+    thread run in one thread kept for it (a new loop each time, as before), which
+    ends when the calling thread does."""
+    _, layer, member = server_and_layers
+    seen: list[set[str]] = []
+
+    def calls() -> None:
+        before = helper_threads()
+        for i in range(50):
+            async_to_sync(layer.send)(member.channel, {"type": "s", "i": i})
+            seen.append(helper_threads() - before)
+
+    thread = threading.Thread(target=calls)
+    thread.start()
+    await asyncio.to_thread(thread.join, _WAIT)
+    assert not thread.is_alive()
+    assert len(seen[0]) == 1, seen[0]
+    assert all(names == seen[0] for names in seen)  # the same one thread after every call
+    (name,) = seen[0]
+    helper = next((t for t in threading.enumerate() if t.name == name), None)
+    if helper is not None:  # it may have ended already
+        await asyncio.to_thread(helper.join, _WAIT)
+        assert not helper.is_alive()
+    assert [m["i"] for m in await member.take(50)] == list(range(50))
+
+
+@needs_single_thread_context
+async def test_other_async_to_sync_calls_of_the_thread_are_left_alone(
+    server_and_layers: tuple[RedisServer, StreamlayerLayer, Member],
+) -> None:
+    """Only the layer's own calls use the kept thread: the caller's context is as it
+    was after each call, the caller's other coroutines get a thread each, and a
+    caller's own ``AsyncSingleThreadContext`` is used, not replaced."""
+    from asgiref.sync import AsyncSingleThreadContext, AsyncToSync
+
+    _, layer, member = server_and_layers
+    ran_in: list[str] = []
+
+    async def where() -> None:
+        ran_in.append(threading.current_thread().name)
+
+    def calls() -> tuple[object, object]:
+        async_to_sync(layer.send)(member.channel, {"type": "s", "i": 0})
+        after_ours = AsyncToSync.async_single_thread_context.get("absent")
+        async_to_sync(where)()
+        async_to_sync(where)()
+        with AsyncSingleThreadContext() as mine:
+            async_to_sync(where)()
+            async_to_sync(layer.send)(member.channel, {"type": "s", "i": 1})
+            async_to_sync(where)()
+            still_mine = AsyncToSync.async_single_thread_context.get() is mine
+        return after_ours, still_mine
+
+    after_ours, still_mine = await asyncio.to_thread(calls)
+    assert after_ours == "absent"
+    assert ran_in[0] != ran_in[1]  # a thread per call, as asgiref does without us
+    assert ran_in[2] == ran_in[3]  # the caller's own single thread, kept through our call
+    assert still_mine is True
+    assert [m["i"] for m in await member.take(2)] == [0, 1]
 
 
 async def test_close_lets_go_of_every_connection_sync_calls_used(
