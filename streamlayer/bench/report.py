@@ -32,6 +32,12 @@ ROWS: list[tuple[str, str, str, bool]] = [
         "sync callers, async_to_sync(group_send) (calls/s; raw: asgiref alone)",
         False,
     ),
+    (
+        "sync_calls",
+        "thread_per_call_per_second",
+        "asgiref alone with a thread per call (calls/s)",
+        False,
+    ),
     ("sync_calls", "new_connections", "sync callers: new Redis connections in those calls", True),
     ("memory", "redis_bytes_per_message", "Redis bytes per backlogged message", True),
     ("memory", "client_bytes_per_idle_channel", "client bytes per idle channel", True),
