@@ -6,6 +6,9 @@ per second, and how many new connections Redis accepted during the calls
 (``INFO stats``: ``total_connections_received``). The group's member lives in
 another OS process (the spread fan-out's member worker), as a consumer in a
 server process would, and must receive every message, once and in order. The
+same loop is then timed again with no receiving process on the machine (the
+member a normal channel nobody reads), as the sync callers' issue measured it:
+on two cores the receiving process takes CPU from the caller. The
 floor, ``async_to_sync`` of a coroutine that does nothing, is what no layer can
 beat: asgiref's own loop per call, in the one thread kept for the calling thread
 (the layers' calls run there, see :mod:`streamlayer.sync`); the same with a thread
@@ -59,16 +62,39 @@ def sync_calls(
             elapsed = time.perf_counter() - started
             after = int(client.info("stats")["total_connections_received"])
         report = json.loads(_line(member))
-        async_to_sync(close_layer)(layer, flush=False)
         if not report["ok"]:
             raise BenchError("sync calls: the member lost, duplicated or reordered messages")
-        return {"per_second": (count - 1) / elapsed, "new_connections": after - before}
+        alone = _calls_alone(layer, count, broadcast)
+        async_to_sync(close_layer)(layer, flush=False)
+        return {
+            "per_second": (count - 1) / elapsed,
+            "alone_per_second": alone,
+            "new_connections": after - before,
+        }
     finally:
         if member.poll() is None:
             member.kill()
         member.wait()
         if member.stdout is not None:
             member.stdout.close()
+
+
+def _calls_alone(layer: Any, count: int, broadcast: bool) -> float:
+    """The same loop with no receiving process on the machine, as the sync callers'
+    issue measured it: the group's one member is a normal channel nobody reads (on
+    Pub/Sub nobody subscribes; a publish costs the same)."""
+    group = f"bench-sync-alone-{time.monotonic_ns()}"
+    send = async_to_sync(layer.group_send)
+    if not broadcast:
+        async_to_sync(layer.group_add)(group, "bench.nobody")
+    send(group, {"type": "bench.sync", "n": 0, "body": BODY})
+    started = time.perf_counter()
+    for n in range(1, count):
+        send(group, {"type": "bench.sync", "n": n, "body": BODY})
+    elapsed = time.perf_counter() - started
+    if not broadcast:
+        async_to_sync(layer.group_discard)(group, "bench.nobody")
+    return (count - 1) / elapsed
 
 
 def sync_floor(count: int) -> Metrics:
@@ -91,7 +117,12 @@ def sync_floor(count: int) -> Metrics:
     single_thread = getattr(asgiref.sync, "AsyncSingleThreadContext", contextlib.nullcontext)
     with single_thread():
         kept = calls_per_second()
-    return {"per_second": kept, "thread_per_call_per_second": per_call, "new_connections": 0}
+    return {
+        "per_second": kept,
+        "alone_per_second": kept,
+        "thread_per_call_per_second": per_call,
+        "new_connections": 0,
+    }
 
 
 def _line(process: subprocess.Popen[str]) -> str:
