@@ -1,5 +1,6 @@
 """The sync callers' scenario: ``async_to_sync(layer.group_send)`` from a plain
-thread, as a Django view, a management command or a Celery task calls it.
+thread, as a Django view, a management command or a Celery task calls it, in a
+process of its own (``worker sync``).
 
 Measured outside any event loop (each call makes its own, as asgiref does): calls
 per second, and how many new connections Redis accepted during the calls

@@ -10,6 +10,7 @@ import gc
 import importlib
 import json
 import os
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -23,6 +24,9 @@ from .scenarios import BODY, SCENARIOS, BenchError, Metrics, Sizes, close_layer
 from .sync_calls import sync_calls, sync_floor
 
 __all__ = ["main"]
+
+#: How long the sync callers' process may take (two loops of calls and a member).
+_SYNC_TIMEOUT = 600.0
 
 #: Backlog and idle-channel counts of the memory figures.
 MEMORY_MESSAGES = 10_000
@@ -226,10 +230,28 @@ def _sync_calls(path: str, url: str, count: int, broadcast: bool) -> Metrics | d
     """Outside any event loop, as sync code calls a layer (see sync_calls.py); the
     member process's layer has the spread fan-out's prefix."""
     try:
+        if path == "raw":
+            return sync_floor(count)
         make = lambda: make_layer(path, url, "bench-spread", 100_000)  # noqa: E731
         return sync_calls(make, path, url, count, broadcast)
     except BenchError as exc:
         return {"error": str(exc)}
+
+
+def _sync_calls_apart(path: str, url: str, count: int, broadcast: bool) -> Any:
+    """The sync callers' scenario in a fresh process: asgiref makes an event loop
+    per call, so Python's garbage collector runs often, and each run would scan
+    whatever the earlier scenarios left on this process's heap."""
+    command = [sys.executable, "-m", "streamlayer.bench.worker", "sync", path, url, str(count)]
+    done = subprocess.run(
+        [*command, *(["--broadcast"] if broadcast else [])],
+        capture_output=True,
+        text=True,
+        timeout=_SYNC_TIMEOUT,
+    )
+    if done.returncode != 0:
+        return {"error": f"sync calls: the process failed: {done.stderr.strip()[-500:]}"}
+    return json.loads(done.stdout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     members.add_argument("group")
     members.add_argument("count", type=int)
     members.add_argument("sends", type=int)
+    sync = commands.add_parser("sync", help="the sync callers' scenario, in a fresh process")
+    sync.add_argument("path", help="layer class path, or 'raw' for asgiref alone")
+    sync.add_argument("url")
+    sync.add_argument("count", type=int)
+    sync.add_argument("--broadcast", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "members":
         asyncio.run(_members_here(args.path, args.url, args.group, args.count, args.sends))
@@ -259,16 +286,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "send":
         asyncio.run(_send_from_here(args.path, args.url, args.channel, args.count))
         return 0
+    if args.command == "sync":
+        print(json.dumps(_sync_calls(args.path, args.url, args.count, args.broadcast)))
+        return 0
     raw_sizes = json.loads(args.sizes)
     sizes = Sizes(**{**raw_sizes, "fanout_members": tuple(raw_sizes["fanout_members"])})
     if args.path == "raw":
         results = asyncio.run(_run_raw(args.url, sizes))
-        results["sync_calls"] = sync_floor(sizes.sync_calls)
     else:
         results = asyncio.run(_run_layer(args.path, args.url, sizes, args.broadcast))
-        results["sync_calls"] = _sync_calls(args.path, args.url, sizes.sync_calls, args.broadcast)
-        if args.memory:
-            results["memory"] = asyncio.run(_memory(args.path, args.url, args.broadcast))
+    results["sync_calls"] = _sync_calls_apart(
+        args.path, args.url, sizes.sync_calls, args.broadcast
+    )
+    if args.path != "raw" and args.memory:
+        results["memory"] = asyncio.run(_memory(args.path, args.url, args.broadcast))
     print(json.dumps({"pid": os.getpid(), "sizes": asdict(sizes), "results": results}))
     return 0
 
