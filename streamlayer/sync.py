@@ -141,7 +141,9 @@ def _keep_thread() -> contextvars.Token[Any] | None:
     if _SINGLE_THREAD is None or _SINGLE_THREAD.get(None) is not None:
         return None
     outer = SyncToAsync.threadlocal
-    if getattr(outer, "main_event_loop", None) and outer.main_event_loop_pid == os.getpid():
+    if getattr(outer, "main_event_loop", None) is not None and (
+        getattr(outer, "main_event_loop_pid", None) == os.getpid()
+    ):
         return None
     kept = getattr(_callers, "context", None)
     if kept is None or kept.pid != os.getpid():

@@ -86,6 +86,11 @@ def new_connections(server: RedisServer, calls: Any) -> int:
     return server.total_connections() - before - 1
 
 
+def helper_threads() -> set[str]:
+    """The threads asgiref's ``async_to_sync`` runs calls in (ThreadPoolExecutor's)."""
+    return {t.name for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")}
+
+
 async def test_a_thousand_calls_from_one_thread_open_one_connection(
     server_and_layers: tuple[RedisServer, StreamlayerLayer, Member],
 ) -> None:
@@ -135,19 +140,19 @@ async def test_a_thread_pool_opens_at_most_one_connection_per_thread(
         for i in range(125):
             send("news", {"type": "g", "n": n, "i": i})
 
+    helpers: list[int] = []
+
     def calls() -> None:
-        with ThreadPoolExecutor(8) as pool:
+        before = helper_threads()
+        with ThreadPoolExecutor(8, thread_name_prefix="celery") as pool:
             list(pool.map(worker, range(8)))
+            helpers.append(len(helper_threads() - before))  # one kept per worker at most
 
     assert await asyncio.to_thread(new_connections, server, calls) <= 8
+    assert helpers[0] <= 8
     got = await member.take(1000)
     for n in range(8):  # each thread's messages in its order
         assert [m["i"] for m in got if m["n"] == n] == list(range(125))
-
-
-def helper_threads() -> set[str]:
-    """The threads asgiref's ``async_to_sync`` runs calls in (ThreadPoolExecutor's)."""
-    return {t.name for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")}
 
 
 @needs_single_thread_context
