@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any, ClassVar, TypeVar
 
@@ -84,9 +85,16 @@ class LayerStats:
     duplicates: int = 0
     redelivered: int = 0
     reconnects: int = 0
+    #: Counts come from the event loops' threads and from sync callers' threads at once.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to counter ``name``, exactly, whichever thread counts."""
+        with self._lock:
+            setattr(self, name, getattr(self, name) + n)
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name[0] != "_"}
 
     def __call__(self) -> dict[str, int]:
         """``layer.stats()``: a snapshot of every counter, for a metrics exporter
@@ -156,11 +164,11 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         try:
             message: Any = self.deserialize(data)
         except Exception as exc:
-            self.stats.decode_errors += 1
+            self.stats.count("decode_errors")
             logger.warning("skipped an undecodable message on %s: %r", where, exc)
             return None
         if not isinstance(message, dict):
-            self.stats.decode_errors += 1
+            self.stats.count("decode_errors")
             logger.warning("skipped a message on %s that is not a dict", where)
             return None
         return message
@@ -203,9 +211,9 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
     def count_send(self, channel: str, stored: bool, capacity: int) -> None:
         """Count a send; one the destination had no room for raises ChannelFull."""
         if not stored:
-            self.stats.full += 1
+            self.stats.count("full")
             raise ChannelFull(f"channel {channel!r} is at its capacity of {capacity} messages")
-        self.stats.sent += 1
+        self.stats.count("sent")
 
     async def receive(self, channel: str) -> dict[str, Any]:
         """The next message on ``channel``. Cancelling it loses and duplicates nothing."""
@@ -219,7 +227,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
             message = await self.local.get(channel)
         else:
             message = await self._receive_normal(channel)
-        self.stats.received += 1
+        self.stats.count("received")
         return message
 
     def _admit(self, channel: str) -> None:
@@ -257,7 +265,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         """
 
         def count(error: BaseException) -> None:
-            self.stats.retries += 1
+            self.stats.count("retries")
             if on_error is not None:
                 on_error(error)
 
@@ -357,9 +365,9 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
 
     def count_group_send(self, group: str, members: int, full: int) -> None:
         """Count a group send to ``members`` channels of which ``full`` had no room."""
-        self.stats.sent += members - full
+        self.stats.count("sent", members - full)
         if full:
-            self.stats.full += full
+            self.stats.count("full", full)
             logger.info("%d of %d channels over capacity in group %s", full, members, group)
 
     async def group_members(self, group: str) -> list[str]:

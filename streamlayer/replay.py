@@ -209,7 +209,7 @@ class GroupHistory:
         keys = [key, layer.delivered_key(channel, key)]
         full = int(await layer.append(f"replay to {channel!r}", STREAM_REPLAY, shard, keys, args))
         if full:
-            layer.stats.full += full
+            layer.stats.count("full", full)
         return not full
 
     # --- live messages meeting a join ---------------------------------------------------

@@ -252,10 +252,10 @@ class StreamsChannelLayer(StreamlayerLayer):
         """Decode one inbox entry and hand it to its local channel(s)."""
         sent_ms = int(entry_id.split(b"-", 1)[0])
         if sent_ms < (time.time() - self.config.expiry) * 1000:
-            self.stats.expired += 1
+            self.stats.count("expired")
             return
         if self._recent.seen(fields.get(b"i", entry_id)):
-            self.stats.duplicates += 1
+            self.stats.count("duplicates")
             return
         message = self.try_deserialize(fields.get(b"d", b""), "the process inbox")
         if message is None:
@@ -275,7 +275,7 @@ class StreamsChannelLayer(StreamlayerLayer):
 
     def connection_lost(self) -> None:
         """The inbox reader lost Redis: tell every active local channel."""
-        self.stats.reconnects += 1
+        self.stats.count("reconnects")
         if self.config.on_disconnect:
             self._tell_active({"type": self.config.on_disconnect})
 
@@ -428,7 +428,7 @@ class StreamsChannelLayer(StreamlayerLayer):
             return [(_bytes(i), f or {}) for i, f in (response[1] or []) if i is not None]
 
         claimed = await self.with_retry(f"claim stale entries of {channel!r}", take_over)
-        self.stats.redelivered += self._hold(state, claimed)
+        self.stats.count("redelivered", self._hold(state, claimed))
         state.next_claim = time.monotonic() + self.claim_after / 2
         await self.with_retry(
             f"prune consumers of {channel!r}", partial(self._prune_consumers, state)
@@ -486,12 +486,12 @@ class StreamsChannelLayer(StreamlayerLayer):
         state.unsure_acks.discard(entry_id)
         state.in_flight.discard(entry_id)
         if not ours:
-            self.stats.duplicates += 1  # another consumer took it over and delivers it
+            self.stats.count("duplicates")  # another consumer took it over and delivers it
             return None
         if not fields:
             return None  # deleted while pending (trimmed as expired)
         if int(entry_id.split(b"-", 1)[0]) < (time.time() - self.config.expiry) * 1000:
-            self.stats.expired += 1
+            self.stats.count("expired")
             return None
         message = self.try_deserialize(fields.get(b"d", b""), f"channel {channel!r}")
         if message is not None:

@@ -21,7 +21,7 @@ import asgiref.sync
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 
-from streamlayer.base import StreamlayerLayer
+from streamlayer.base import LayerStats, StreamlayerLayer
 from streamlayer.exceptions import ChannelFull
 from streamlayer.testing import RedisServer
 
@@ -148,8 +148,10 @@ async def test_a_thread_pool_opens_at_most_one_connection_per_thread(
             list(pool.map(worker, range(8)))
             helpers.append(len(helper_threads() - before))  # one kept per worker at most
 
+    sent_before = layer.stats.sent
     assert await asyncio.to_thread(new_connections, server, calls) <= 8
     assert helpers[0] <= 8
+    assert layer.stats.sent - sent_before == 1000  # counted from eight threads, none lost
     got = await member.take(1000)
     for n in range(8):  # each thread's messages in its order
         assert [m["i"] for m in got if m["n"] == n] == list(range(125))
@@ -440,6 +442,30 @@ async def test_a_sync_group_send_keeps_the_groups_history(fresh_server: RedisSer
     await layer.flush()
     await layer.close()
     await member.layer.close()
+
+
+def test_counters_lose_nothing_when_many_threads_count() -> None:
+    """Sync callers count from their own threads while a server's loop counts too."""
+    stats = LayerStats()
+
+    def count() -> None:
+        for _ in range(20_000):
+            stats.count("sent")
+            stats.count("full", 2)
+
+    threads = [threading.Thread(target=count) for _ in range(8)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns often: an unguarded += loses counts
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(_WAIT)
+    finally:
+        sys.setswitchinterval(interval)
+    assert (stats.sent, stats.full) == (160_000, 320_000)
+    assert stats() == {**stats(), "sent": 160_000, "full": 320_000}
+    assert "_lock" not in stats()
 
 
 def test_asgiref_still_names_the_loops_it_makes_for_one_call() -> None:

@@ -203,7 +203,7 @@ class RedisChannelLayer(StreamlayerLayer):
     def dispatch_inbox(self, member: bytes, score: float) -> None:
         """Decode one inbox entry and hand it to its local channel(s)."""
         if score < time.time() - self.expiry:
-            self.stats.expired += 1
+            self.stats.count("expired")
             return
         message = self.try_deserialize(member, "the process inbox")
         if message is None:
@@ -225,7 +225,7 @@ class RedisChannelLayer(StreamlayerLayer):
                 del self._parked[channel]
             if popped.score >= time.time() - self.expiry:
                 return popped.message
-            self.stats.expired += 1
+            self.stats.count("expired")
         fetch = self._adopt_orphan(channel) or self._start_fetch(channel)
         try:
             popped = await asyncio.shield(fetch)
@@ -283,7 +283,7 @@ class RedisChannelLayer(StreamlayerLayer):
                 continue
             shard, member, score = popped
             if score < time.time() - self.expiry:
-                self.stats.expired += 1
+                self.stats.count("expired")
                 continue
             message = self.try_deserialize(member, f"channel {channel!r}")
             if message is not None:

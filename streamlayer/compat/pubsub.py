@@ -149,7 +149,7 @@ class _LoopPresence:
             self.local.deliver(channel, copy, deadline)
 
     def on_connection_lost(self, shard: int) -> None:
-        self.layer.stats.reconnects += 1
+        self.layer.stats.count("reconnects")
         if self.layer.config.on_disconnect:
             self._tell_every_channel({"type": self.layer.config.on_disconnect})
 
@@ -209,7 +209,7 @@ class RedisPubSubChannelLayer(StreamlayerLayer):
         self.check_channel(channel)
         self.check_message(message)
         await self._publish(channel, self.serialize(message), f"send to {channel!r}")
-        self.stats.sent += 1
+        self.stats.count("sent")
 
     async def receive(self, channel: str) -> dict[str, Any]:
         """The next message published to ``channel`` (subscribing to it first)."""
@@ -221,7 +221,7 @@ class RedisPubSubChannelLayer(StreamlayerLayer):
         except asyncio.CancelledError:
             presence.release_later(channel)
             raise
-        self.stats.received += 1
+        self.stats.count("received")
         return message
 
     async def group_add(self, group: str, channel: str) -> None:
@@ -261,7 +261,7 @@ class RedisPubSubChannelLayer(StreamlayerLayer):
         self.check_message(message)
         name = self.group_channel(group)
         await self._publish(name, self.serialize(message), f"group_send to {group!r}")
-        self.stats.sent += 1
+        self.stats.count("sent")
 
     async def _publish(self, name: str, payload: bytes, what: str) -> None:
         shard = self.connections.shard_for(name)
