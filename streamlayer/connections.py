@@ -47,7 +47,7 @@ from .batching import ShardBatcher
 from .config import HostSpec
 from .exceptions import LayerClosed
 from .scripts import LuaScript
-from .sync import SYNC_IO
+from .sync import SEND_FIRST_HERE, SYNC_IO, pause_after_send
 
 __all__ = ["ConnectionManager", "consistent_hash", "create_pool"]
 
@@ -203,15 +203,63 @@ class SyncBackedClient:
 
     def __init__(self, client: Any) -> None:
         self.client = client
+        #: A plain client's pool lends connections we can send on and read from apart;
+        #: a cluster client routes each command itself.
+        self._pool: Any = (
+            None if isinstance(client, redis.RedisCluster) else client.connection_pool
+        )
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         command = getattr(self.client, name)
 
         async def run(*args: Any, **kwargs: Any) -> Any:
+            await _leave_callers_thread()
             return command(*args, **kwargs)
 
         setattr(self, name, run)  # found directly from now on
         return run
+
+    async def evalsha(self, *args: Any) -> Any:
+        if SEND_FIRST_HERE.get() and self._pool is not None:
+            return await self._send_here_read_later("EVALSHA", args)
+        await _leave_callers_thread()
+        return self.client.evalsha(*args)
+
+    async def publish(self, *args: Any) -> Any:
+        if SEND_FIRST_HERE.get() and self._pool is not None:
+            return await self._send_here_read_later("PUBLISH", args)
+        await _leave_callers_thread()
+        return self.client.publish(*args)
+
+    async def _send_here_read_later(self, command: str, args: tuple[Any, ...]) -> Any:
+        """A sync caller's first command: sent from the caller's thread, its reply read
+        once asgiref's loop resumes the call (see :mod:`streamlayer.sync`). Both
+        commands answer with plain values (no response callback to apply). Any
+        failure here waits for the loop too: the retries sleep there."""
+        SEND_FIRST_HERE.set(False)
+        pool = self._pool
+        try:
+            connection = pool.get_connection()
+        except Exception:
+            await pause_after_send()
+            raise
+        try:
+            failure: Exception | None = None
+            try:
+                connection.send_command(command, *args)
+            except Exception as exc:
+                failure = exc
+            await pause_after_send()
+            if failure is not None:
+                raise failure
+            return connection.read_response()
+        except redis.ResponseError:
+            raise  # the server answered: the connection is fine
+        except BaseException:
+            connection.disconnect()  # a reply may still be on its way: never reuse it
+            raise
+        finally:
+            pool.release(connection)
 
     def pipeline(self, transaction: bool = True) -> _SyncBackedPipeline:
         return _SyncBackedPipeline(self.client.pipeline(transaction=transaction))
@@ -221,6 +269,14 @@ class SyncBackedClient:
 
     def close(self) -> None:
         self.client.close()
+
+
+async def _leave_callers_thread() -> None:
+    """Before any other command of a sync caller's call: if the call still runs in the
+    caller's thread, let asgiref's loop take it over first."""
+    if SEND_FIRST_HERE.get():
+        SEND_FIRST_HERE.set(False)
+        await pause_after_send()
 
 
 class _SyncBackedPipeline:
@@ -233,6 +289,7 @@ class _SyncBackedPipeline:
         return getattr(self._pipeline, name)  # queueing commands is synchronous in both
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        await _leave_callers_thread()
         try:
             return cast(list[Any], self._pipeline.execute(raise_on_error=raise_on_error))
         finally:

@@ -44,7 +44,8 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Coroutine
+import types
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any, TypeVar, cast
 
 from asgiref.sync import AsyncToSync, SyncToAsync, markcoroutinefunction
@@ -54,7 +55,7 @@ try:  # asgiref 3.10+
 except ImportError:  # pragma: no cover - older asgiref: a thread per call, as before
     AsyncSingleThreadContext = object  # type: ignore[assignment,misc]
 
-__all__ = ["SYNC_IO", "sync_aware"]
+__all__ = ["SEND_FIRST_HERE", "SYNC_IO", "pause_after_send", "sync_aware"]
 
 T = TypeVar("T")
 _Method = TypeVar("_Method", bound=Callable[..., Coroutine[Any, Any, Any]])
@@ -78,22 +79,22 @@ def sync_aware(method: _Method) -> _Method:
     @functools.wraps(method)
     def call(self: Any, /, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
         coro = method(self, *args, **kwargs)
+        if SYNC_IO.get():  # a layer method called by another in a sync caller's call
+            return coro
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # created in sync code (asgiref 3.9+), run on some loop later
-            by_asgiref = sys._getframe(1).f_code is _ASYNC_TO_SYNC_CALL
-            return _where_it_runs(coro, _keep_thread() if by_asgiref else None)
+            if sys._getframe(1).f_code is not _ASYNC_TO_SYNC_CALL or _outer_loop():
+                return _where_it_runs(coro)
+            return cast(Coroutine[Any, Any, Any], _start_here(coro, _keep_thread()))
         return _with_sync_io(coro) if _one_call(loop) else coro
 
     return cast(_Method, markcoroutinefunction(call))
 
 
-async def _where_it_runs(coro: Coroutine[Any, Any, T], kept: contextvars.Token[Any] | None) -> T:
+async def _where_it_runs(coro: Coroutine[Any, Any, T]) -> T:
     """Decide once running: a loop made for this one call uses the sync clients."""
-    loop = asyncio.get_running_loop()
-    if kept is not None:
-        _undo_in_caller(loop, kept)
-    if _one_call(loop):
+    if _one_call(asyncio.get_running_loop()):
         return await _with_sync_io(coro)
     return await coro
 
@@ -133,17 +134,20 @@ class _CallerThread(AsyncSingleThreadContext):
         self.pid = os.getpid()
 
 
+def _outer_loop() -> bool:
+    """Whether asgiref will run this thread's call on an outer loop (a sync view under
+    an ASGI server), as it decides: no new loop, no thread, nothing for us to do."""
+    outer = SyncToAsync.threadlocal
+    return getattr(outer, "main_event_loop", None) is not None and (
+        getattr(outer, "main_event_loop_pid", None) == os.getpid()
+    )
+
+
 def _keep_thread() -> contextvars.Token[Any] | None:
     """In the caller's thread, inside ``AsyncToSync.__call__`` before it picks a
     thread for this call: ask for the calling thread's kept one. Returns the token
-    that undoes it, or None where asgiref will not make a thread (an outer loop runs
-    the call) or the caller chose a single thread of its own."""
+    that undoes it, or None where the caller chose a single thread of its own."""
     if _SINGLE_THREAD is None or _SINGLE_THREAD.get(None) is not None:
-        return None
-    outer = SyncToAsync.threadlocal
-    if getattr(outer, "main_event_loop", None) is not None and (
-        getattr(outer, "main_event_loop_pid", None) == os.getpid()
-    ):
         return None
     kept = getattr(_callers, "context", None)
     if kept is None or kept.pid != os.getpid():
@@ -159,3 +163,93 @@ def _undo_in_caller(loop: asyncio.AbstractEventLoop, kept: contextvars.Token[Any
         waiting.submit(_SINGLE_THREAD.reset, kept)  # type: ignore[union-attr]
     except (AttributeError, RuntimeError):  # no waiting caller: the setting stays
         logger.debug("could not undo the kept-thread setting in the calling thread")
+
+
+# -- the first command leaves from the caller's thread ---------------------------------
+
+#: Set while a call's first steps run in the caller's thread: its first command is
+#: sent there, and the call waits for the reply in asgiref's loop.
+SEND_FIRST_HERE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "streamlayer_send_first_here", default=False
+)
+_SENT = object()
+
+
+@types.coroutine
+def pause_after_send() -> Generator[Any, Any, None]:
+    """Suspend a call whose first command has left, until asgiref's loop resumes it."""
+    yield _SENT
+
+
+def _start_here(coro: Coroutine[Any, Any, T], kept: contextvars.Token[Any] | None) -> Any:
+    """Run ``coro`` in the caller's thread up to its first command's reply. That
+    command (and everything before it: validation, encoding) runs while asgiref is
+    still to make its loop; the reply travels meanwhile, and asgiref's loop picks the
+    call up where it paused. The call runs in a context of its own throughout."""
+    context = contextvars.copy_context()
+    context.run(_mark_sync_call)
+    try:
+        yielded = context.run(coro.send, None)
+    except StopIteration as stop:
+        return _done(kept, stop.value, None)
+    except Exception as exc:
+        return _done(kept, None, exc)
+    except BaseException:
+        coro.close()
+        if kept is not None and _SINGLE_THREAD is not None:
+            _SINGLE_THREAD.reset(kept)
+        raise
+    return _resume(coro, context, yielded, kept)
+
+
+def _mark_sync_call() -> None:
+    SYNC_IO.set(True)
+    SEND_FIRST_HERE.set(True)
+
+
+async def _done(kept: contextvars.Token[Any] | None, result: Any, error: Exception | None) -> Any:
+    """A call that finished in the caller's thread, handed to asgiref's loop as is."""
+    if kept is not None:
+        _undo_in_caller(asyncio.get_running_loop(), kept)
+    if error is not None:
+        raise error
+    return result
+
+
+@types.coroutine
+def _resume(
+    coro: Coroutine[Any, Any, T],
+    context: contextvars.Context,
+    yielded: Any,
+    kept: contextvars.Token[Any] | None,
+) -> Generator[Any, Any, T]:
+    """Drive ``coro`` to its end in asgiref's loop, as ``await`` would (a coroutine
+    another frame started cannot be awaited), each step in the call's context."""
+    if kept is not None:
+        _undo_in_caller(asyncio.get_running_loop(), kept)
+    value: Any = None
+    error: BaseException | None = None
+    if yielded is not _SENT:  # it paused on something of asyncio's: let the loop see it
+        try:
+            value = yield yielded
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:
+            error = exc
+    while True:
+        try:
+            if error is None:
+                yielded = context.run(coro.send, value)
+            else:
+                yielded = context.run(coro.throw, error)
+        except StopIteration as stop:
+            return cast(T, stop.value)
+        value, error = None, None
+        try:
+            value = yield yielded
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:
+            error = exc

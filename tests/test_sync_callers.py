@@ -15,7 +15,7 @@ import threading
 import warnings
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, ClassVar
 
 import asgiref.sync
 import pytest
@@ -23,6 +23,7 @@ from asgiref.sync import async_to_sync, sync_to_async
 
 from streamlayer.base import LayerStats, StreamlayerLayer
 from streamlayer.exceptions import ChannelFull
+from streamlayer.serializers import BaseMessageSerializer, MsgPackSerializer, registry
 from streamlayer.testing import RedisServer
 
 from .layers import PUBSUB, keeps, layer_class
@@ -442,6 +443,58 @@ async def test_a_sync_group_send_keeps_the_groups_history(fresh_server: RedisSer
     await layer.flush()
     await layer.close()
     await member.layer.close()
+
+
+class ThreadNoting(BaseMessageSerializer):
+    """msgpack, noting which thread encodes each message."""
+
+    threads: ClassVar[list[str]] = []
+
+    def as_bytes(self, message: Any) -> bytes:
+        ThreadNoting.threads.append(threading.current_thread().name)
+        return MsgPackSerializer().as_bytes(message)
+
+    def from_bytes(self, data: bytes) -> Any:
+        return MsgPackSerializer().from_bytes(data)
+
+
+async def test_a_calls_first_steps_run_in_the_callers_thread(
+    layer_path: str, fresh_server: RedisServer
+) -> None:
+    """Validation, encoding and the first command run in the calling thread while
+    asgiref makes its loop; the reply is read there (the speed of sync callers)."""
+    registry.register_serializer("thread-noting", ThreadNoting)
+    ThreadNoting.threads.clear()
+    cls = layer_class(layer_path)
+    layer = cls(hosts=[fresh_server.url], prefix="here", serializer_format="thread-noting")
+    receiver = cls(hosts=[fresh_server.url], prefix="here", serializer_format="thread-noting")
+    try:
+        member = await Member(receiver, "news").join()
+        # The layer learns the group's members (and a Pub/Sub subscription is heard):
+        # a steady group's send is one command.
+        await layer.group_send("news", {"type": "warm"})
+        await member.take(1)
+        member.got.clear()
+        ThreadNoting.threads.clear()
+
+        def calls() -> None:
+            for i in range(20):
+                async_to_sync(layer.group_send)("news", {"type": "g", "i": i})
+                async_to_sync(layer.send)(member.channel, {"type": "s", "i": i})
+
+        caller = threading.Thread(target=calls, name="the-caller")
+        caller.start()
+        await asyncio.to_thread(caller.join, _WAIT)
+        assert ThreadNoting.threads == ["the-caller"] * 40
+        got = await member.take(40)
+        assert [(m["type"], m["i"]) for m in got if m["type"] == "g"] == [
+            ("g", i) for i in range(20)
+        ]
+    finally:
+        await layer.flush()
+        await layer.close()
+        await receiver.close()
+        registry._registry.pop("thread-noting", None)
 
 
 def test_counters_lose_nothing_when_many_threads_count() -> None:
