@@ -27,6 +27,15 @@ thread (and process), set only for this call (undone in the caller's thread
 while the call runs, so the caller's other ``async_to_sync`` calls are left as
 they were), ending when the calling thread ends.
 
+asgiref's loop is made only after the method is called, so the call's first
+steps (argument checks, encoding, and its first command, sent on the sync
+client) run in the caller's thread, and the call pauses there
+(:func:`pause_after_send`); asgiref's loop resumes it to read the reply, which
+has been on its way meanwhile. The call runs in a context of its own, driven
+step by step as ``await`` would drive it. Nothing asyncio needs a loop for
+happens before the pause: a failure is raised, and any other command is sent,
+only once the loop has resumed the call.
+
 Anywhere else nothing changes: under an outer loop (a sync view in a
 ``sync_to_async`` thread of an ASGI server) asgiref runs the call on that loop,
 which keeps its connections; a server's or a worker's own loop uses its pools.
