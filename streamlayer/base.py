@@ -62,6 +62,12 @@ def decode_members(raw: list[Any]) -> list[str]:
     return [m.decode("utf8") if isinstance(m, bytes) else str(m) for m in raw]
 
 
+def known_send_outcome(reply: list[Any]) -> int | list[str]:
+    """A one-trip group send script's reply: how many members were full, or (-1 first)
+    the group's members now, when they were not the ones the send was planned for."""
+    return decode_members(reply[1:]) if reply[0] == -1 else int(reply[0])
+
+
 @dataclass
 class LayerStats:
     """Counters of one layer instance (process-local), only ever increasing.

@@ -220,46 +220,44 @@ class SyncBackedClient:
         return run
 
     async def evalsha(self, *args: Any) -> Any:
-        if SEND_FIRST_HERE.get() and self._pool is not None:
-            return await self._send_here_read_later("EVALSHA", args)
-        await _leave_callers_thread()
-        return self.client.evalsha(*args)
+        return await self._maybe_sent_here("EVALSHA", self.client.evalsha, args)
 
     async def publish(self, *args: Any) -> Any:
-        if SEND_FIRST_HERE.get() and self._pool is not None:
-            return await self._send_here_read_later("PUBLISH", args)
-        await _leave_callers_thread()
-        return self.client.publish(*args)
+        return await self._maybe_sent_here("PUBLISH", self.client.publish, args)
 
-    async def _send_here_read_later(self, command: str, args: tuple[Any, ...]) -> Any:
-        """A sync caller's first command: sent from the caller's thread, its reply read
-        once asgiref's loop resumes the call (see :mod:`streamlayer.sync`). Both
-        commands answer with plain values (no response callback to apply). Any
-        failure here waits for the loop too: the retries sleep there."""
+    async def _maybe_sent_here(
+        self, command: str, method: Callable[..., Any], args: tuple[Any, ...]
+    ) -> Any:
+        """A sync caller's first command, if this is it, is sent from the caller's
+        thread and its reply read once asgiref's loop resumes the call (see
+        :mod:`streamlayer.sync`); both commands answer with plain values (no response
+        callback to apply). Any failure waits for the loop too: the retries sleep
+        there. Otherwise the command runs as any other."""
+        if not SEND_FIRST_HERE.get() or self._pool is None:
+            await _leave_callers_thread()
+            return method(*args)
         SEND_FIRST_HERE.set(False)
-        pool = self._pool
+        connection = None
+        failure: Exception | None = None
         try:
-            connection = pool.get_connection()
-        except Exception:
-            await pause_after_send()
-            raise
-        try:
-            failure: Exception | None = None
             try:
+                connection = self._pool.get_connection()
                 connection.send_command(command, *args)
             except Exception as exc:
                 failure = exc
             await pause_after_send()
             if failure is not None:
                 raise failure
-            return connection.read_response()
+            return connection.read_response()  # type: ignore[union-attr]
         except redis.ResponseError:
             raise  # the server answered: the connection is fine
         except BaseException:
-            connection.disconnect()  # a reply may still be on its way: never reuse it
+            if connection is not None:
+                connection.disconnect()  # a reply may still be on its way: never reuse it
             raise
         finally:
-            pool.release(connection)
+            if connection is not None:
+                self._pool.release(connection)
 
     def pipeline(self, transaction: bool = True) -> _SyncBackedPipeline:
         return _SyncBackedPipeline(self.client.pipeline(transaction=transaction))

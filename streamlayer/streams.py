@@ -31,7 +31,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from .base import RESERVED_KEY, KnownMembers, StreamlayerLayer, decode_members
+from .base import RESERVED_KEY, KnownMembers, StreamlayerLayer, known_send_outcome
 from .cancellation import CancelGuard
 from .exceptions import LayerClosed
 from .history import POSITION_KEY, HistoryPage, Position, position_tag
@@ -590,7 +590,7 @@ class StreamsChannelLayer(StreamlayerLayer):
         shard = self.connections.shard_for(group)
         what = f"group_send to {group!r}"
         reply = await self.append(what, STREAM_GROUP_SEND_KNOWN, shard, keys, args)
-        return decode_members(reply[1:]) if reply[0] == -1 else int(reply[0])
+        return known_send_outcome(reply)
 
     async def send_to_members(
         self, group: str, members: list[str], message: dict[str, Any], position: str = ""

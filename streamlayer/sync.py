@@ -236,17 +236,17 @@ def _resume(
     another frame started cannot be awaited), each step in the call's context."""
     if kept is not None:
         _undo_in_caller(asyncio.get_running_loop(), kept)
-    value: Any = None
-    error: BaseException | None = None
-    if yielded is not _SENT:  # it paused on something of asyncio's: let the loop see it
-        try:
-            value = yield yielded
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as exc:
-            error = exc
     while True:
+        value: Any = None
+        error: BaseException | None = None
+        if yielded is not _SENT:  # a future of asyncio's (or a bare yield): the loop's
+            try:
+                value = yield yielded
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:
+                error = exc
         try:
             if error is None:
                 yielded = context.run(coro.send, value)
@@ -254,11 +254,3 @@ def _resume(
                 yielded = context.run(coro.throw, error)
         except StopIteration as stop:
             return cast(T, stop.value)
-        value, error = None, None
-        try:
-            value = yield yielded
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as exc:
-            error = exc

@@ -57,10 +57,7 @@ def sync_calls(
         send(group, {"type": "bench.sync", "n": 0, "body": BODY})
         with redis.Redis.from_url(url) as client:
             before = int(client.info("stats")["total_connections_received"])
-            started = time.perf_counter()
-            for n in range(1, count):
-                send(group, {"type": "bench.sync", "n": n, "body": BODY})
-            elapsed = time.perf_counter() - started
+            per_second = _timed_calls(send, group, count)
             after = int(client.info("stats")["total_connections_received"])
         report = json.loads(_line(member))
         if not report["ok"]:
@@ -68,7 +65,7 @@ def sync_calls(
         alone = _calls_alone(layer, count, broadcast)
         async_to_sync(close_layer)(layer, flush=False)
         return {
-            "per_second": (count - 1) / elapsed,
+            "per_second": per_second,
             "alone_per_second": alone,
             "new_connections": after - before,
         }
@@ -89,13 +86,10 @@ def _calls_alone(layer: Any, count: int, broadcast: bool) -> float:
     if not broadcast:
         async_to_sync(layer.group_add)(group, "bench.nobody")
     send(group, {"type": "bench.sync", "n": 0, "body": BODY})
-    started = time.perf_counter()
-    for n in range(1, count):
-        send(group, {"type": "bench.sync", "n": n, "body": BODY})
-    elapsed = time.perf_counter() - started
+    per_second = _timed_calls(send, group, count)
     if not broadcast:
         async_to_sync(layer.group_discard)(group, "bench.nobody")
-    return (count - 1) / elapsed
+    return per_second
 
 
 def sync_floor(count: int) -> Metrics:
@@ -109,10 +103,7 @@ def sync_floor(count: int) -> Metrics:
     def calls_per_second() -> float:
         call = async_to_sync(nothing)
         call("bench-sync", {})
-        started = time.perf_counter()
-        for n in range(1, count):
-            call("bench-sync", {"type": "bench.sync", "n": n, "body": BODY})
-        return (count - 1) / (time.perf_counter() - started)
+        return _timed_calls(call, "bench-sync", count)
 
     per_call = calls_per_second()
     single_thread = getattr(asgiref.sync, "AsyncSingleThreadContext", contextlib.nullcontext)
@@ -124,6 +115,15 @@ def sync_floor(count: int) -> Metrics:
         "thread_per_call_per_second": per_call,
         "new_connections": 0,
     }
+
+
+def _timed_calls(send: Callable[[str, dict[str, Any]], Any], group: str, count: int) -> float:
+    """Calls per second of messages 1 to ``count`` - 1 (message 0, the first call,
+    opened what these reuse and is not timed)."""
+    started = time.perf_counter()
+    for n in range(1, count):
+        send(group, {"type": "bench.sync", "n": n, "body": BODY})
+    return (count - 1) / (time.perf_counter() - started)
 
 
 def _line(process: subprocess.Popen[str]) -> str:

@@ -31,7 +31,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from ..base import RESERVED_KEY, KnownMembers, StreamlayerLayer, decode_members
+from ..base import RESERVED_KEY, KnownMembers, StreamlayerLayer, known_send_outcome
 from ..cancellation import CancelGuard
 from ..exceptions import LayerClosed
 from ..keys import (
@@ -360,7 +360,7 @@ class RedisChannelLayer(StreamlayerLayer):
             return await CLASSIC_GROUP_SEND_KNOWN(self.connections.client(shard), keys, args)
 
         reply = await self.with_retry_flag(f"group_send to {group!r}", call)
-        return decode_members(reply[1:]) if reply[0] == -1 else int(reply[0])
+        return known_send_outcome(reply)
 
     async def send_to_members(
         self, group: str, members: list[str], message: dict[str, Any]
