@@ -74,7 +74,10 @@ class LayerStats:
 
     sent / received: messages; full: sends refused (ChannelFull) and group members
     skipped at capacity; expired: messages dropped unread after ``expiry``; dropped:
-    messages pushed out of a full local queue; decode_errors: corrupt or undecryptable
+    messages that reached this process and were thrown away unread because their
+    channel's consumer was gone for good (a Pub/Sub channel released after its
+    consumer left; never a message of a live channel, which no queue limit drops);
+    decode_errors: corrupt or undecryptable
     entries skipped; retries: Redis operations retried after a transient error;
     duplicates: copies a retried send made, dropped; redelivered: normal-channel
     entries taken over from a crashed worker; reconnects: inbox readers that lost
@@ -116,10 +119,13 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
     default_random_prefix_length: ClassVar[int] = 0
     #: Whether ``hosts`` may name a Redis Cluster (the classic layouts shard client-side).
     supports_cluster: ClassVar[bool] = False
+    #: ``capacity`` when the config gives none (channels_redis' 100 for the compat layers).
+    default_capacity: ClassVar[int] = 100
     #: Messages of this process's process-specific channels (layers that have an inbox).
     local: LocalChannels
 
     def __init__(self, **options: Any) -> None:
+        options.setdefault("capacity", self.default_capacity)
         self.config = LayerConfig.from_options(options)
         if not self.supports_cluster and any(h.is_cluster for h in self.config.hosts):
             raise ConfigError(
@@ -152,6 +158,14 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         self._known_members: dict[str, KnownMembers] = {}
         #: Every key on one server (no shards, no Cluster): a group send may be one trip.
         self._one_server = self.connections.ring_size == 1 and not self.connections.is_cluster
+        #: The groups this layer's own channels joined: what it adds again when Redis
+        #: comes back without them (see restore_memberships).
+        self._joined: dict[str, set[str]] = {}
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add to one of :attr:`stats`' counters (the sink local queues count into; it
+        follows ``stats`` when a forked child starts afresh)."""
+        self.stats.count(name, n)
 
     def __repr__(self) -> str:
         hosts = ", ".join(h.describe() for h in self.config.hosts)
@@ -245,9 +259,16 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
             self._receivable.clear()
         self._receivable.add(channel)
 
+    def owns(self, channel: str) -> bool:
+        """Whether ``channel`` was made by this layer's new_channel() (each layer's own)."""
+        raise NotImplementedError
+
     def _check_local(self, channel: str) -> None:
         """Raise ValueError unless ``channel`` was made by this layer's new_channel()."""
-        raise NotImplementedError
+        if not self.owns(channel):
+            raise ValueError(
+                f"cannot receive on {channel!r}: it was not made by this layer's new_channel()"
+            )
 
     def _prepare_local(self, channel: str) -> None:
         """Make sure this loop's reader serves ``channel`` (each layer's own)."""
@@ -319,6 +340,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
             await pipe.execute()
 
         await self.with_retry(f"group_add to {group!r}", add)
+        self.note_membership(group, channel, joined=True)
 
     @sync_aware
     async def group_discard(self, group: str, channel: str) -> None:
@@ -330,6 +352,85 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
             f"group_discard from {group!r}",
             lambda: self.connections.client(shard).zrem(key, channel),
         )
+        self.note_membership(group, channel, joined=False)
+
+    # --- healing: what the layer restores when Redis comes back without its data ----
+
+    def note_membership(self, group: str, channel: str, *, joined: bool) -> None:
+        """Remember (or forget) that a channel of this layer is in ``group``."""
+        if "!" not in channel or not self.owns(channel):
+            return
+        if joined:
+            self._joined.setdefault(group, set()).add(channel)
+            return
+        members = self._joined.get(group)
+        if members is not None:
+            members.discard(channel)
+            if not members:
+                del self._joined[group]
+
+    async def restore_memberships(self) -> int:
+        """Add this layer's live channels to the groups they joined, again.
+
+        Called when Redis came back without its data (a restart without persistence,
+        a failover to an empty replica, FLUSHALL): the consumers are still connected
+        and still think they are members, so every group_send would otherwise reach
+        nobody until each of them reconnects. A channel is live while a receive()
+        waits on it or one came within ``group_expiry`` (its membership would have
+        expired anyway). One pipeline per shard; returns how many memberships."""
+        live = self.local.live_channels(self.group_expiry)
+        by_shard: dict[int, list[tuple[str, list[str]]]] = {}
+        for group, channels in list(self._joined.items()):
+            keep = channels & live
+            if not keep:
+                del self._joined[group]
+                continue
+            self._joined[group] = keep
+            entry = (self.group_key(group), sorted(keep))
+            by_shard.setdefault(self.connections.shard_for(group), []).append(entry)
+        for shard, entries in by_shard.items():
+            await self.with_retry(
+                "restore group memberships", partial(self._add_all, shard, entries)
+            )
+        return sum(len(channels) for entries in by_shard.values() for _, channels in entries)
+
+    async def _add_all(self, shard: int, entries: list[tuple[str, list[str]]]) -> None:
+        pipe = self.connections.client(shard).pipeline(transaction=False)
+        now = time.time()
+        for key, channels in entries:
+            pipe.zadd(key, dict.fromkeys(channels, now))
+            pipe.expire(key, self.group_expiry)
+        await pipe.execute()
+
+    def connection_lost(self) -> None:
+        """This process's reader lost Redis: tell every live local channel."""
+        self.stats.count("reconnects")
+        if self.config.on_disconnect:
+            self._tell_live({"type": self.config.on_disconnect})
+
+    async def connection_back(self, recovered: bool, data_lost: bool | None = None) -> None:
+        """This process's reader is back; ``recovered`` says whether nothing can have
+        been lost, ``data_lost`` whether Redis lost its data (by default: not
+        ``recovered``). Then the memberships come back first, so an app resyncing on
+        the notice misses nothing sent after it."""
+        if data_lost is None:
+            data_lost = not recovered
+        if data_lost:
+            restored = await self.restore_memberships()
+            logger.warning(
+                "%s: Redis lost its data; %d group membership(s) of this process restored",
+                type(self).__name__,
+                restored,
+            )
+        else:
+            logger.warning("%s: reconnected (recovered=%s)", type(self).__name__, recovered)
+        if self.config.on_reconnect:
+            self._tell_live({"type": self.config.on_reconnect, "recovered": recovered})
+
+    def _tell_live(self, message: dict[str, Any]) -> None:
+        deadline = time.time() + self.config.expiry
+        for channel in sorted(self.local.live_channels(self.config.expiry)):
+            self.local.deliver(channel, dict(message), deadline)
 
     @sync_aware
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
@@ -419,6 +520,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         self.connections.forget_after_fork()
         self.stats = LayerStats()
         self._known_members = {}
+        self._joined = {}
 
     async def close(self) -> None:
         """Stop background work and close this event loop's connections, and those

@@ -10,6 +10,12 @@ XREAD does not remove anything, so the reader can be cancelled or lose its
 connection at any point: it resumes from its last id and nothing accepted by
 Redis is lost. After a reconnect the cursor tells whether Redis still holds
 the same inbox (``recovered=True``) or came back without it (``False``).
+
+The reader also keeps each channel's count of unreceived messages true (see
+``_STREAM_APPEND`` in :mod:`streamlayer.scripts`): its bookkeeping takes down
+the counts of what receives took from the local queues, in numbered batches
+(a batch whose reply was lost is sent again and applied once), and after
+Redis lost the counts it counts what its queues still hold again.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import NoScriptError
 
-from .keys import stream_cursor_key, stream_inbox_key
+from .keys import stream_inbox_key, stream_inbox_state_key
 from .reader import BackgroundReader
 from .scripts import STREAM_INBOX_ADVANCE
 
@@ -40,6 +46,10 @@ READ_BATCH = 512
 BLOCK_SECONDS = 5.0
 #: How long the reader reads on after the last receiver stopped waiting.
 LINGER_SECONDS = 0.5
+#: Longest blocking read while local queues hold messages or nobody waits: receives
+#: taking from the queues meanwhile give their channels' room back (in Redis) at the
+#: next round trip, so a drained channel takes sends again within this time.
+SHORT_BLOCK_SECONDS = 0.05
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 
@@ -93,9 +103,12 @@ class InboxReader(BackgroundReader):
     def __init__(self, layer: StreamsChannelLayer) -> None:
         self.layer = layer
         self.key = stream_inbox_key(layer.prefix, layer.process_id)
-        self.cursor_key = stream_cursor_key(layer.prefix, layer.process_id)
+        self.state_key = stream_inbox_state_key(layer.prefix, layer.process_id)
         self.shard = layer.connections.shard_for(layer.process_id)
         self._disconnected = False
+        #: A reconnect to report (recovered or not) once the bookkeeping that found it
+        #: is done: the layer restores what Redis lost before delivering anything newer.
+        self._back: bool | None = None
         #: Compare the cursor with what we last wrote at the next round trip.
         self._check_cursor = True
         #: When a receiver last waited (the reader stops after LINGER_SECONDS without).
@@ -103,28 +116,36 @@ class InboxReader(BackgroundReader):
         super().__init__(layer.local, self.key)
 
     async def step(self) -> bool:
-        layer = self.layer
+        layer, local = self.layer, self.layer.local
         now = time.monotonic()
-        if layer.local.waiting():
+        if local.waiting() or local.queued():
             self._wanted_at = now
         elif now - self._wanted_at >= LINGER_SECONDS:
-            # Nobody has waited for a while: trim what we consumed now, not at the
-            # next read, so senders see the true backlog; stop unless someone came.
+            # Nobody has waited for a while: record and trim what we consumed, and take
+            # the counts down, now rather than at the next read, so senders see the true
+            # backlog; stop unless someone came.
             await layer.with_retry(f"trim inbox {self.key!r}", self._settle)
-            if not layer.local.waiting():
+            await self._report_back()
+            if not (local.waiting() or local.queued()):
                 return False
         # Between a receive() that returned and the next one of the same consumer
         # nobody waits for a moment; reading on (briefly blocking) costs less than
         # stopping and starting over, which a request/reply exchange would do for
-        # every message.
-        block = BLOCK_SECONDS if layer.local.waiting() else LINGER_SECONDS / 4
+        # every message. While a consumer works through its queue, or may come back
+        # for more, short reads carry its receives' counts to Redis.
+        block = BLOCK_SECONDS if local.waiting() and not local.queued() else SHORT_BLOCK_SECONDS
         entries = await layer.with_retry(
             f"read inbox {self.key!r}", partial(self._read, block), on_error=self._lost_connection
         )
+        await self._report_back()
+        if not entries and block >= BLOCK_SECONDS:
+            # An idle spell: check at the next round that Redis still holds our inbox
+            # (a FLUSHALL or an empty replica breaks no connection).
+            self._check_cursor = True
         for entry_id, fields in entries:
             layer.position.last_id = entry_id.decode()
             layer.dispatch_inbox(entry_id, fields)
-        layer.local.sweep(time.time())
+        local.sweep(time.time())
         if entries:
             # Let the receivers just woken run first: what they send in reply leaves
             # before our next read, which then finds it at once (a request/reply
@@ -150,21 +171,44 @@ class InboxReader(BackgroundReader):
         return (
             self._check_cursor
             or position.trimmed_to != position.last_id
+            or position.batch is not None
+            or self.layer.local.has_taken()
             or since_write * 2000 > self.layer.key_ttl_ms
         )
 
     def _queue_bookkeeping(self, pipe: Any) -> None:
-        """Record our position in the cursor key and trim the entries handed on, in one
-        script that also returns the cursor's previous value (did Redis lose the inbox?)."""
-        pipe.evalsha(STREAM_INBOX_ADVANCE.sha, 2, self.cursor_key, self.key, *self._advance_args())
+        """Record our position, trim the entries handed on and take the counts down, in
+        one script that also returns the cursor's previous value (did Redis lose the
+        inbox?)."""
+        pipe.evalsha(STREAM_INBOX_ADVANCE.sha, 2, self.state_key, self.key, *self._advance_args())
 
     def _advance_args(self) -> list[Any]:
         position = self.layer.position
+        expected = [position.written_cursor or "", position.attempted_cursor or ""]
         # If the reply is lost, Redis may hold this value or the previous one: both
         # are ours (see _cursor_intact).
         position.attempted_cursor = position.last_id
         trim = next_stream_id(position.last_id) if position.trimmed_to != position.last_id else ""
-        return [position.last_id, self.layer.key_ttl_ms, trim]
+        args: list[Any] = [position.last_id, self.layer.key_ttl_ms, trim, *expected]
+        batch = self._count_batch()
+        if batch is None:
+            return [*args, ""]
+        number, changes = batch
+        args.append(number)
+        for channel, change in changes.items():
+            args += (channel, change)
+        return args
+
+    def _count_batch(self) -> tuple[int, dict[str, int]] | None:
+        """The batch of count changes this bookkeeping carries: the one whose reply was
+        lost, as it was (the script applies a batch number once), or a new one of what
+        receives took since the last."""
+        position = self.layer.position
+        if position.batch is None and self.layer.local.has_taken():
+            taken = self.layer.local.take_counted()
+            position.batch_numbers += 1
+            position.batch = (position.batch_numbers, {c: -n for c, n in taken.items()})
+        return position.batch
 
     async def _bookkeeping_result(self, stored: Any) -> None:
         """Act on the cursor's previous value. A server that lost its script cache (a
@@ -181,18 +225,41 @@ class InboxReader(BackgroundReader):
         """Tell receivers about a reconnect, or about a reset seen without one."""
         layer, position = self.layer, self.layer.position
         intact = self._cursor_intact(stored)
+        position.batch = None
+        if stored is None and position.written_cursor is not None:
+            # The state hash is gone with its counts (lost with the inbox, or expired),
+            # and the batch just sent was left out: what our queues still hold must
+            # count against capacity again.
+            self._recount()
         position.written_cursor = position.trimmed_to = position.last_id
         position.cursor_written_at = time.monotonic()
         self._check_cursor = False
         if self._disconnected:
             self._disconnected = False
-            layer.connection_back(intact)
+            self._back = intact
         elif not intact:
             # Redis came back empty while this reader was not reading (between two
             # receives): no read failed, but what was in the inbox is gone.
             logger.warning("inbox %s was reset while idle", self.key)
             layer.connection_lost()
-            layer.connection_back(False)
+            self._back = False
+
+    async def _report_back(self) -> None:
+        """Tell the layer about a reconnect the last bookkeeping found: it restores the
+        group memberships Redis lost, then notifies the local channels."""
+        back, self._back = self._back, None
+        if back is not None:
+            await self.layer.connection_back(back)
+
+    def _recount(self) -> None:
+        """Count what the local queues hold again, in the next bookkeeping's batch; the
+        takes noted so far were of counts Redis no longer has."""
+        position = self.layer.position
+        self.layer.local.take_counted()
+        backlog = self.layer.local.backlog()
+        if backlog:
+            position.batch_numbers += 1
+            position.batch = (position.batch_numbers, backlog)
 
     def _cursor_intact(self, stored: Any) -> bool:
         """Is the cursor key still the one we wrote, so the inbox is the one we read?"""
@@ -209,13 +276,17 @@ class InboxReader(BackgroundReader):
     async def _settle(self) -> None:
         """Record and trim everything handed on (the reader is about to stop)."""
         position = self.layer.position
-        if position.trimmed_to != position.last_id:
+        if (
+            position.trimmed_to != position.last_id
+            or position.batch is not None
+            or self.layer.local.has_taken()
+        ):
             await self._advance()
 
     async def _advance(self) -> None:
         """The bookkeeping as a round trip of its own."""
         client = self.layer.connections.client(self.shard)
-        keys = [self.cursor_key, self.key]
+        keys = [self.state_key, self.key]
         self._bookkeeping_done(await STREAM_INBOX_ADVANCE(client, keys, self._advance_args()))
 
     async def _read(self, block_seconds: float) -> list[Entry]:

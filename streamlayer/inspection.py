@@ -20,7 +20,7 @@ from .keys import scan_pattern, stream_group_key
 
 __all__ = ["LayerSnapshot", "inspect_layer"]
 
-_KEY = re.compile(r":s:(?P<kind>inbox|cursor|chan|done|group|history|hmeta):\{(?P<name>.*)\}$")
+_KEY = re.compile(r":s:(?P<kind>inbox|state|chan|done|group|history|hmeta):\{(?P<name>.*)\}$")
 _SCAN_COUNT = 1000
 
 
@@ -66,9 +66,9 @@ def inspect_layer(client: redis.Redis, prefix: str) -> LayerSnapshot:
         found.setdefault(match["kind"], {})[match["name"]] = key
         snapshot.keys += 1
         snapshot.memory_bytes += int(client.memory_usage(key) or 0)
-    cursors = found.get("cursor", {})
+    states = found.get("state", {})
     for process_id, key in sorted(found.get("inbox", {}).items()):
-        snapshot.inboxes.append(_inbox(client, process_id, key, cursors.get(process_id)))
+        snapshot.inboxes.append(_inbox(client, process_id, key, states.get(process_id)))
     for channel, key in sorted(found.get("chan", {}).items()):
         snapshot.channels.append(_channel(client, channel, key))
     histories = found.get("history", {})
@@ -87,13 +87,17 @@ def _id_age(entry_id: Any) -> float | None:
 
 
 def _inbox(
-    client: redis.Redis, process_id: str, key: str, cursor_key: str | None
+    client: redis.Redis, process_id: str, key: str, state_key: str | None
 ) -> dict[str, Any]:
     stream = _stream_info(client, key)
-    cursor = client.get(cursor_key) if cursor_key else None
+    state: dict[Any, Any] = dict(client.hgetall(state_key)) if state_key else {}
+    cursor = state.pop(b"@", None)
+    state.pop(b"#", None)
     return {
         "process": process_id,
         "backlog": stream.get("length", 0),
+        # Accepted and not yet received, in Redis or in the process's queues.
+        "unreceived": sum(int(v) for v in state.values()),
         "last_message_age_s": _rounded(_id_age(stream.get("last-generated-id"))),
         "read_up_to": cursor.decode() if isinstance(cursor, bytes) else cursor,
         "reader_age_s": _rounded(_id_age(cursor)) if cursor else None,

@@ -15,6 +15,7 @@ Redis during a migration:
 from __future__ import annotations
 
 __all__ = [
+    "classic_alive_key",
     "classic_backup_key",
     "classic_channel_key",
     "classic_group_key",
@@ -22,12 +23,12 @@ __all__ = [
     "process_id_of",
     "scan_pattern",
     "stream_channel_key",
-    "stream_cursor_key",
     "stream_delivered_key",
     "stream_group_key",
     "stream_history_key",
     "stream_history_meta_key",
     "stream_inbox_key",
+    "stream_inbox_state_key",
 ]
 
 
@@ -45,6 +46,13 @@ def classic_channel_key(prefix: str, channel: str) -> str:
 def classic_backup_key(channel_key: str) -> str:
     """Where channels_redis parks a message between popping and handing it over."""
     return channel_key + "$inflight"
+
+
+def classic_alive_key(prefix: str, inbox: str) -> str:
+    """A mark of streamlayer's own beside the classic layout (no channel name holds a
+    colon, so it names no channel): set by a process's inbox reader, its absence after
+    a reconnect says Redis lost its data."""
+    return f"{prefix}:alive:{inbox}"
 
 
 def classic_group_key(prefix: str, group: str) -> str:
@@ -79,9 +87,11 @@ def stream_inbox_key(prefix: str, process_id: str) -> str:
     return f"{prefix}:s:inbox:{{{process_id}}}"
 
 
-def stream_cursor_key(prefix: str, process_id: str) -> str:
-    """The id of the last inbox entry the process handed on (same slot as its inbox)."""
-    return f"{prefix}:s:cursor:{{{process_id}}}"
+def stream_inbox_state_key(prefix: str, process_id: str) -> str:
+    """Hash beside a process's inbox (same slot): field ``@`` is the id of the last
+    entry its reader handed on, every other field one of its channels' count of
+    accepted, unreceived messages (what capacity is checked against)."""
+    return f"{prefix}:s:state:{{{process_id}}}"
 
 
 def stream_channel_key(prefix: str, channel: str) -> str:

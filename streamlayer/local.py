@@ -2,16 +2,28 @@
 
 A background reader fetches messages for many process-specific channels at
 once; this object holds them until ``receive()`` asks. It is deliberately
-dumb: bounded per-channel queues plus a list of waiting receivers, so that a
+dumb: per-channel queues plus a list of waiting receivers, so that a
 ``receive()`` is nothing but an await on a future and can be cancelled at any
 moment without losing or duplicating a message.
+
+The queues have no capacity of their own. A message that reached them was
+accepted by a send, and accepted means delivered: capacity is enforced where
+the sender sees it (``ChannelFull``, a skipped group member), never by
+throwing away what already arrived. What bounds a queue is the layer's send
+side (the Streams layer counts each channel's unreceived messages in Redis,
+these queues included) and ``expiry`` (a message nobody received in time is
+dropped, counted as expired).
+
+For the Streams layer every message that came through a counted inbox entry
+is *counted*: when it leaves (received, expired, forgotten) the channel's
+count in Redis must go down by one. :meth:`take_counted` hands the reader
+what left since it last asked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -19,32 +31,40 @@ from typing import Any
 
 __all__ = ["LocalChannels"]
 
-logger = logging.getLogger(__name__)
-
 Message = dict[str, Any]
-#: A queued message with the wall-clock time after which it must not be delivered.
-_Entry = tuple[float, Message]
+#: A queued message: the wall-clock time after which it must not be delivered, the
+#: message, and whether its channel's count in Redis includes it.
+_Entry = tuple[float, Message, bool]
+
+
+def _no_count(name: str, n: int) -> None:
+    """A counter sink for LocalChannels built without one (tests, tools)."""
 
 
 class LocalChannels:
-    """Bounded queues of delivered-but-not-received messages, one per local channel."""
+    """Queues of delivered-but-not-received messages, one per local channel."""
 
-    def __init__(self, capacity_for: Callable[[str], int]) -> None:
-        self._capacity_for = capacity_for
+    def __init__(self, count: Callable[[str, int], None] = _no_count) -> None:
+        #: The layer's counters (``stats.count``): expired and dropped messages.
+        self._count = count
         self._queues: dict[str, deque[_Entry]] = {}
         self._waiters: dict[str, deque[asyncio.Future[_Entry]]] = {}
-        #: Messages thrown away because their channel's queue was full.
-        self.dropped = 0
-        #: Messages that reached their deadline before anyone received them.
-        self.expired = 0
         self._waiting = 0
+        #: Messages in all queues (O(1): the reader asks every round).
+        self._queued = 0
         self._next_sweep = 0.0
         #: When each channel last had a receive(): who to tell about disconnects.
         self._touched: dict[str, float] = {}
+        #: Counted messages that left their queue since the reader last asked, per channel.
+        self._taken: dict[str, int] = {}
 
     def waiting(self) -> int:
         """How many receivers wait without a message yet (O(1): the reader asks every batch)."""
         return self._waiting
+
+    def queued(self) -> int:
+        """How many messages wait in queues for a receive() (O(1))."""
+        return self._queued
 
     def touch(self, channel: str) -> None:
         """Note that ``channel`` is being received from (it has a live consumer)."""
@@ -55,32 +75,54 @@ class LocalChannels:
         since = time.monotonic() - window
         return [c for c, at in self._touched.items() if at >= since]
 
+    def live_channels(self, window: float) -> set[str]:
+        """Channels a receive() waits on now or came to within ``window`` seconds: the
+        ones with a consumer (a WebSocket consumer waits in receive() all the time)."""
+        live = set(self.active_channels(window))
+        live.update(channel for channel, waiters in self._waiters.items() if waiters)
+        return live
+
     def has_waiters(self, channel: str) -> bool:
         return bool(self._waiters.get(channel))
-
-    def forget(self, channel: str) -> None:
-        """Drop ``channel``'s queue (its consumer is gone)."""
-        self._queues.pop(channel, None)
-        self._touched.pop(channel, None)
 
     def has_queued(self, channel: str) -> bool:
         return bool(self._queues.get(channel))
 
-    def queued(self) -> int:
-        return sum(len(q) for q in self._queues.values())
+    def backlog(self) -> dict[str, int]:
+        """Counted messages queued per channel (what Redis must count again after it
+        lost the counts)."""
+        backlog: dict[str, int] = {}
+        for channel, queue in self._queues.items():
+            counted = sum(1 for entry in queue if entry[2])
+            if counted:
+                backlog[channel] = counted
+        return backlog
 
-    def deliver(self, channel: str, message: Message, deadline: float) -> None:
+    def take_counted(self) -> dict[str, int]:
+        """Counted messages that left their queues since the last call, per channel."""
+        taken, self._taken = self._taken, {}
+        return taken
+
+    def has_taken(self) -> bool:
+        return bool(self._taken)
+
+    def uncount(self, channel: str, n: int = 1) -> None:
+        """``n`` counted messages of ``channel`` will never be queued (a reader skipped
+        them: expired, duplicate, undecodable): their count must go down too."""
+        self._taken[channel] = self._taken.get(channel, 0) + n
+
+    def deliver(
+        self, channel: str, message: Message, deadline: float, counted: bool = False
+    ) -> None:
         """Hand ``message`` to a waiting receiver of ``channel``, or queue it."""
-        if self._wake_one(channel, (deadline, message)):
+        entry = (deadline, message, counted)
+        if self._wake_one(channel, entry):
             return
-        queue = self._queues.setdefault(channel, deque())
-        if len(queue) >= self._capacity_for(channel):
-            # Nobody has read this channel for a while: its consumer is gone or
-            # stuck. Dropping the oldest keeps memory bounded.
-            queue.popleft()
-            self.dropped += 1
-            logger.warning("local channel %s is full; dropped its oldest message", channel)
-        queue.append((deadline, message))
+        queue = self._queues.get(channel)
+        if queue is None:
+            queue = self._queues[channel] = deque()
+        queue.append(entry)
+        self._queued += 1
 
     async def get(self, channel: str) -> Message:
         """The next message of ``channel``, waiting for one if needed. Cancellation-safe.
@@ -100,7 +142,7 @@ class LocalChannels:
             waiters.append(future)
             self._waiting += 1
             try:
-                deadline, message = await future
+                deadline, message, counted = await future
             except asyncio.CancelledError:
                 if future.done() and not future.cancelled() and future.exception() is None:
                     # The message arrived in the same instant we were cancelled:
@@ -109,9 +151,11 @@ class LocalChannels:
                 raise
             finally:
                 self._forget_waiter(channel, future)
+            if counted:
+                self._taken[channel] = self._taken.get(channel, 0) + 1
             if deadline >= time.time():
                 return message
-            self.expired += 1
+            self._count("expired", 1)
 
     def fail(self, error: BaseException) -> None:
         """Wake every waiting receiver with ``error`` (the reader gave up, or the layer closed)."""
@@ -122,9 +166,20 @@ class LocalChannels:
                 if not future.done():
                     future.set_exception(error)
 
+    def forget(self, channel: str) -> None:
+        """Drop ``channel``'s queue: its consumer is gone for good (counted as dropped)."""
+        queue = self._queues.pop(channel, None)
+        self._touched.pop(channel, None)
+        if queue:
+            self._leave(channel, queue)
+            self._count("dropped", len(queue))
+
     def clear(self) -> None:
+        """Forget everything (the layer was flushed: Redis forgot it too)."""
         self._queues.clear()
         self._touched.clear()
+        self._taken.clear()
+        self._queued = 0
 
     def sweep(self, now: float) -> None:
         """Forget queues whose messages have all expired (their consumer is gone).
@@ -137,18 +192,30 @@ class LocalChannels:
         for channel in [c for c, at in self._touched.items() if at < idle_since]:
             del self._touched[channel]
         for channel in [c for c, q in self._queues.items() if q and q[-1][0] < now]:
-            self.expired += len(self._queues.pop(channel))
+            queue = self._queues.pop(channel)
+            self._leave(channel, queue)
+            self._count("expired", len(queue))
+
+    def _leave(self, channel: str, entries: deque[_Entry]) -> None:
+        """``entries`` left ``channel``'s queue without a receive()."""
+        self._queued -= len(entries)
+        counted = sum(1 for entry in entries if entry[2])
+        if counted:
+            self._taken[channel] = self._taken.get(channel, 0) + counted
 
     def _pop_live(self, channel: str) -> Message | None:
         queue = self._queues.get(channel)
         now = time.time()
         while queue:
-            deadline, message = queue.popleft()
+            deadline, message, counted = queue.popleft()
+            self._queued -= 1
             if not queue:
                 del self._queues[channel]
+            if counted:
+                self._taken[channel] = self._taken.get(channel, 0) + 1
             if deadline >= now:
                 return message
-            self.expired += 1
+            self._count("expired", 1)
         return None
 
     def _forget_waiter(self, channel: str, future: asyncio.Future[_Entry]) -> None:
@@ -165,6 +232,7 @@ class LocalChannels:
     def _requeue(self, channel: str, entry: _Entry) -> None:
         if not self._wake_one(channel, entry):
             self._queues.setdefault(channel, deque()).appendleft(entry)
+            self._queued += 1
 
     def _wake_one(self, channel: str, entry: _Entry) -> bool:
         waiters = self._waiters.get(channel)

@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .base import RESERVED_KEY
 from .history import POSITION_KEY, HistoryPage, Position, position_tag
 from .keys import process_id_of, stream_history_key, stream_history_meta_key
 from .scripts import STREAM_GROUP_JOIN, STREAM_GROUP_PUBLISH, STREAM_HISTORY, STREAM_REPLAY
@@ -42,8 +41,9 @@ if TYPE_CHECKING:
 __all__ = ["GroupHistory", "Published"]
 
 Message = dict[str, Any]
-#: A live message held back while its channel's join is in flight.
-_Held = tuple[tuple[int, int], Message, float]
+#: A live message held back while its channel's join is in flight, with whether its
+#: channel's count includes it.
+_Held = tuple[tuple[int, int], Message, float, bool]
 
 
 @dataclass
@@ -197,16 +197,10 @@ class GroupHistory:
         layer = self.layer
         key, shard = layer.destination(channel)
         capacity = layer.get_capacity(channel)
-        args: list[Any] = [group, capacity]
+        args: list[Any] = [group, capacity, channel if "!" in channel else ""]
         for entry_id, fields in read.entries:
-            payload = fields.get(b"d", b"")
-            if "!" in channel:
-                message = layer.try_deserialize(payload, f"history of {group!r}")
-                if message is None:
-                    continue
-                payload = layer.serialize({**message, RESERVED_KEY: channel})
-            args += [payload, layer.new_tag(), read.position_of(entry_id)]
-        keys = [key, layer.delivered_key(channel, key)]
+            args += [fields.get(b"d", b""), layer.new_tag(), read.position_of(entry_id)]
+        keys = [key, layer.side_key(channel)]
         full = int(await layer.append(f"replay to {channel!r}", STREAM_REPLAY, shard, keys, args))
         if full:
             layer.stats.count("full", full)
@@ -215,13 +209,19 @@ class GroupHistory:
     # --- live messages meeting a join ---------------------------------------------------
 
     def hold(
-        self, channel: str, group: str, position: str, message: Message, deadline: float
+        self,
+        channel: str,
+        group: str,
+        position: str,
+        message: Message,
+        deadline: float,
+        counted: bool,
     ) -> bool:
         """Hold back a live message for a channel whose replay is in flight (True: held)."""
         join = self._joining.get((channel, group))
         if join is None:
             return False
-        join.held.append((_id_key(position.rpartition(":")[2]), message, deadline))
+        join.held.append((_id_key(position.rpartition(":")[2]), message, deadline, counted))
         self.held_back += 1
         return True
 
@@ -232,9 +232,12 @@ class GroupHistory:
         join = self._joining.pop(guard)
         join.done.set()
         floor = _id_key(last_replayed) if last_replayed else (-1, -1)
-        for entry_id, message, deadline in join.held:
+        local = self.layer.local
+        for entry_id, message, deadline, counted in join.held:
             if entry_id > floor:
-                self.layer.local.deliver(channel, message, deadline)
+                local.deliver(channel, message, deadline, counted)
+            elif counted:
+                local.uncount(channel)
 
     # --- reading a backlog -----------------------------------------------------------
 

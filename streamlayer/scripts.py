@@ -189,10 +189,23 @@ return #parked / 2
 # --- Streams layer -------------------------------------------------------------------
 
 # Shared by STREAM_SEND, STREAM_GROUP_SEND and STREAM_REPLAY: append one payload to one
-# stream. ``delivered`` is the sorted set of tags STREAM_ACK recorded for a normal
-# channel (the stream's own key for an inbox, which has none): a retried send whose
-# first attempt landed and was already received, acknowledged and deleted finds its
-# tag there instead of in the stream.
+# stream.
+#
+# A normal channel's stream holds only its own messages: capacity is its length once
+# expired entries are trimmed, and its entries stay until a receive() acknowledges
+# them. ``delivered`` is the sorted set of tags STREAM_ACK recorded for it: a retried
+# send whose first attempt landed and was already received, acknowledged and deleted
+# finds its tag there instead of in the stream.
+#
+# A process inbox is shared by every process-specific channel of one process, and its
+# reader moves entries to local queues before their receive() comes. So the inbox's
+# length says nothing about one channel: each channel's unreceived messages (in the
+# inbox or in its process's queue) are counted in the inbox's state hash, one field
+# per channel, which the reader decrements as receives take them (STREAM_INBOX_ADVANCE).
+# An entry goes to the destination channels with room, named in its 'c' field; a
+# channel at capacity is refused here, where the sender hears of it, and nothing is
+# ever dropped after it was accepted. Nothing trims an inbox but its reader: an expired
+# entry is dropped (and uncounted) when it is read.
 _STREAM_APPEND = """
 local function already_there(key, tag, scan)
     local recent = redis.call('XREVRANGE', key, '+', '-', 'COUNT', scan)
@@ -207,14 +220,33 @@ local function already_there(key, tag, scan)
     return false
 end
 
-local function append(key, delivered, payload, tag, capacity, minid, ttl, retry, group, position)
+local function add_entry(key, payload, tag, channels, group, position)
+    local fields = {'d', payload, 'i', tag}
+    if channels ~= '' then
+        fields[#fields + 1] = 'c'
+        fields[#fields + 1] = channels
+    end
+    if position ~= '' then
+        -- A group message with history: the receiver puts its position in the message.
+        fields[#fields + 1] = 'g'
+        fields[#fields + 1] = group
+        fields[#fields + 1] = 'p'
+        fields[#fields + 1] = position
+    end
+    return redis.call('XADD', key, '*', unpack(fields))
+end
+
+-- A normal channel: returns the entry id ('delivered' when a retry finds its first
+-- attempt received already), or false when the stream is at capacity.
+local function append_channel(key, delivered, payload, tag, capacity, minid, ttl, retry, group,
+    position)
     if retry == '1' then
         -- A retry after a lost reply: the first attempt may have landed.
         local found = already_there(key, tag, capacity + 1)
         if found then
             return found
         end
-        if delivered ~= key and redis.call('ZSCORE', delivered, tag) then
+        if redis.call('ZSCORE', delivered, tag) then
             return 'delivered'
         end
     end
@@ -222,15 +254,45 @@ local function append(key, delivered, payload, tag, capacity, minid, ttl, retry,
     if redis.call('XLEN', key) >= capacity then
         return false
     end
-    local id
-    if position == '' then
-        id = redis.call('XADD', key, '*', 'd', payload, 'i', tag)
-    else
-        -- A group message with history: the receiver puts its position in the message.
-        id = redis.call('XADD', key, '*', 'd', payload, 'i', tag, 'g', group, 'p', position)
-    end
+    local id = add_entry(key, payload, tag, '', group, position)
     redis.call('PEXPIRE', key, ttl)
     return id
+end
+
+-- How far back a retried inbox append looks for its first attempt; one its reader
+-- already took is dropped by the reader's own dedup of recent tags.
+local INBOX_RETRY_SCAN = 1000
+
+-- A process inbox: returns the entry id (false when no channel had room) and how many
+-- of ``channels`` were refused.
+local function append_inbox(key, state, payload, tag, channels, capacities, ttl, retry, group,
+    position)
+    if retry == '1' then
+        local found = already_there(key, tag, INBOX_RETRY_SCAN)
+        if found then
+            return found, 0
+        end
+    end
+    local accepted = {}
+    for first = 1, #channels, 1000 do  -- unpack() has a limit: HMGET in slices
+        local last = math.min(first + 999, #channels)
+        local counts = redis.call('HMGET', state, unpack(channels, first, last))
+        for i = first, last do
+            if (tonumber(counts[i - first + 1]) or 0) < capacities[i] then
+                accepted[#accepted + 1] = channels[i]
+            end
+        end
+    end
+    if #accepted == 0 then
+        return false, #channels
+    end
+    local id = add_entry(key, payload, tag, table.concat(accepted, ','), group, position)
+    for _, channel in ipairs(accepted) do
+        redis.call('HINCRBY', state, channel, 1)
+    end
+    redis.call('PEXPIRE', key, ttl)
+    redis.call('PEXPIRE', state, ttl)
+    return id, #channels - #accepted
 end
 """
 
@@ -239,34 +301,59 @@ STREAM_SEND = LuaScript(
     _STREAM_APPEND
     + """
 -- KEYS[1]: the destination stream (a process inbox or a normal channel)
--- KEYS[2]: the channel's delivered tags (KEYS[1] again for an inbox)
+-- KEYS[2]: the inbox's state hash, or the normal channel's delivered tags
 -- ARGV[1]: payload   ARGV[2]: dedup tag   ARGV[3]: capacity
--- ARGV[4]: MINID (entries older than expiry are trimmed)   ARGV[5]: key TTL in ms
--- ARGV[6]: '1' when this call retries an attempt whose reply was lost
+-- ARGV[4]: the process-specific channel ('' for a normal channel)
+-- ARGV[5]: MINID (a normal channel's entries older than expiry are trimmed)
+-- ARGV[6]: key TTL in ms   ARGV[7]: '1' when this call retries an attempt whose reply
+-- was lost
 -- Returns the entry id ('delivered' if a retry found it delivered already), or
--- false when the stream is at capacity.
-return append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5],
-    ARGV[6], '', '')
+-- false when the channel is at capacity.
+local capacity = tonumber(ARGV[3])
+if ARGV[4] == '' then
+    return append_channel(KEYS[1], KEYS[2], ARGV[1], ARGV[2], capacity, ARGV[5], ARGV[6],
+        ARGV[7], '', '')
+end
+local id = append_inbox(KEYS[1], KEYS[2], ARGV[1], ARGV[2], {ARGV[4]}, {capacity}, ARGV[6],
+    ARGV[7], '', '')
+return id
 """,
 )
 
 _STREAM_APPEND_ALL = """
-local function append_all(k, a, n)
-    -- KEYS[k+1..k+n]: destination streams   KEYS[k+n+1..k+2n]: their delivered tags
-    -- ARGV[a+1..a+n]: payloads   ARGV[a+n+1..a+2n]: dedup tags
-    -- ARGV[a+2n+1..a+3n]: capacities   ARGV[a+3n+1]: group   ARGV[a+3n+2]: its history
-    -- position ('' when it keeps no history)   ARGV[a+3n+3]: MINID
-    -- ARGV[a+3n+4]: key TTL in ms   ARGV[a+3n+5]: '1' on a retry
-    -- Returns how many destinations were full (and skipped).
-    local group, position = ARGV[a + 3 * n + 1], ARGV[a + 3 * n + 2]
-    local minid, ttl, retry = ARGV[a + 3 * n + 3], ARGV[a + 3 * n + 4], ARGV[a + 3 * n + 5]
-    local full = 0
-    for i = 1, n do
-        local capacity = tonumber(ARGV[a + 2 * n + i])
-        if not append(KEYS[k + i], KEYS[k + n + i], ARGV[a + i], ARGV[a + n + i], capacity,
-            minid, ttl, retry, group, position) then
-            full = full + 1
+local function append_all(k, a)
+    -- KEYS[k+2d-1], KEYS[k+2d]: destination d's stream, and its delivered tags (a normal
+    -- channel) or its state hash (a process inbox)
+    -- ARGV[a+1..#ARGV-5]: one record per destination: payload, dedup tag, m, then for a
+    -- normal channel (m = 0) its capacity, for an inbox m pairs (channel, capacity)
+    -- ARGV[#ARGV-4]: group   ARGV[#ARGV-3]: its history position ('' when it keeps
+    -- none)   ARGV[#ARGV-2]: MINID   ARGV[#ARGV-1]: key TTL in ms
+    -- ARGV[#ARGV]: '1' on a retry
+    -- Returns how many member channels had no room (and were skipped).
+    local last = #ARGV - 5
+    local group, position = ARGV[last + 1], ARGV[last + 2]
+    local minid, ttl, retry = ARGV[last + 3], ARGV[last + 4], ARGV[last + 5]
+    local full, i, key = 0, a + 1, k + 1
+    while i <= last do
+        local payload, tag, m = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+        if m == 0 then
+            if not append_channel(KEYS[key], KEYS[key + 1], payload, tag, tonumber(ARGV[i + 3]),
+                minid, ttl, retry, group, position) then
+                full = full + 1
+            end
+            i = i + 4
+        else
+            local channels, capacities = {}, {}
+            for j = 1, m do
+                channels[j] = ARGV[i + 1 + 2 * j]
+                capacities[j] = tonumber(ARGV[i + 2 + 2 * j])
+            end
+            local _, refused = append_inbox(KEYS[key], KEYS[key + 1], payload, tag, channels,
+                capacities, ttl, retry, group, position)
+            full = full + refused
+            i = i + 3 + 2 * m
         end
+        key = key + 2
     end
     return full
 end
@@ -277,12 +364,10 @@ STREAM_GROUP_SEND = LuaScript(
     _STREAM_APPEND
     + _STREAM_APPEND_ALL
     + """
--- KEYS[1..n]: destination streams on this shard   KEYS[n+1..2n]: their delivered tags
--- ARGV[1..n]: payloads   ARGV[n+1..2n]: dedup tags   ARGV[2n+1..3n]: capacities
--- ARGV[3n+1]: group   ARGV[3n+2]: its history position ('' when it keeps no history)
--- ARGV[3n+3]: MINID   ARGV[3n+4]: key TTL in ms   ARGV[3n+5]: '1' on a retry
--- Returns how many destinations were full (and skipped).
-return append_all(0, 0, #KEYS / 2)
+-- KEYS, ARGV: as append_all (destinations on this shard and slot; records; group,
+-- position, MINID, key TTL, '1' on a retry)
+-- Returns how many member channels had no room (and were skipped).
+return append_all(0, 0)
 """,
 )
 
@@ -293,24 +378,22 @@ STREAM_GROUP_SEND_KNOWN = LuaScript(
     + _STREAM_APPEND_ALL
     + """
 -- KEYS[1]: the group's sorted set of members
--- KEYS[2..n+1]: destination streams of the members the caller knows of
--- KEYS[n+2..2n+1]: their delivered tags
+-- KEYS[2..]: as STREAM_GROUP_SEND, for the members the caller knows of
 -- ARGV[1]: drop members that joined at or before this time (now - group_expiry)
 -- ARGV[2]: SHA-1 of the members the destinations were planned for, sorted, joined by
 -- newlines
--- ARGV[3..]: as STREAM_GROUP_SEND (payloads, tags, capacities, group, position, MINID,
--- key TTL, '1' on a retry)
+-- ARGV[3..]: as STREAM_GROUP_SEND (records, group, position, MINID, key TTL, '1' on a
+-- retry)
 -- One round trip for a group whose members have not changed since the caller last
 -- read them: when they are still those, appends as STREAM_GROUP_SEND does and returns
 -- {full}; otherwise appends nothing and returns {-1, member...} for the caller to plan
 -- again. A retry skips the check: its first attempt may have landed, and appending to
 -- the same destinations again is then found out by the dedup tags.
-local n = (#KEYS - 1) / 2
-local changed = members_changed(KEYS[1], ARGV[1], ARGV[2], ARGV[2 + 3 * n + 5] ~= '1')
+local changed = members_changed(KEYS[1], ARGV[1], ARGV[2], ARGV[#ARGV] ~= '1')
 if changed then
     return changed
 end
-return {append_all(1, 2, n)}
+return {append_all(1, 2)}
 """,
 )
 
@@ -325,9 +408,13 @@ STREAM_ACK = LuaScript(
 -- Acknowledges the entry and deletes it (a delivered message leaves no trace but its
 -- tag, which a retried send of it finds), if the consumer still owns it. Returns 1
 -- when the caller may deliver it, 0 when another consumer took it over (XAUTOCLAIM
--- after claim_after) and delivers it instead.
+-- after claim_after) and delivers it instead. When the stream or its group is gone
+-- (Redis lost its data after the entry was read) nobody else can have it: 1.
 local group, consumer, id = ARGV[1], ARGV[2], ARGV[3]
-local mine = redis.call('XPENDING', KEYS[1], group, id, id, 1, consumer)
+local mine = redis.pcall('XPENDING', KEYS[1], group, id, id, 1, consumer)
+if type(mine) == 'table' and mine.err then
+    return 1
+end
 if #mine == 0 then
     if ARGV[4] ~= '1' then
         return 0
@@ -369,16 +456,36 @@ return 1
 STREAM_INBOX_ADVANCE = LuaScript(
     "stream_inbox_advance",
     """
--- KEYS[1]: a process's inbox cursor   KEYS[2]: its inbox stream
--- ARGV[1]: the id of the last entry handed on   ARGV[2]: the cursor's TTL in ms
+-- KEYS[1]: a process's inbox state (a hash: field '@' is the reader's cursor, field '#'
+-- the number of the last batch of count changes applied, every other field a channel's
+-- count of unreceived messages)   KEYS[2]: its inbox stream
+-- ARGV[1]: the id of the last entry handed on   ARGV[2]: the state's TTL in ms
 -- ARGV[3]: trim entries below this id ('' to trim nothing)
--- Records the reader's position and drops what it handed on; returns the cursor's
+-- ARGV[4], ARGV[5]: the cursor values the reader wrote last (its reply may have been
+-- lost); ARGV[4] '' when it wrote none yet
+-- ARGV[6]: the number of this batch of count changes ('' for none)
+-- ARGV[7..]: (channel, change) pairs: a negative change for messages that left the
+-- process's queue (received, expired, skipped), a positive one for messages it still
+-- holds after Redis lost the counts
+-- Records the reader's position, drops what it handed on and applies the batch (once:
+-- a batch sent again after a lost reply finds its number); returns the cursor's
 -- previous value (false when missing), which tells the reader whether Redis still
--- holds the inbox it was reading.
-local previous = redis.call('GET', KEYS[1])
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+-- holds the inbox it was reading. When it does not, the counts are not the ones the
+-- batch was made for: it is left out, and the reader counts its queues again.
+local previous = redis.call('HGET', KEYS[1], '@')
+redis.call('HSET', KEYS[1], '@', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 if ARGV[3] ~= '' then
     redis.call('XTRIM', KEYS[2], 'MINID', ARGV[3])
+end
+local intact = ARGV[4] == '' or previous == ARGV[4] or previous == ARGV[5]
+if intact and ARGV[6] ~= '' and redis.call('HGET', KEYS[1], '#') ~= ARGV[6] then
+    for i = 7, #ARGV, 2 do
+        if redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) <= 0 then
+            redis.call('HDEL', KEYS[1], ARGV[i])
+        end
+    end
+    redis.call('HSET', KEYS[1], '#', ARGV[6])
 end
 return previous
 """,
@@ -553,18 +660,26 @@ STREAM_REPLAY = LuaScript(
     _STREAM_APPEND
     + """
 -- KEYS[1]: the stream of a channel that joined a group from a position
--- KEYS[2]: its delivered tags (KEYS[1] again for an inbox)
--- ARGV[1]: group   ARGV[2]: capacity
--- ARGV[3..]: (payload, dedup tag, position) per replayed message, oldest first
+-- KEYS[2]: its inbox's state hash, or the normal channel's delivered tags
+-- ARGV[1]: group   ARGV[2]: capacity   ARGV[3]: the process-specific channel ('' for a
+-- normal channel)
+-- ARGV[4..]: (payload, dedup tag, position) per replayed message, oldest first
 -- then: MINID, key TTL in ms, '1' when this call retries an attempt whose reply was lost
 -- Appends them in order; returns how many did not fit (the channel was full).
-local group, capacity = ARGV[1], tonumber(ARGV[2])
+local group, capacity, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local minid, ttl, retry = ARGV[#ARGV - 2], ARGV[#ARGV - 1], ARGV[#ARGV]
 local full = 0
-for i = 3, #ARGV - 3, 3 do
+for i = 4, #ARGV - 3, 3 do
     local payload, tag, position = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-    if not append(KEYS[1], KEYS[2], payload, tag, capacity, minid, ttl, retry, group,
-        position) then
+    local id
+    if channel == '' then
+        id = append_channel(KEYS[1], KEYS[2], payload, tag, capacity, minid, ttl, retry, group,
+            position)
+    else
+        id = append_inbox(KEYS[1], KEYS[2], payload, tag, {channel}, {capacity}, ttl, retry,
+            group, position)
+    end
+    if not id then
         full = full + 1
     end
 end

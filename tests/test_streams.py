@@ -360,18 +360,22 @@ async def test_keys_vanish_after_flush_and_after_their_ttl(fresh_server: RedisSe
 
 
 async def test_a_retried_send_is_stored_once(fresh_server: RedisServer) -> None:
-    """The script's retry path finds the entry a lost reply hid."""
+    """The script's retry path finds the entry a lost reply hid, on a normal channel's
+    stream and on a process inbox (whose channel is counted once)."""
     from redis.asyncio import Redis
 
     client = Redis(host="127.0.0.1", port=fresh_server.port)
     minid = f"{int((time.time() - 60) * 1000)}-0"
-    args = [b"payload", "tag-1", 10, minid, 60_000]
-    first = await STREAM_SEND(client, ["s", "s"], [*args, "0"])
-    again = await STREAM_SEND(client, ["s", "s"], [*args, "1"])
-    assert first == again
-    assert await client.xlen("s") == 1
-    await STREAM_SEND(client, ["s", "s"], [b"payload", "tag-2", 10, minid, 60_000, "1"])
-    assert await client.xlen("s") == 2
+    for stream, side, channel in [("s", "d", ""), ("inbox", "state", "x.p!1")]:
+        args = [b"payload", "tag-1", 10, channel, minid, 60_000]
+        first = await STREAM_SEND(client, [stream, side], [*args, "0"])
+        again = await STREAM_SEND(client, [stream, side], [*args, "1"])
+        assert first == again
+        assert await client.xlen(stream) == 1
+        args = [b"payload", "tag-2", 10, channel, minid, 60_000, "1"]
+        await STREAM_SEND(client, [stream, side], args)
+        assert await client.xlen(stream) == 2
+    assert await client.hget("state", "x.p!1") == b"2"
     await client.aclose()
 
 
@@ -386,7 +390,7 @@ async def test_a_retried_send_already_delivered_is_not_stored_again(
     client = Redis(host="127.0.0.1", port=fresh_server.port)
     stream, done = "chan", "done"
     minid = f"{int((time.time() - 60) * 1000)}-0"
-    args = [b"payload", "tag-1", 10, minid, 60_000]
+    args = [b"payload", "tag-1", 10, "", minid, 60_000]
     await client.xgroup_create(stream, "g", id="0", mkstream=True)
     first = await STREAM_SEND(client, [stream, done], [*args, "0"])
     [[_, [(entry_id, fields)]]] = await client.xreadgroup("g", "c", {stream: ">"})
@@ -397,8 +401,8 @@ async def test_a_retried_send_already_delivered_is_not_stored_again(
     assert await STREAM_SEND(client, [stream, done], [*args, "1"]) == b"delivered"
     assert await client.xlen(stream) == 0, "the retry stored a second copy"
     assert first != b"delivered"
-    # Without the record (an inbox has none), the same retry would store it again.
-    assert await STREAM_SEND(client, [stream, stream], [*args, "1"]) not in (None, b"delivered")
+    # Without the record, the same retry would store it again.
+    assert await STREAM_SEND(client, [stream, "none"], [*args, "1"]) not in (None, b"delivered")
     assert await client.xlen(stream) == 1
     await client.aclose()
 

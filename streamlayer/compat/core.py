@@ -35,6 +35,7 @@ from ..base import RESERVED_KEY, KnownMembers, StreamlayerLayer, known_send_outc
 from ..cancellation import CancelGuard
 from ..exceptions import LayerClosed
 from ..keys import (
+    classic_alive_key,
     classic_backup_key,
     classic_channel_key,
     classic_group_key,
@@ -92,32 +93,80 @@ class _InboxReader(BackgroundReader):
 
     Runs in one event loop while receivers wait, and stops by itself when
     none are left; the layer starts it again on the next receive.
+
+    A mark key of its own (:func:`~streamlayer.keys.classic_alive_key`), set at the
+    start, after every lost connection and every half TTL, tells it when Redis came
+    back without its data: the layer then adds its live channels to their groups
+    again and says so in the reconnect notice.
     """
 
     def __init__(self, layer: RedisChannelLayer, inbox: str) -> None:
         self.layer = layer
         self.key = classic_channel_key(layer.prefix, inbox)
+        self.alive_key = classic_alive_key(layer.prefix, inbox)
         self.shard = layer.connections.shard_for(inbox)
+        self._disconnected = False
+        self._check_alive = True
+        #: Redis was found without our mark (sticky until reported).
+        self._data_lost = False
         super().__init__(layer.local, inbox)
 
     async def step(self) -> bool:
         layer = self.layer
         if not layer.local.waiting():
             return False
-        popped = await layer.with_retry(f"read inbox {self.key!r}", self._pop)
+        popped = await layer.with_retry(
+            f"read inbox {self.key!r}", self._pop, on_error=self._lost_connection
+        )
+        if self._disconnected or self._data_lost:
+            if not self._disconnected:
+                logger.warning("inbox %s was reset while idle", self.key)
+                layer.connection_lost()
+            # A pop in flight when the connection broke may have taken messages with
+            # it (the classic layout has no acknowledgement): never "recovered".
+            await layer.connection_back(False, data_lost=self._data_lost)
+            self._disconnected = self._data_lost = False
         for member, score in popped:
             layer.dispatch_inbox(member, score)
         layer.local.sweep(time.time())
         return True
 
+    def _lost_connection(self, error: BaseException) -> None:
+        self._check_alive = True
+        if not self._disconnected:
+            self._disconnected = True
+            logger.warning("inbox %s lost its connection: %s", self.key, error)
+            self.layer.connection_lost()
+
+    async def _mark_alive(self, client: Redis) -> None:
+        """Set our mark; a mark we set before and find missing means Redis lost its data
+        (unless it simply outlived its TTL while nobody read this inbox)."""
+        layer = self.layer
+        ttl = layer.alive_ttl
+        previous = await client.set(self.alive_key, b"1", ex=ttl, get=True)
+        now = time.monotonic()
+        written = layer.alive_written_at
+        if previous is None and written is not None and now - written < ttl:
+            self._data_lost = True
+        layer.alive_written_at = now
+        self._check_alive = False
+
     async def _pop(self) -> list[tuple[bytes, float]]:
         client = self.layer.connections.client(self.shard)
+        written = self.layer.alive_written_at
+        if self._check_alive or written is None or time.monotonic() - written > 60:
+            await self._mark_alive(client)
         batch = await _zpopmin(client, self.key, READ_BATCH)
         if batch:
             return batch
         timeout = self.layer.connections.block_timeout(self.shard, BLOCK_SECONDS)
         result = await _bzpopmin(client, self.key, timeout)
-        return [] if result is None else [result]
+        if result is None:
+            # An idle spell: look for our mark at the next round (a FLUSHALL or an empty
+            # replica breaks no connection).
+            self._check_alive = True
+            return []
+        return [result]
 
 
 class RedisChannelLayer(StreamlayerLayer):
@@ -129,7 +178,7 @@ class RedisChannelLayer(StreamlayerLayer):
         super().__init__(**options)
         self.client_prefix = uuid.uuid4().hex
         #: Messages of this process's specific channels, fetched but not yet received.
-        self.local = LocalChannels(self.get_capacity)
+        self.local = LocalChannels(self.count)
         self._readers: dict[str, _InboxReader] = {}
         #: Normal-channel messages whose receive was cancelled while they were in flight.
         self._parked: dict[str, deque[_Popped]] = {}
@@ -138,17 +187,26 @@ class RedisChannelLayer(StreamlayerLayer):
         self._orphans: dict[str, deque[asyncio.Task[_Popped]]] = {}
         #: (shard, key) pairs whose channels_redis $inflight backup was already restored.
         self._restored: set[tuple[int, str]] = set()
+        #: When an inbox reader of this layer last set its mark (monotonic; None: never).
+        self.alive_written_at: float | None = None
 
     def after_fork(self) -> None:
         """A new inbox for the child (channels_redis would share the parent's)."""
         super().after_fork()
         self.client_prefix = uuid.uuid4().hex
-        self.local = LocalChannels(self.get_capacity)
+        self.local = LocalChannels(self.count)
         self._readers = {}
         self._parked = {}
         self._fetches = set()
         self._orphans = {}
         self._restored = set()
+        self.alive_written_at = None
+
+    @property
+    def alive_ttl(self) -> int:
+        """TTL of an inbox's mark (s): memberships do not outlive ``group_expiry``, so a
+        mark gone after that long says nothing."""
+        return max(120, int(self.group_expiry))
 
     @property
     def expiry_ttl(self) -> int:
@@ -184,13 +242,11 @@ class RedisChannelLayer(StreamlayerLayer):
 
     # --- process-specific channels ------------------------------------------------------
 
-    def _check_local(self, channel: str) -> None:
-        if not non_local_name(channel).endswith(f".{self.client_prefix}!"):
-            raise ValueError(
-                f"cannot receive on {channel!r}: it was not made by this layer's new_channel()"
-            )
+    def owns(self, channel: str) -> bool:
+        return non_local_name(channel).endswith(f".{self.client_prefix}!")
 
     def _prepare_local(self, channel: str) -> None:
+        self.local.touch(channel)
         inbox = non_local_name(channel)
         reader = self._readers.get(inbox)
         running = reusable_task(

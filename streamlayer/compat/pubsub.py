@@ -52,7 +52,7 @@ class _LoopPresence:
     def __init__(self, layer: RedisPubSubChannelLayer) -> None:
         self.layer = layer
         self.loop = asyncio.get_running_loop()
-        self.local = LocalChannels(layer.get_capacity)
+        self.local = LocalChannels(layer.count)
         #: Channels received on (or made) in this loop.
         self.channels: set[str] = set()
         #: Group Pub/Sub channel -> member channels of this loop.

@@ -1,0 +1,301 @@
+"""Accepted means delivered: a message ``send()`` / ``group_send()`` accepted reaches
+its receiver (unless it expires), whatever the load. Capacity refuses at send time,
+visibly and counted; nothing that arrived in a process is thrown away later.
+
+The loads are the ones a real app puts on a layer: a consumer slower than its
+sender, a full channel beside a live one in the same process, and a burst of
+queued sends landing at once after Redis stalled for two seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from streamlayer import ChannelFull, StreamsChannelLayer
+from streamlayer.base import StreamlayerLayer
+from streamlayer.compat import pubsub
+from streamlayer.testing import RedisServer
+
+from .layers import LAYERS, PUBSUB, layer_class
+
+_WAIT = 20.0
+
+
+@pytest.fixture
+async def layers(redis_server: RedisServer, prefix: str) -> AsyncIterator[Any]:
+    """Build layers of any class on the shared server; flushed and closed after."""
+    made: list[StreamlayerLayer] = []
+
+    def make(path: str, **options: Any) -> StreamlayerLayer:
+        layer = layer_class(path)(hosts=[redis_server.url], prefix=prefix, **options)
+        made.append(layer)
+        return layer
+
+    yield make
+    for layer in made:
+        await layer.flush()
+        await layer.close()
+
+
+async def _ready_channel(layer: StreamlayerLayer) -> str:
+    """A channel of ``layer`` whose reader is running (a first message went through)."""
+    channel = await layer.new_channel()
+    receiving = asyncio.ensure_future(layer.receive(channel))
+    await layer.send(channel, {"type": "ready"})
+    assert (await asyncio.wait_for(receiving, _WAIT))["type"] == "ready"
+    return channel
+
+
+@pytest.mark.parametrize("path", LAYERS)
+async def test_a_slow_consumer_receives_exactly_what_was_accepted(layers: Any, path: str) -> None:
+    """One consumer always waiting in receive() but slower than its sender (200
+    messages/s), 250 sends as fast as they go: every send either returns (and its
+    message arrives, in order, no gap) or raises ChannelFull (and is counted)."""
+    layer = layers(path, capacity=100)
+    channel = await _ready_channel(layer)
+    received: list[int] = []
+    accepted: list[int] = []
+    sent_all, got_all = asyncio.Event(), asyncio.Event()
+
+    async def consume() -> None:
+        while True:
+            received.append((await layer.receive(channel))["n"])
+            if sent_all.is_set() and len(received) >= len(accepted):
+                got_all.set()
+            await asyncio.sleep(0.005)  # the consumer's own work: 200 messages/s
+
+    consumer = asyncio.ensure_future(consume())
+    refused = 0
+    for n in range(250):
+        try:
+            await layer.send(channel, {"type": "m", "n": n})
+        except ChannelFull:
+            refused += 1
+        else:
+            accepted.append(n)
+    sent_all.set()
+    if len(received) < len(accepted):
+        await asyncio.wait_for(got_all.wait(), _WAIT)
+    await asyncio.sleep(0.1)  # nothing beyond what was accepted shows up
+    consumer.cancel()
+    assert received == accepted
+    stats = layer.stats()
+    assert stats["full"] == refused
+    assert stats["dropped"] == 0 and stats["expired"] == 0
+    if isinstance(layer, StreamsChannelLayer):
+        # The backlog reached capacity: the sender heard so, no message was lost.
+        assert refused > 0
+    if path == PUBSUB:
+        assert refused == 0  # Pub/Sub keeps no backlog to bound
+
+
+async def test_each_member_has_its_own_capacity(layers: Any) -> None:
+    """Two channels of one process in a group, capacity 3, one of them full: a group
+    send still reaches the other, and the full one is counted, not lost."""
+    layer = layers("streamlayer.StreamsChannelLayer", capacity=3)
+    full, roomy = await layer.new_channel(), await layer.new_channel()
+    await layer.group_add("room", full)
+    await layer.group_add("room", roomy)
+    for n in range(3):
+        await layer.send(full, {"type": "direct", "n": n})
+    with pytest.raises(ChannelFull, match="capacity of 3"):
+        await layer.send(full, {"type": "direct", "n": 3})
+    await layer.group_send("room", {"type": "group"})
+    assert (await asyncio.wait_for(layer.receive(roomy), _WAIT))["type"] == "group"
+    got = [await asyncio.wait_for(layer.receive(full), _WAIT) for _ in range(3)]
+    assert [m["n"] for m in got] == [0, 1, 2]
+    assert layer.stats()["full"] == 2  # the refused send and the skipped member
+    # Received: the full channel has room again (within a read of the inbox).
+    await _until_room(layer, full)
+    await layer.group_send("room", {"type": "group", "n": 2})
+    assert (await asyncio.wait_for(layer.receive(full), _WAIT))["n"] == 2
+    assert (await asyncio.wait_for(layer.receive(roomy), _WAIT))["n"] == 2
+
+
+async def _until_room(layer: StreamlayerLayer, channel: str) -> None:
+    """Send probes until ``channel`` takes one (its receives' counts reached Redis),
+    within a second, and receive the probe."""
+    async with asyncio.timeout(1):
+        while True:
+            try:
+                await layer.send(channel, {"type": "probe"})
+                break
+            except ChannelFull:
+                await asyncio.sleep(0.01)
+    assert (await layer.receive(channel))["type"] == "probe"
+
+
+async def test_capacity_patterns_apply_per_channel_of_one_process(layers: Any) -> None:
+    """channel_capacity gives two channels of one inbox different capacities."""
+    layer = layers("streamlayer.StreamsChannelLayer", capacity=5, channel_capacity={"tiny.*": 1})
+    tiny, big = await layer.new_channel("tiny"), await layer.new_channel("big")
+    for channel in (tiny, big):
+        await layer.group_add("g", channel)
+    for n in range(3):
+        await layer.group_send("g", {"type": "g", "n": n})
+    assert [(await layer.receive(big))["n"] for _ in range(3)] == [0, 1, 2]
+    assert (await layer.receive(tiny))["n"] == 0
+    assert layer.stats()["full"] == 2
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(layer.receive(tiny), 0.3)
+
+
+async def test_a_full_channel_does_not_hold_up_the_others(layers: Any) -> None:
+    """A channel nobody receives from fills up; the other channels of its process keep
+    getting every message at once (the shared inbox has no head-of-line blocking)."""
+    layer = layers("streamlayer.StreamsChannelLayer", capacity=10)
+    stuck, live = await layer.new_channel(), await layer.new_channel()
+    await layer.group_add("both", stuck)
+    await layer.group_add("both", live)
+    for n in range(30):
+        await layer.group_send("both", {"type": "g", "n": n})
+        message = await asyncio.wait_for(layer.receive(live), _WAIT)
+        assert message["n"] == n
+    assert layer.stats()["full"] == 20  # the stuck channel took 10, then was skipped
+    assert [(await layer.receive(stuck))["n"] for _ in range(10)] == list(range(10))
+    assert layer.stats()["dropped"] == 0
+
+
+async def test_receives_give_the_room_back_promptly(layers: Any) -> None:
+    """A channel filled to capacity and then drained takes new sends again at once:
+    the receives' counts reach Redis without waiting for a new message."""
+    layer = layers("streamlayer.StreamsChannelLayer", capacity=20)
+    channel = await _ready_channel(layer)
+    for _ in range(3):
+        for n in range(20):
+            await layer.send(channel, {"type": "m", "n": n})
+        with pytest.raises(ChannelFull):
+            await layer.send(channel, {"type": "m", "n": 20})
+        for n in range(20):
+            assert (await layer.receive(channel))["n"] == n
+        await _until_room(layer, channel)
+
+
+async def test_a_released_pubsub_channel_counts_what_it_dropped(
+    layers: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Pub/Sub channel whose consumer left is unsubscribed a moment later; what
+    reached it meanwhile is counted as dropped (the only messages any layer throws
+    away unread: nobody is left to receive them)."""
+    monkeypatch.setattr(pubsub, "RELEASE_AFTER", 0.5)
+    layer = layers(PUBSUB)
+    channel = await _ready_channel(layer)
+    leaving = asyncio.ensure_future(layer.receive(channel))
+    await asyncio.sleep(0.01)
+    leaving.cancel()  # the consumer exits (Channels cancels its receive)
+    for n in range(2):
+        await layer.send(channel, {"type": "m", "n": n})
+    for _ in range(500):  # the release is a timer: poll the counter, bounded
+        if layer.stats()["dropped"] >= 2:
+            break
+        await asyncio.sleep(0.02)
+    assert layer.stats()["dropped"] == 2
+
+
+# --- a stall, then the backlog ---------------------------------------------------------
+
+
+async def _burst_after_pause(
+    layer: StreamlayerLayer, server: RedisServer, settle: bool = False
+) -> dict[str, int]:
+    """20 members in one group, each spending 3 ms on a message (a WebSocket send), 40
+    senders queueing 4 messages/s each (a chat's consumers, whose clients keep typing
+    while a group_send waits), Redis paused 2 s: the senders' queues land as one burst
+    of about 320 messages per member, faster than a member gets through them. Returns
+    delivered / lost / duplicated. ``settle``: some messages are expected to be refused,
+    so wait for the members to go quiet instead of for every message."""
+    members = [await _ready_channel(layer) for _ in range(20)]
+    for member in members:
+        await layer.group_add("chat", member)
+    per_sender, senders = 16, 40
+    got: dict[str, list[tuple[int, int]]] = {m: [] for m in members}
+    expected = senders * per_sender
+    everything = asyncio.Event()
+    total = 0
+
+    async def member(channel: str) -> None:
+        nonlocal total
+        while True:
+            message = await layer.receive(channel)
+            got[channel].append((message["s"], message["n"]))
+            total += 1
+            if total >= expected * len(members):
+                everything.set()
+            await asyncio.sleep(0.003)  # the member's own work on each message
+
+    async def sender(s: int) -> None:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+
+        async def type_messages() -> None:
+            for n in range(per_sender):
+                queue.put_nowait(n)
+                await asyncio.sleep(0.25)  # the client types on, whatever Redis does
+
+        typing = asyncio.ensure_future(type_messages())
+        for _ in range(per_sender):
+            n = await queue.get()
+            await layer.group_send("chat", {"type": "chat", "s": s, "n": n})
+        await typing
+
+    readers = [asyncio.ensure_future(member(m)) for m in members]
+    sending = asyncio.gather(*(sender(s) for s in range(senders)))
+    await asyncio.sleep(1.0)
+    await asyncio.to_thread(server.pause, 2000)
+    await sending
+    if not settle:
+        await asyncio.wait_for(everything.wait(), _WAIT)
+    else:
+        count = -1
+        for _ in range(int(_WAIT)):  # quiet for a whole second: all accepted arrived
+            if count == (count := total):
+                break
+            await asyncio.sleep(1.0)
+    await asyncio.sleep(0.2)  # let any duplicate show up
+    for reader in readers:
+        reader.cancel()
+    lost = duplicated = 0
+    for channel in members:
+        seen = got[channel]
+        duplicated += len(seen) - len(set(seen))
+        lost += expected - len(set(seen))
+        for s in range(senders):
+            mine = [n for sender_, n in seen if sender_ == s]
+            assert mine == sorted(mine), f"{channel} got sender {s}'s messages out of order"
+    return {"delivered": sum(len(v) for v in got.values()), "lost": lost, "dup": duplicated}
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("path", ["streamlayer.StreamsChannelLayer", PUBSUB])
+async def test_a_two_second_stall_loses_nothing_with_the_defaults(
+    fresh_server: RedisServer, path: str
+) -> None:
+    layer = layer_class(path)(hosts=[fresh_server.url], prefix="burst")
+    try:
+        outcome = await _burst_after_pause(layer, fresh_server)
+        assert outcome["lost"] == 0 and outcome["dup"] == 0, outcome
+        stats = layer.stats()
+        assert stats["full"] == 0 and stats["dropped"] == 0, stats
+    finally:
+        await layer.flush()
+        await layer.close()
+
+
+@pytest.mark.faults
+async def test_a_burst_beyond_capacity_is_refused_visibly(fresh_server: RedisServer) -> None:
+    """The same stall with channels_redis' capacity of 100: the burst does not fit, and
+    every message a member misses is one its group_send was told about and counted (a
+    member skipped at capacity), never one dropped after it was accepted."""
+    layer = StreamsChannelLayer(hosts=[fresh_server.url], prefix="burst", capacity=100)
+    try:
+        outcome = await _burst_after_pause(layer, fresh_server, settle=True)
+        stats = layer.stats()
+        assert stats["full"] > 0, "the burst was expected to exceed capacity"
+        assert outcome["lost"] == stats["full"] and outcome["dup"] == 0, (outcome, stats)
+        assert stats["dropped"] == 0
+    finally:
+        await layer.flush()
+        await layer.close()
