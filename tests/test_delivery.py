@@ -17,6 +17,7 @@ import pytest
 
 from streamlayer import ChannelFull, StreamsChannelLayer
 from streamlayer.base import StreamlayerLayer
+from streamlayer.bench.scenarios import Metrics, Sizes, stall_burst
 from streamlayer.compat import pubsub
 from streamlayer.testing import RedisServer
 
@@ -196,76 +197,16 @@ async def test_a_released_pubsub_channel_counts_what_it_dropped(
     assert layer.stats()["dropped"] == 2
 
 
-# --- a stall, then the backlog ---------------------------------------------------------
+# --- a stall, then the backlog (the bench's burst scenario, at its full size) ---------
 
 
 async def _burst_after_pause(
     layer: StreamlayerLayer, server: RedisServer, settle: bool = False
-) -> dict[str, int]:
-    """20 members in one group, each spending 3 ms on a message (a WebSocket send), 40
-    senders queueing 4 messages/s each (a chat's consumers, whose clients keep typing
-    while a group_send waits), Redis paused 2 s: the senders' queues land as one burst
-    of about 320 messages per member, faster than a member gets through them. Returns
-    delivered / lost / duplicated. ``settle``: some messages are expected to be refused,
-    so wait for the members to go quiet instead of for every message."""
-    members = [await _ready_channel(layer) for _ in range(20)]
-    for member in members:
-        await layer.group_add("chat", member)
-    per_sender, senders = 16, 40
-    got: dict[str, list[tuple[int, int]]] = {m: [] for m in members}
-    expected = senders * per_sender
-    everything = asyncio.Event()
-    total = 0
-
-    async def member(channel: str) -> None:
-        nonlocal total
-        while True:
-            message = await layer.receive(channel)
-            got[channel].append((message["s"], message["n"]))
-            total += 1
-            if total >= expected * len(members):
-                everything.set()
-            await asyncio.sleep(0.003)  # the member's own work on each message
-
-    async def sender(s: int) -> None:
-        queue: asyncio.Queue[int] = asyncio.Queue()
-
-        async def type_messages() -> None:
-            for n in range(per_sender):
-                queue.put_nowait(n)
-                await asyncio.sleep(0.25)  # the client types on, whatever Redis does
-
-        typing = asyncio.ensure_future(type_messages())
-        for _ in range(per_sender):
-            n = await queue.get()
-            await layer.group_send("chat", {"type": "chat", "s": s, "n": n})
-        await typing
-
-    readers = [asyncio.ensure_future(member(m)) for m in members]
-    sending = asyncio.gather(*(sender(s) for s in range(senders)))
-    await asyncio.sleep(1.0)
-    await asyncio.to_thread(server.pause, 2000)
-    await sending
-    if not settle:
-        await asyncio.wait_for(everything.wait(), _WAIT)
-    else:
-        count = -1
-        for _ in range(int(_WAIT)):  # quiet for a whole second: all accepted arrived
-            if count == (count := total):
-                break
-            await asyncio.sleep(1.0)
-    await asyncio.sleep(0.2)  # let any duplicate show up
-    for reader in readers:
-        reader.cancel()
-    lost = duplicated = 0
-    for channel in members:
-        seen = got[channel]
-        duplicated += len(seen) - len(set(seen))
-        lost += expected - len(set(seen))
-        for s in range(senders):
-            mine = [n for sender_, n in seen if sender_ == s]
-            assert mine == sorted(mine), f"{channel} got sender {s}'s messages out of order"
-    return {"delivered": sum(len(v) for v in got.values()), "lost": lost, "dup": duplicated}
+) -> Metrics:
+    """20 members each spending 3 ms on a message, 40 senders queueing 4 messages/s
+    each, Redis paused 2 s: about 320 messages per member land as one burst, faster
+    than a member gets through them. Duplicates or reordering raise BenchError."""
+    return await stall_burst(layer, Sizes(), server.pause, settle=settle)
 
 
 @pytest.mark.faults
@@ -276,7 +217,7 @@ async def test_a_two_second_stall_loses_nothing_with_the_defaults(
     layer = layer_class(path)(hosts=[fresh_server.url], prefix="burst")
     try:
         outcome = await _burst_after_pause(layer, fresh_server)
-        assert outcome["lost"] == 0 and outcome["dup"] == 0, outcome
+        assert outcome["lost"] == 0 and outcome["duplicated"] == 0, outcome
         stats = layer.stats()
         assert stats["full"] == 0 and stats["dropped"] == 0, stats
     finally:
@@ -294,7 +235,7 @@ async def test_a_burst_beyond_capacity_is_refused_visibly(fresh_server: RedisSer
         outcome = await _burst_after_pause(layer, fresh_server, settle=True)
         stats = layer.stats()
         assert stats["full"] > 0, "the burst was expected to exceed capacity"
-        assert outcome["lost"] == stats["full"] and outcome["dup"] == 0, (outcome, stats)
+        assert outcome["lost"] == stats["full"] and outcome["duplicated"] == 0, (outcome, stats)
         assert stats["dropped"] == 0
     finally:
         await layer.flush()

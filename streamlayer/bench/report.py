@@ -45,6 +45,9 @@ ROWS: list[tuple[str, str, str, bool]] = [
         False,
     ),
     ("sync_calls", "new_connections", "sync callers: new Redis connections in those calls", True),
+    ("burst", "delivered_percent", "burst after a 2 s stall, defaults: delivered (%)", False),
+    ("burst", "lost", "burst after a 2 s stall, defaults: deliveries lost", True),
+    ("burst", "drain_s", "burst after a 2 s stall: seconds to drain after it", True),
     ("memory", "redis_bytes_per_message", "Redis bytes per backlogged message", True),
     ("memory", "client_bytes_per_idle_channel", "client bytes per idle channel", True),
 ]

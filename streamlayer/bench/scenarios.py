@@ -8,13 +8,14 @@ instead of reporting a number. All payloads are 200 bytes of text.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SCENARIOS", "BenchError", "Scenario", "Sizes", "close_layer"]
+__all__ = ["SCENARIOS", "BenchError", "Scenario", "Sizes", "close_layer", "stall_burst"]
 
 BODY = "x" * 200
 #: How long any one wait for a message may take before the run is declared broken.
@@ -40,6 +41,10 @@ class Sizes:
     per_channel: int = 5
     cross_process: int = 5000
     sync_calls: int = 1000
+    #: The stall's burst: members, senders typing 4 messages/s, seconds of typing.
+    burst_members: int = 20
+    burst_senders: int = 40
+    burst_seconds: float = 6.0
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -55,6 +60,9 @@ class Sizes:
             per_channel=3,
             cross_process=500,
             sync_calls=300,
+            burst_members=10,
+            burst_senders=20,
+            burst_seconds=4.0,
         )
 
 
@@ -247,6 +255,94 @@ async def many_channels(layer: Any, sizes: Sizes) -> Metrics:
     for got in results:
         _check_sequence(got, count, "many channels")
     return {"per_second": len(channels) * count / elapsed}
+
+
+#: How long Redis stalls in the burst scenario (a fork for BGSAVE, an fsync, a failover).
+STALL_MS = 2000
+#: What a burst member spends on each message (a WebSocket send): 3 ms.
+_MEMBER_WORK = 0.003
+
+
+async def stall_burst(
+    layer: Any, sizes: Sizes, pause: Callable[[int], None], settle: bool = False
+) -> Metrics:
+    """A chat room under load through a stall: ``burst_members`` members each spending
+    3 ms per message, ``burst_senders`` senders whose clients type 4 messages/s each
+    (queued while a group_send waits, as a consumer's WebSocket messages are),
+    Redis paused for STALL_MS in the middle, so the queued sends land as one burst.
+    Deliveries lost, the share delivered, and the seconds the backlog took to drain
+    after the stall. Duplicates or reordering raise BenchError; ``settle`` waits
+    for the members to go quiet instead of for every delivery (some are expected
+    to be refused or lost)."""
+    group = f"bench-burst-{time.monotonic_ns()}"
+    members = [await layer.new_channel() for _ in range(sizes.burst_members)]
+    for channel in members:
+        await layer.group_add(group, channel)
+    per_sender = int(sizes.burst_seconds * 4)
+    expected = sizes.burst_senders * per_sender * len(members)
+    got: dict[str, list[tuple[int, int]]] = {m: [] for m in members}
+    everything = asyncio.Event()
+    progress: dict[str, float] = {"total": 0, "last_at": time.perf_counter()}
+
+    async def member(channel: str) -> None:
+        while True:
+            message = await layer.receive(channel)
+            got[channel].append((message["s"], message["n"]))
+            progress["total"] += 1
+            progress["last_at"] = time.perf_counter()
+            if progress["total"] >= expected:
+                everything.set()
+            await asyncio.sleep(_MEMBER_WORK)
+
+    async def sender(s: int) -> None:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+
+        async def type_messages() -> None:
+            for n in range(per_sender):
+                queue.put_nowait(n)
+                await asyncio.sleep(0.25)  # the client types on, whatever Redis does
+
+        typing = asyncio.ensure_future(type_messages())
+        for _ in range(per_sender):
+            n = await queue.get()
+            message = {"type": "bench.chat", "s": s, "n": n, "body": BODY}
+            await layer.group_send(group, message)
+        await typing
+
+    readers = [asyncio.ensure_future(member(m)) for m in members]
+    await asyncio.sleep(0.2)  # every member waits in receive() (Pub/Sub: subscribed)
+    sending = asyncio.gather(*(sender(s) for s in range(sizes.burst_senders)))
+    await asyncio.sleep(sizes.burst_seconds / 4)
+    await asyncio.to_thread(pause, STALL_MS)
+    stall_ended = time.perf_counter() + STALL_MS / 1000
+    await _wait(sending)
+    if not settle:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(everything.wait(), _WAIT)
+    else:
+        count: float = -1
+        for _ in range(int(_WAIT)):  # quiet for a whole second: the rest is not coming
+            if everything.is_set() or count == (count := progress["total"]):
+                break
+            await asyncio.sleep(1.0)
+    for reader in readers:
+        reader.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
+    lost = 0
+    for channel, seen in got.items():
+        if len(seen) != len(set(seen)):
+            raise BenchError(f"burst: {channel} got {len(seen) - len(set(seen))} duplicates")
+        for s in range(sizes.burst_senders):
+            mine = [n for sender_, n in seen if sender_ == s]
+            if mine != sorted(mine):
+                raise BenchError(f"burst: {channel} got sender {s}'s messages out of order")
+        lost += sizes.burst_senders * per_sender - len(seen)
+    return {
+        "lost": lost,
+        "duplicated": 0,
+        "delivered_percent": 100 * (expected - lost) / expected,
+        "drain_s": max(0.0, progress["last_at"] - stall_ended),
+    }
 
 
 SCENARIOS: list[Scenario] = [

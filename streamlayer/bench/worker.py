@@ -20,7 +20,7 @@ from typing import Any
 import redis
 
 from .raw import RAW_SCENARIOS
-from .scenarios import BODY, SCENARIOS, BenchError, Metrics, Sizes, close_layer
+from .scenarios import BODY, SCENARIOS, BenchError, Metrics, Sizes, close_layer, stall_burst
 from .sync_calls import sync_calls, sync_floor
 
 __all__ = ["main"]
@@ -57,7 +57,25 @@ async def _run_layer(path: str, url: str, sizes: Sizes, broadcast: bool) -> dict
             await close_layer(layer)
     results["cross_process"] = await _cross_process(path, url, sizes.cross_process)
     results["fanout_spread"] = await _fanout_spread(path, url, sizes, broadcast)
+    results["burst"] = await _burst(path, url, sizes)
     return results
+
+
+async def _burst(path: str, url: str, sizes: Sizes) -> Metrics | dict[str, str]:
+    """The stall's burst (scenarios.stall_burst) on the layer's *default* config: what
+    a user gets without tuning capacity."""
+    layer = load_layer_class(path)(hosts=[url], prefix="bench-burst")
+
+    def pause(milliseconds: int) -> None:
+        with redis.Redis.from_url(url) as client:
+            client.execute_command("CLIENT", "PAUSE", milliseconds, "ALL")
+
+    try:
+        return await stall_burst(layer, sizes, pause, settle=True)
+    except BenchError as exc:
+        return {"error": str(exc)}
+    finally:
+        await close_layer(layer)
 
 
 async def _cross_process(path: str, url: str, count: int) -> Metrics | dict[str, str]:

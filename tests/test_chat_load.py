@@ -1,0 +1,159 @@
+"""The example chat under a real app's load: 40 WebSocket clients in one room across
+two daphne processes, every client typing, while Redis pauses for 2 s and later
+restarts empty. Each phase reports delivered / lost / duplicated per delivery
+(one message reaching one client), and sockets closed.
+
+* pause: nothing lost, nothing duplicated, no socket closed (the stall's queued
+  sends land as one burst, which the Streams layer's default capacity absorbs);
+* empty restart: nothing duplicated, no socket closed, every client told (the
+  page gets a ``reload``), delivery resumes by itself; what is lost is bounded by
+  what Redis held or received while it was down, and printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from streamlayer.testing import RedisServer
+
+from .test_chat_e2e import _chat_servers
+
+websockets = pytest.importorskip("websockets")
+
+pytestmark = pytest.mark.faults
+
+CLIENTS = 40
+RATE = 2.0  # messages per second per client: 80 group sends/s, 3,200 deliveries/s
+_WAIT = 30.0
+
+
+@dataclass
+class Client:
+    """One browser tab: sends numbered messages, records what it is shown."""
+
+    number: int
+    socket: Any
+    seen: list[str] = field(default_factory=list)
+    reloads: int = 0
+    sent: list[str] = field(default_factory=list)
+
+    async def listen(self) -> None:
+        async for raw in self.socket:
+            message = json.loads(raw)
+            if "reload" in message:
+                self.reloads += 1  # the page redraws its backlog: nothing to count
+            else:
+                self.seen.append(message["text"])
+
+    async def type_for(self, seconds: float, phase: str) -> None:
+        deadline = time.monotonic() + seconds
+        n = 0
+        while time.monotonic() < deadline:
+            text = f"{phase}-{self.number}-{n}"
+            await self.socket.send(json.dumps({"text": text, "author": str(self.number)}))
+            self.sent.append(text)
+            n += 1
+            await asyncio.sleep(1 / RATE)  # a person typing, whatever the servers do
+
+
+@pytest.fixture
+def plain_redis() -> Iterator[RedisServer]:
+    server = RedisServer().start()  # no persistence: a restart comes back empty
+    yield server
+    server.cleanup()
+
+
+def _report(clients: list[Client], phase: str) -> dict[str, int]:
+    sent = {t for c in clients for t in c.sent if t.startswith(f"{phase}-")}
+    lost = dup = delivered = 0
+    for client in clients:
+        mine = [t for t in client.seen if t.startswith(f"{phase}-")]
+        delivered += len(mine)
+        dup += len(mine) - len(set(mine))
+        lost += len(sent - set(mine))
+    return {"sent": len(sent), "delivered": delivered, "lost": lost, "duplicated": dup}
+
+
+async def _quiet(clients: list[Client], phase: str, expected: int) -> None:
+    """Until every client was shown ``expected`` messages of ``phase``, or nothing new
+    arrived for two seconds (bounded)."""
+    last = -1
+    for _ in range(int(_WAIT / 0.5)):
+        now = sum(1 for c in clients for t in c.seen if t.startswith(f"{phase}-"))
+        if now >= expected * len(clients):
+            return
+        if now == last:
+            return
+        last = now
+        await asyncio.sleep(2.0 if now == last else 0.5)
+
+
+async def test_forty_clients_through_a_pause_and_an_empty_restart(
+    plain_redis: RedisServer,
+) -> None:
+    servers = _chat_servers()(plain_redis.url).start()
+    clients: list[Client] = []
+    listeners: list[asyncio.Task[None]] = []
+    try:
+        for number in range(CLIENTS):
+            port = servers.ports[number % 2]
+            socket = await websockets.connect(f"ws://127.0.0.1:{port}/ws/chat/load/")
+            clients.append(Client(number, socket))
+        listeners = [asyncio.ensure_future(c.listen()) for c in clients]
+        # Everyone joined once a probe from one tab reaches all 40.
+        for attempt in range(20):
+            await clients[0].socket.send(json.dumps({"text": f"probe-{attempt}"}))
+            await asyncio.sleep(0.5)
+            if all(f"probe-{attempt}" in c.seen for c in clients):
+                break
+        else:
+            pytest.fail("the 40 tabs never all joined the room")
+
+        # Phase 1: a 2 s CLIENT PAUSE while everyone types.
+        typing = asyncio.gather(*(c.type_for(6.0, "pause") for c in clients))
+        await asyncio.sleep(2.0)
+        await asyncio.to_thread(plain_redis.pause, 2000)
+        await typing
+        sent = sum(len([t for t in c.sent if t.startswith("pause-")]) for c in clients)
+        await _quiet(clients, "pause", sent)
+        pause = _report(clients, "pause")
+        print(f"\npause 2 s: {pause}")
+        assert pause["lost"] == 0 and pause["duplicated"] == 0, pause
+        assert all(c.socket.close_code is None for c in clients), "a socket was closed"
+
+        # Phase 2: Redis restarts without its data while everyone types.
+        typing = asyncio.gather(*(c.type_for(8.0, "restart") for c in clients))
+        await asyncio.sleep(2.0)
+        restarted_at = time.monotonic()
+        await asyncio.to_thread(plain_redis.restart)
+        back_at = time.monotonic()
+        await typing
+        sent = sum(len([t for t in c.sent if t.startswith("restart-")]) for c in clients)
+        await _quiet(clients, "restart", sent)
+        restart = _report(clients, "restart")
+        down = back_at - restarted_at
+        print(f"empty restart (down {down:.2f} s): {restart}")
+        assert restart["duplicated"] == 0, restart
+        assert all(c.socket.close_code is None for c in clients), "a socket was closed"
+        assert all(c.reloads >= 1 for c in clients), "a client was not told"
+        # Delivery resumed by itself: the last second of typing reached everyone.
+        last = {[t for t in c.sent if t.startswith("restart-")][-1] for c in clients}
+        for client in clients:
+            missing = sorted(last - set(client.seen))
+            assert not missing, f"client {client.number} stopped receiving: {missing}"
+        # Lost: at most what was in flight around the restart (Redis held or took it
+        # while down); nothing before or long after.
+        assert restart["lost"] <= restart["sent"] * CLIENTS * 0.05, restart
+    finally:
+        for listener in listeners:
+            listener.cancel()
+        for client in clients:
+            await client.socket.close()
+        servers.stop()
