@@ -45,10 +45,10 @@ def print_inspection(snapshot: LayerSnapshot, console: Console | None = None) ->
     )
     inboxes = _table(
         "process inboxes",
-        ["process", "backlog", "unreceived", "last message (s ago)", "read up to",
+        ["process", "backlog", "queued in process", "last message (s ago)", "read up to",
          "reader moved (s ago)"],
         [
-            [i["process"], i["backlog"], i["unreceived"], _age(i["last_message_age_s"]),
+            [i["process"], i["backlog"], i["queued_in_process"], _age(i["last_message_age_s"]),
              i["read_up_to"] or "-", _age(i["reader_age_s"])]
             for i in snapshot.inboxes
         ],

@@ -11,11 +11,11 @@ connection at any point: it resumes from its last id and nothing accepted by
 Redis is lost. After a reconnect the cursor tells whether Redis still holds
 the same inbox (``recovered=True``) or came back without it (``False``).
 
-The reader also keeps each channel's count of unreceived messages true (see
-``_STREAM_APPEND`` in :mod:`streamlayer.scripts`): its bookkeeping takes down
-the counts of what receives took from the local queues, in numbered batches
-(a batch whose reply was lost is sent again and applied once), and after
-Redis lost the counts it counts what its queues still hold again.
+The reader also reports, with every trim, what the process's queues hold for
+each channel whose backlog changed (see ``_STREAM_APPEND`` in
+:mod:`streamlayer.scripts`): a sender checks a channel's capacity against that
+report plus the inbox entries naming it. After Redis lost the reports it
+reports every backlog again.
 """
 
 from __future__ import annotations
@@ -138,10 +138,6 @@ class InboxReader(BackgroundReader):
             f"read inbox {self.key!r}", partial(self._read, block), on_error=self._lost_connection
         )
         await self._report_back()
-        if not entries and block >= BLOCK_SECONDS:
-            # An idle spell: check at the next round that Redis still holds our inbox
-            # (a FLUSHALL or an empty replica breaks no connection).
-            self._check_cursor = True
         for entry_id, fields in entries:
             layer.position.last_id = entry_id.decode()
             layer.dispatch_inbox(entry_id, fields)
@@ -164,15 +160,18 @@ class InboxReader(BackgroundReader):
         """Whether the next round trip must also record our position and trim: after
         anything was handed on (senders' capacity checks count what is left in the
         inbox, so a drained channel must take new messages at once), when the cursor
-        must be checked (a new reader, or one back from a disconnect), and when its TTL
-        wants refreshing. An idle blocking read is a bare XREAD."""
+        must be checked (a new reader, one back from a disconnect, or one whose last
+        check is a blocking read's length ago), when a queue's backlog changed, and
+        when its TTL wants refreshing. An idle blocking read is a bare XREAD."""
         position = self.layer.position
         since_write = time.monotonic() - position.cursor_written_at
         return (
             self._check_cursor
             or position.trimmed_to != position.last_id
-            or position.batch is not None
-            or self.layer.local.has_taken()
+            or self.layer.local.has_reports()
+            # Every blocking read's length at least: a FLUSHALL or a failover to an
+            # empty replica breaks no connection, and only the cursor tells.
+            or since_write >= BLOCK_SECONDS
             or since_write * 2000 > self.layer.key_ttl_ms
         )
 
@@ -184,31 +183,13 @@ class InboxReader(BackgroundReader):
 
     def _advance_args(self) -> list[Any]:
         position = self.layer.position
-        expected = [position.written_cursor or "", position.attempted_cursor or ""]
         # If the reply is lost, Redis may hold this value or the previous one: both
         # are ours (see _cursor_intact).
         position.attempted_cursor = position.last_id
         trim = next_stream_id(position.last_id) if position.trimmed_to != position.last_id else ""
-        args: list[Any] = [position.last_id, self.layer.key_ttl_ms, trim, *expected]
-        batch = self._count_batch()
-        if batch is None:
-            return [*args, ""]
-        number, changes = batch
-        args.append(number)
-        for channel, change in changes.items():
-            args += (channel, change)
-        return args
-
-    def _count_batch(self) -> tuple[int, dict[str, int]] | None:
-        """The batch of count changes this bookkeeping carries: the one whose reply was
-        lost, as it was (the script applies a batch number once), or a new one of what
-        receives took since the last."""
-        position = self.layer.position
-        if position.batch is None and self.layer.local.has_taken():
-            taken = self.layer.local.take_counted()
-            position.batch_numbers += 1
-            position.batch = (position.batch_numbers, {c: -n for c, n in taken.items()})
-        return position.batch
+        changed, busiest = self.layer.local.reports()
+        reports = ",".join(f"{channel},{backlog}" for channel, backlog in changed.items())
+        return [position.last_id, self.layer.key_ttl_ms, trim, busiest, reports]
 
     async def _bookkeeping_result(self, stored: Any) -> None:
         """Act on the cursor's previous value. A server that lost its script cache (a
@@ -225,12 +206,10 @@ class InboxReader(BackgroundReader):
         """Tell receivers about a reconnect, or about a reset seen without one."""
         layer, position = self.layer, self.layer.position
         intact = self._cursor_intact(stored)
-        position.batch = None
         if stored is None and position.written_cursor is not None:
-            # The state hash is gone with its counts (lost with the inbox, or expired),
-            # and the batch just sent was left out: what our queues still hold must
-            # count against capacity again.
-            self._recount()
+            # The state hash is gone with the reports (lost with the inbox, or expired):
+            # report every backlog our queues hold again.
+            layer.local.report_all()
         position.written_cursor = position.trimmed_to = position.last_id
         position.cursor_written_at = time.monotonic()
         self._check_cursor = False
@@ -251,16 +230,6 @@ class InboxReader(BackgroundReader):
         if back is not None:
             await self.layer.connection_back(back)
 
-    def _recount(self) -> None:
-        """Count what the local queues hold again, in the next bookkeeping's batch; the
-        takes noted so far were of counts Redis no longer has."""
-        position = self.layer.position
-        self.layer.local.take_counted()
-        backlog = self.layer.local.backlog()
-        if backlog:
-            position.batch_numbers += 1
-            position.batch = (position.batch_numbers, backlog)
-
     def _cursor_intact(self, stored: Any) -> bool:
         """Is the cursor key still the one we wrote, so the inbox is the one we read?"""
         position = self.layer.position
@@ -276,11 +245,7 @@ class InboxReader(BackgroundReader):
     async def _settle(self) -> None:
         """Record and trim everything handed on (the reader is about to stop)."""
         position = self.layer.position
-        if (
-            position.trimmed_to != position.last_id
-            or position.batch is not None
-            or self.layer.local.has_taken()
-        ):
+        if position.trimmed_to != position.last_id or self.layer.local.has_reports():
             await self._advance()
 
     async def _advance(self) -> None:

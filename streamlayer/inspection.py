@@ -92,12 +92,12 @@ def _inbox(
     stream = _stream_info(client, key)
     state: dict[Any, Any] = dict(client.hgetall(state_key)) if state_key else {}
     cursor = state.pop(b"@", None)
-    state.pop(b"#", None)
+    state.pop(b"^", None)
     return {
         "process": process_id,
         "backlog": stream.get("length", 0),
-        # Accepted and not yet received, in Redis or in the process's queues.
-        "unreceived": sum(int(v) for v in state.values()),
+        # Read by the process, not yet received (as its reader last reported).
+        "queued_in_process": sum(int(v) for v in state.values()),
         "last_message_age_s": _rounded(_id_age(stream.get("last-generated-id"))),
         "read_up_to": cursor.decode() if isinstance(cursor, bytes) else cursor,
         "reader_age_s": _rounded(_id_age(cursor)) if cursor else None,

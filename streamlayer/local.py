@@ -14,10 +14,11 @@ side (the Streams layer counts each channel's unreceived messages in Redis,
 these queues included) and ``expiry`` (a message nobody received in time is
 dropped, counted as expired).
 
-For the Streams layer every message that came through a counted inbox entry
-is *counted*: when it leaves (received, expired, forgotten) the channel's
-count in Redis must go down by one. :meth:`take_counted` hands the reader
-what left since it last asked.
+For the Streams layer every message that came through its process inbox is
+*counted*: a sender checks a channel's capacity against what its process
+reported it holds for the channel (see ``_STREAM_APPEND`` in
+:mod:`streamlayer.scripts`). :meth:`reports` hands the reader the channels
+whose counted backlog changed since it last reported, and the largest one.
 """
 
 from __future__ import annotations
@@ -55,8 +56,12 @@ class LocalChannels:
         self._next_sweep = 0.0
         #: When each channel last had a receive(): who to tell about disconnects.
         self._touched: dict[str, float] = {}
-        #: Counted messages that left their queue since the reader last asked, per channel.
-        self._taken: dict[str, int] = {}
+        #: Counted messages queued per channel (only channels with some).
+        self._counted: dict[str, int] = {}
+        #: What the reader last reported per channel (absent: 0), and channels whose
+        #: count may differ from it now.
+        self._reported: dict[str, int] = {}
+        self._dirty: set[str] = set()
 
     def waiting(self) -> int:
         """How many receivers wait without a message yet (O(1): the reader asks every batch)."""
@@ -88,31 +93,41 @@ class LocalChannels:
     def has_queued(self, channel: str) -> bool:
         return bool(self._queues.get(channel))
 
-    def backlog(self) -> dict[str, int]:
-        """Counted messages queued per channel (what Redis must count again after it
-        lost the counts)."""
-        backlog: dict[str, int] = {}
-        for channel, queue in self._queues.items():
-            counted = sum(1 for entry in queue if entry[2])
-            if counted:
-                backlog[channel] = counted
-        return backlog
+    def has_reports(self) -> bool:
+        """Whether some channel's counted backlog may differ from what was reported."""
+        return bool(self._dirty)
 
-    def take_counted(self) -> dict[str, int]:
-        """Counted messages that left their queues since the last call, per channel."""
-        taken, self._taken = self._taken, {}
-        return taken
+    def reports(self) -> tuple[dict[str, int], int]:
+        """The channels whose counted backlog changed since the last call, with their
+        backlog now (0: gone), and the largest backlog of any channel. Reported to
+        Redis, they are what senders check capacity against."""
+        changed: dict[str, int] = {}
+        for channel in self._dirty:
+            now = self._counted.get(channel, 0)
+            if now != self._reported.get(channel, 0):
+                changed[channel] = now
+                if now:
+                    self._reported[channel] = now
+                else:
+                    del self._reported[channel]
+        self._dirty.clear()
+        return changed, max(self._counted.values(), default=0)
 
-    def has_taken(self) -> bool:
-        return bool(self._taken)
+    def report_all(self) -> None:
+        """Report every backlog again at the next call (Redis lost what was reported)."""
+        self._reported.clear()
+        self._dirty.update(self._counted)
 
-    def uncount(self, channel: str, n: int = 1) -> None:
-        """``n`` counted messages of ``channel`` will never be queued (a reader skipped
-        them: expired, duplicate, undecodable): their count must go down too."""
-        self._taken[channel] = self._taken.get(channel, 0) + n
+    def _add_counted(self, channel: str, n: int) -> None:
+        left = self._counted.get(channel, 0) + n
+        if left > 0:
+            self._counted[channel] = left
+        else:
+            self._counted.pop(channel, None)
+        self._dirty.add(channel)
 
     def deliver(
-        self, channel: str, message: Message, deadline: float, counted: bool = False
+        self, channel: str, message: Message, deadline: float, *, counted: bool = False
     ) -> None:
         """Hand ``message`` to a waiting receiver of ``channel``, or queue it."""
         entry = (deadline, message, counted)
@@ -123,6 +138,8 @@ class LocalChannels:
             queue = self._queues[channel] = deque()
         queue.append(entry)
         self._queued += 1
+        if counted:
+            self._add_counted(channel, 1)
 
     async def get(self, channel: str) -> Message:
         """The next message of ``channel``, waiting for one if needed. Cancellation-safe.
@@ -142,7 +159,7 @@ class LocalChannels:
             waiters.append(future)
             self._waiting += 1
             try:
-                deadline, message, counted = await future
+                deadline, message, _ = await future
             except asyncio.CancelledError:
                 if future.done() and not future.cancelled() and future.exception() is None:
                     # The message arrived in the same instant we were cancelled:
@@ -151,8 +168,6 @@ class LocalChannels:
                 raise
             finally:
                 self._forget_waiter(channel, future)
-            if counted:
-                self._taken[channel] = self._taken.get(channel, 0) + 1
             if deadline >= time.time():
                 return message
             self._count("expired", 1)
@@ -178,7 +193,9 @@ class LocalChannels:
         """Forget everything (the layer was flushed: Redis forgot it too)."""
         self._queues.clear()
         self._touched.clear()
-        self._taken.clear()
+        self._counted.clear()
+        self._reported.clear()
+        self._dirty.clear()
         self._queued = 0
 
     def sweep(self, now: float) -> None:
@@ -201,7 +218,7 @@ class LocalChannels:
         self._queued -= len(entries)
         counted = sum(1 for entry in entries if entry[2])
         if counted:
-            self._taken[channel] = self._taken.get(channel, 0) + counted
+            self._add_counted(channel, -counted)
 
     def _pop_live(self, channel: str) -> Message | None:
         queue = self._queues.get(channel)
@@ -212,7 +229,7 @@ class LocalChannels:
             if not queue:
                 del self._queues[channel]
             if counted:
-                self._taken[channel] = self._taken.get(channel, 0) + 1
+                self._add_counted(channel, -1)
             if deadline >= now:
                 return message
             self._count("expired", 1)
@@ -233,6 +250,8 @@ class LocalChannels:
         if not self._wake_one(channel, entry):
             self._queues.setdefault(channel, deque()).appendleft(entry)
             self._queued += 1
+            if entry[2]:
+                self._add_counted(channel, 1)
 
     def _wake_one(self, channel: str, entry: _Entry) -> bool:
         waiters = self._waiters.get(channel)

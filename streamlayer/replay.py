@@ -41,9 +41,9 @@ if TYPE_CHECKING:
 __all__ = ["GroupHistory", "Published"]
 
 Message = dict[str, Any]
-#: A live message held back while its channel's join is in flight, with whether its
-#: channel's count includes it.
-_Held = tuple[tuple[int, int], Message, float, bool]
+#: A live message held back while its channel's join is in flight (counted against the
+#: channel's capacity, as every inbox message is).
+_Held = tuple[tuple[int, int], Message, float]
 
 
 @dataclass
@@ -215,13 +215,13 @@ class GroupHistory:
         position: str,
         message: Message,
         deadline: float,
-        counted: bool,
     ) -> bool:
-        """Hold back a live message for a channel whose replay is in flight (True: held)."""
+        """Hold back a live inbox message (counted against its channel's capacity) for
+        a channel whose replay is in flight (True: held)."""
         join = self._joining.get((channel, group))
         if join is None:
             return False
-        join.held.append((_id_key(position.rpartition(":")[2]), message, deadline, counted))
+        join.held.append((_id_key(position.rpartition(":")[2]), message, deadline))
         self.held_back += 1
         return True
 
@@ -233,11 +233,9 @@ class GroupHistory:
         join.done.set()
         floor = _id_key(last_replayed) if last_replayed else (-1, -1)
         local = self.layer.local
-        for entry_id, message, deadline, counted in join.held:
+        for entry_id, message, deadline in join.held:
             if entry_id > floor:
-                local.deliver(channel, message, deadline, counted)
-            elif counted:
-                local.uncount(channel)
+                local.deliver(channel, message, deadline, counted=True)
 
     # --- reading a backlog -----------------------------------------------------------
 

@@ -199,13 +199,19 @@ return #parked / 2
 #
 # A process inbox is shared by every process-specific channel of one process, and its
 # reader moves entries to local queues before their receive() comes. So the inbox's
-# length says nothing about one channel: each channel's unreceived messages (in the
-# inbox or in its process's queue) are counted in the inbox's state hash, one field
-# per channel, which the reader decrements as receives take them (STREAM_INBOX_ADVANCE).
+# length says nothing about one channel. A channel's unreceived messages are those
+# still in the inbox naming it (the reader trims what it handed on) plus those in its
+# process's queue, which the reader reports at every trim, in the inbox's state hash
+# (STREAM_INBOX_ADVANCE): its field for the channel, and '^' the largest of them. The
+# sum is exact or over (receives since the report), never under. When the inbox's
+# length plus the largest report is below every destination's capacity, nothing
+# needs looking at per channel (the steady state: one XLEN, one HGET); otherwise the
+# script counts the inbox's entries per channel (up to INBOX_SCAN of them; past that,
+# as if every one named each channel: a process that reads nothing is refused).
 # An entry goes to the destination channels with room, named in its 'c' field; a
 # channel at capacity is refused here, where the sender hears of it, and nothing is
 # ever dropped after it was accepted. Nothing trims an inbox but its reader: an expired
-# entry is dropped (and uncounted) when it is read.
+# entry is dropped when it is read.
 _STREAM_APPEND = """
 local function already_there(key, tag, scan)
     local recent = redis.call('XREVRANGE', key, '+', '-', 'COUNT', scan)
@@ -262,10 +268,63 @@ end
 -- How far back a retried inbox append looks for its first attempt; one its reader
 -- already took is dropped by the reader's own dedup of recent tags.
 local INBOX_RETRY_SCAN = 1000
+-- How many inbox entries a capacity check counts per channel at most.
+local INBOX_SCAN = 512
 
--- A process inbox: returns the entry id (false when no channel had room) and how many
--- of ``channels`` were refused.
-local function append_inbox(key, state, payload, tag, channels, capacities, ttl, retry, group,
+local function split(text)
+    local items = {}
+    for item in string.gmatch(text, '[^,]+') do
+        items[#items + 1] = item
+    end
+    return items
+end
+
+-- Per channel: how many of the inbox's entries name it (entries not read and reported
+-- yet). nil when there are too many to count.
+local function inbox_counts(key, length)
+    if length > INBOX_SCAN then
+        return nil
+    end
+    local counts = {}
+    for _, entry in ipairs(redis.call('XRANGE', key, '-', '+')) do
+        local fields = entry[2]
+        for j = 1, #fields, 2 do
+            if fields[j] == 'c' then
+                for name in string.gmatch(fields[j + 1], '[^,]+') do
+                    counts[name] = (counts[name] or 0) + 1
+                end
+            end
+        end
+    end
+    return counts
+end
+
+-- The destination channels (of ``channels``, with capacities ``caps``: one for all,
+-- or one each) that have room.
+local function with_room(key, state, channels, caps, length)
+    local counts = inbox_counts(key, length)
+    local accepted = {}
+    for first = 1, #channels, 1000 do  -- unpack() has a limit: HMGET in slices
+        local last = math.min(first + 999, #channels)
+        local reported = redis.call('HMGET', state, unpack(channels, first, last))
+        for i = first, last do
+            local inbox = length
+            if counts then
+                inbox = counts[channels[i]] or 0
+            end
+            local held = (tonumber(reported[i - first + 1]) or 0) + inbox
+            if held < tonumber(caps[i] or caps[1]) then
+                accepted[#accepted + 1] = channels[i]
+            end
+        end
+    end
+    return accepted
+end
+
+-- A process inbox: ``listed`` names the destination channels (comma-separated),
+-- ``capacities`` their capacities (one for all, or one each). Returns the entry id
+-- (false when no channel had room) and how many channels were refused.
+local function append_inbox(key, state, payload, tag, listed, capacities, ttl, retry, group,
     position)
     if retry == '1' then
         local found = already_there(key, tag, INBOX_RETRY_SCAN)
@@ -273,26 +332,27 @@ local function append_inbox(key, state, payload, tag, channels, capacities, ttl,
             return found, 0
         end
     end
-    local accepted = {}
-    for first = 1, #channels, 1000 do  -- unpack() has a limit: HMGET in slices
-        local last = math.min(first + 999, #channels)
-        local counts = redis.call('HMGET', state, unpack(channels, first, last))
-        for i = first, last do
-            if (tonumber(counts[i - first + 1]) or 0) < capacities[i] then
-                accepted[#accepted + 1] = channels[i]
-            end
+    local caps = split(capacities)
+    local least = tonumber(caps[1])
+    for i = 2, #caps do
+        least = math.min(least, tonumber(caps[i]))
+    end
+    local length = redis.call('XLEN', key)
+    local refused = 0
+    if length + (tonumber(redis.call('HGET', state, '^')) or 0) >= least then
+        local channels = split(listed)
+        local accepted = with_room(key, state, channels, caps, length)
+        refused = #channels - #accepted
+        if #accepted == 0 then
+            return false, refused
+        end
+        if refused > 0 then
+            listed = table.concat(accepted, ',')
         end
     end
-    if #accepted == 0 then
-        return false, #channels
-    end
-    local id = add_entry(key, payload, tag, table.concat(accepted, ','), group, position)
-    for _, channel in ipairs(accepted) do
-        redis.call('HINCRBY', state, channel, 1)
-    end
+    local id = add_entry(key, payload, tag, listed, group, position)
     redis.call('PEXPIRE', key, ttl)
-    redis.call('PEXPIRE', state, ttl)
-    return id, #channels - #accepted
+    return id, refused
 end
 """
 
@@ -314,7 +374,7 @@ if ARGV[4] == '' then
     return append_channel(KEYS[1], KEYS[2], ARGV[1], ARGV[2], capacity, ARGV[5], ARGV[6],
         ARGV[7], '', '')
 end
-local id = append_inbox(KEYS[1], KEYS[2], ARGV[1], ARGV[2], {ARGV[4]}, {capacity}, ARGV[6],
+local id = append_inbox(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[4], ARGV[3], ARGV[6],
     ARGV[7], '', '')
 return id
 """,
@@ -324,8 +384,9 @@ _STREAM_APPEND_ALL = """
 local function append_all(k, a)
     -- KEYS[k+2d-1], KEYS[k+2d]: destination d's stream, and its delivered tags (a normal
     -- channel) or its state hash (a process inbox)
-    -- ARGV[a+1..#ARGV-5]: one record per destination: payload, dedup tag, m, then for a
-    -- normal channel (m = 0) its capacity, for an inbox m pairs (channel, capacity)
+    -- ARGV[a+4d-3..a+4d]: destination d's record: payload, dedup tag, channels ('' for
+    -- a normal channel; an inbox's destination channels, comma-separated), capacity
+    -- (an inbox's: one for all its channels, or one each, comma-separated)
     -- ARGV[#ARGV-4]: group   ARGV[#ARGV-3]: its history position ('' when it keeps
     -- none)   ARGV[#ARGV-2]: MINID   ARGV[#ARGV-1]: key TTL in ms
     -- ARGV[#ARGV]: '1' on a retry
@@ -333,25 +394,18 @@ local function append_all(k, a)
     local last = #ARGV - 5
     local group, position = ARGV[last + 1], ARGV[last + 2]
     local minid, ttl, retry = ARGV[last + 3], ARGV[last + 4], ARGV[last + 5]
-    local full, i, key = 0, a + 1, k + 1
-    while i <= last do
-        local payload, tag, m = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-        if m == 0 then
-            if not append_channel(KEYS[key], KEYS[key + 1], payload, tag, tonumber(ARGV[i + 3]),
+    local full, key = 0, k + 1
+    for i = a + 1, last, 4 do
+        local payload, tag, listed, capacity = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+        if listed == '' then
+            if not append_channel(KEYS[key], KEYS[key + 1], payload, tag, tonumber(capacity),
                 minid, ttl, retry, group, position) then
                 full = full + 1
             end
-            i = i + 4
         else
-            local channels, capacities = {}, {}
-            for j = 1, m do
-                channels[j] = ARGV[i + 1 + 2 * j]
-                capacities[j] = tonumber(ARGV[i + 2 + 2 * j])
-            end
-            local _, refused = append_inbox(KEYS[key], KEYS[key + 1], payload, tag, channels,
-                capacities, ttl, retry, group, position)
+            local _, refused = append_inbox(KEYS[key], KEYS[key + 1], payload, tag, listed,
+                capacity, ttl, retry, group, position)
             full = full + refused
-            i = i + 3 + 2 * m
         end
         key = key + 2
     end
@@ -387,9 +441,11 @@ STREAM_GROUP_SEND_KNOWN = LuaScript(
 -- One round trip for a group whose members have not changed since the caller last
 -- read them: when they are still those, appends as STREAM_GROUP_SEND does and returns
 -- {full}; otherwise appends nothing and returns {-1, member...} for the caller to plan
--- again. A retry skips the check: its first attempt may have landed, and appending to
--- the same destinations again is then found out by the dedup tags.
-local changed = members_changed(KEYS[1], ARGV[1], ARGV[2], ARGV[#ARGV] ~= '1')
+-- again. A retry checks too (its first attempt may not have landed, and a member may
+-- have left since): when the members are unchanged, appending to the same
+-- destinations again is found out by the dedup tags; when they changed, the caller
+-- plans again with the same tags.
+local changed = members_changed(KEYS[1], ARGV[1], ARGV[2], true)
 if changed then
     return changed
 end
@@ -456,36 +512,44 @@ return 1
 STREAM_INBOX_ADVANCE = LuaScript(
     "stream_inbox_advance",
     """
--- KEYS[1]: a process's inbox state (a hash: field '@' is the reader's cursor, field '#'
--- the number of the last batch of count changes applied, every other field a channel's
--- count of unreceived messages)   KEYS[2]: its inbox stream
+-- KEYS[1]: a process's inbox state (a hash: field '@' is the reader's cursor, '^' the
+-- largest backlog of any of its channels, every other field one channel's backlog in
+-- the process's queue)   KEYS[2]: its inbox stream
 -- ARGV[1]: the id of the last entry handed on   ARGV[2]: the state's TTL in ms
 -- ARGV[3]: trim entries below this id ('' to trim nothing)
--- ARGV[4], ARGV[5]: the cursor values the reader wrote last (its reply may have been
--- lost); ARGV[4] '' when it wrote none yet
--- ARGV[6]: the number of this batch of count changes ('' for none)
--- ARGV[7..]: (channel, change) pairs: a negative change for messages that left the
--- process's queue (received, expired, skipped), a positive one for messages it still
--- holds after Redis lost the counts
--- Records the reader's position, drops what it handed on and applies the batch (once:
--- a batch sent again after a lost reply finds its number); returns the cursor's
--- previous value (false when missing), which tells the reader whether Redis still
--- holds the inbox it was reading. When it does not, the counts are not the ones the
--- batch was made for: it is left out, and the reader counts its queues again.
+-- ARGV[4]: the largest backlog now   ARGV[5]: 'channel,backlog,channel,backlog...':
+-- the channels whose backlog changed since the last report (0: none left)
+-- Records the reader's position, drops what it handed on and reports the backlogs, in
+-- one step: what it trims leaves the inbox as it shows up in the reports, so senders'
+-- checks (see append_inbox) never count a message twice or miss it. Reports are
+-- absolute values, so a report sent again after a lost reply changes nothing. Returns
+-- the cursor's previous value (false when missing), which tells the reader whether
+-- Redis still holds the inbox it was reading.
 local previous = redis.call('HGET', KEYS[1], '@')
-redis.call('HSET', KEYS[1], '@', ARGV[1])
+local set, gone = {'@', ARGV[1], '^', ARGV[4]}, {}
+local channel
+for item in string.gmatch(ARGV[5], '[^,]+') do
+    if channel == nil then
+        channel = item
+    else
+        if item == '0' then
+            gone[#gone + 1] = channel
+        else
+            set[#set + 1] = channel
+            set[#set + 1] = item
+        end
+        channel = nil
+    end
+end
+for first = 1, #set, 2000 do  -- unpack() has a limit: in slices
+    redis.call('HSET', KEYS[1], unpack(set, first, math.min(first + 1999, #set)))
+end
+for first = 1, #gone, 1000 do
+    redis.call('HDEL', KEYS[1], unpack(gone, first, math.min(first + 999, #gone)))
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 if ARGV[3] ~= '' then
     redis.call('XTRIM', KEYS[2], 'MINID', ARGV[3])
-end
-local intact = ARGV[4] == '' or previous == ARGV[4] or previous == ARGV[5]
-if intact and ARGV[6] ~= '' and redis.call('HGET', KEYS[1], '#') ~= ARGV[6] then
-    for i = 7, #ARGV, 2 do
-        if redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) <= 0 then
-            redis.call('HDEL', KEYS[1], ARGV[i])
-        end
-    end
-    redis.call('HSET', KEYS[1], '#', ARGV[6])
 end
 return previous
 """,
@@ -676,7 +740,7 @@ for i = 4, #ARGV - 3, 3 do
         id = append_channel(KEYS[1], KEYS[2], payload, tag, capacity, minid, ttl, retry, group,
             position)
     else
-        id = append_inbox(KEYS[1], KEYS[2], payload, tag, {channel}, {capacity}, ttl, retry,
+        id = append_inbox(KEYS[1], KEYS[2], payload, tag, channel, ARGV[2], ttl, retry,
             group, position)
     end
     if not id then

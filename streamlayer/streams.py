@@ -81,10 +81,6 @@ class InboxPosition:
     attempted_cursor: str | None = None
     cursor_written_at: float = 0.0
     trimmed_to: str | None = None
-    #: Count changes on their way to the inbox state (numbered: one whose reply was
-    #: lost is sent again as it was, and applied once).
-    batch: tuple[int, dict[str, int]] | None = None
-    batch_numbers: int = 0
 
 
 @dataclass
@@ -210,13 +206,26 @@ class StreamsChannelLayer(StreamlayerLayer):
         return stream_channel_key(self.prefix, channel), self._shard(channel)
 
     async def append(
-        self, what: str, script: LuaScript, shard: int, keys: list[str], args: list[Any]
+        self,
+        what: str,
+        script: LuaScript,
+        shard: int,
+        keys: list[str],
+        args: list[Any],
+        *,
+        maybe_landed: bool = False,
+        attempts: list[int] | None = None,
     ) -> Any:
         """Call an appending script (STREAM_SEND, STREAM_GROUP_SEND): its arguments end
-        with the expiry cutoff and key TTL of the moment of each attempt."""
-        return await self.idempotent(
-            what, script, shard, keys, lambda: [*args, self._min_id(), self.key_ttl_ms]
-        )
+        with the expiry cutoff and key TTL of the moment of each attempt. ``attempts``
+        (a one-item list) is told how many attempts it took."""
+
+        def tail() -> list[Any]:
+            if attempts is not None:
+                attempts[0] += 1
+            return [*args, self._min_id(), self.key_ttl_ms]
+
+        return await self.idempotent(what, script, shard, keys, tail, maybe_landed=maybe_landed)
 
     async def idempotent(
         self,
@@ -258,43 +267,34 @@ class StreamsChannelLayer(StreamlayerLayer):
             self._reader = InboxReader(self)
 
     def dispatch_inbox(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        """Decode one inbox entry and hand it to the local channels it names. Each of
-        them counted it when it was appended: one the reader skips (expired, a
-        duplicate, undecodable) is taken off their counts at once."""
+        """Decode one inbox entry and hand it to the local channels it names (counted:
+        their backlogs are reported to senders)."""
         listed = fields.get(b"c")
         channels = listed.decode().split(",") if listed else []
+        if not channels:
+            self.stats.count("decode_errors")
+            logger.warning("skipped an inbox entry that names no channel: %r", entry_id)
+            return
         sent_ms = int(entry_id.split(b"-", 1)[0])
         if sent_ms < (time.time() - self.config.expiry) * 1000:
-            self.stats.count("expired", max(1, len(channels)))
-            self._skip(channels)
+            self.stats.count("expired", len(channels))
             return
         if self._recent.seen(fields.get(b"i", entry_id)):
             self.stats.count("duplicates")
-            self._skip(channels)
             return
         message = self.try_deserialize(fields.get(b"d", b""), "the process inbox")
         if message is None:
-            self._skip(channels)
             return
-        counted = True
-        if listed is None:  # written before entries named their channels: not counted
-            target = message.pop(RESERVED_KEY, None)
-            channels = [target] if isinstance(target, str) else list(target or ())
-            counted = False
         deadline = sent_ms / 1000 + self.config.expiry
         group, position = _group_position(fields)
         for channel in channels:
             copy = dict(message) if len(channels) > 1 else message
             if group is None:
-                self.local.deliver(channel, copy, deadline, counted)
+                self.local.deliver(channel, copy, deadline, counted=True)
                 continue
             copy[POSITION_KEY] = position_tag(group, position)
-            if not self.history.hold(channel, group, position, copy, deadline, counted):
-                self.local.deliver(channel, copy, deadline, counted)
-
-    def _skip(self, channels: list[str]) -> None:
-        for channel in channels:
-            self.local.uncount(channel)
+            if not self.history.hold(channel, group, position, copy, deadline):
+                self.local.deliver(channel, copy, deadline, counted=True)
 
     # --- normal channels ------------------------------------------------------------------
 
@@ -593,17 +593,31 @@ class StreamsChannelLayer(StreamlayerLayer):
         self, group: str, known: KnownMembers, message: dict[str, Any]
     ) -> int | list[str]:
         """STREAM_GROUP_SEND_KNOWN: check ``known`` are the members and append to their
-        streams in one script (one server: the plan has one scope at most)."""
+        streams in one script (one server: the plan has one scope at most).
+
+        Every attempt checks the members, a retry too: when a first attempt whose
+        reply was lost did not land, the members may have changed since (Redis came
+        back without a member that left). Members that changed after an attempt that
+        may have landed are answered with a :class:`_Replan` carrying that attempt's
+        dedup tags, so the second trip finds what it appended instead of appending
+        it twice."""
         keys: list[str] = [self.group_key(group)]
         args: list[Any] = [time.time() - self.group_expiry, known.digest]
-        for _shard, destinations, records in self._plan_group_send(known, message):
+        tags: dict[str, str] = {}
+        for _shard, destinations, records in self._plan_group_send(known, message, tags):
             keys += destinations
             args += records
         args += [group, ""]
         shard = self.connections.shard_for(group)
         what = f"group_send to {group!r}"
-        reply = await self.append(what, STREAM_GROUP_SEND_KNOWN, shard, keys, args)
-        return known_send_outcome(reply)
+        attempts = [0]
+        reply = await self.append(
+            what, STREAM_GROUP_SEND_KNOWN, shard, keys, args, attempts=attempts
+        )
+        outcome = known_send_outcome(reply)
+        if isinstance(outcome, list) and attempts[0] > 1:
+            return _Replan(outcome, tags)
+        return outcome
 
     async def send_to_members(
         self, group: str, members: list[str], message: dict[str, Any], position: str = ""
@@ -611,23 +625,44 @@ class StreamsChannelLayer(StreamlayerLayer):
         """One entry per destination stream, one STREAM_GROUP_SEND per shard (per slot
         on a Redis Cluster); returns how many member channels were full."""
         what = f"group_send to {group!r}"
+        tags = members.tags if isinstance(members, _Replan) else None
         calls = [
-            self.append(what, STREAM_GROUP_SEND, shard, keys, [*args, group, position])
-            for shard, keys, args in self._plan_group_send(members, message)
+            self.append(
+                what,
+                STREAM_GROUP_SEND,
+                shard,
+                keys,
+                [*args, group, position],
+                maybe_landed=tags is not None,
+            )
+            for shard, keys, args in self._plan_group_send(members, message, tags)
         ]
         # One shard (the usual case) needs no task of its own: gather would make one.
         results = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         return sum(int(r) for r in results)
 
     def _plan_group_send(
-        self, members: Iterable[str], message: dict[str, Any]
+        self,
+        members: Iterable[str],
+        message: dict[str, Any],
+        tags: dict[str, str] | None = None,
     ) -> list[tuple[int, list[str], list[Any]]]:
         """Per shard (and per hash slot on a Redis Cluster): the destination keys (each
         stream and its side key) and the script's records (see ``append_all`` in
         :mod:`streamlayer.scripts`). The message is serialized once for every
         destination; local channels of one process share one entry in its inbox, which
-        names those with room."""
+        names those with room. ``tags``: the dedup tag of each destination stream, kept
+        (and reused) there."""
         inboxes: dict[str, list[str]] = {}
+
+        def tag_for(key: str) -> str:
+            if tags is None:
+                return self.new_tag()
+            tag = tags.get(key)
+            if tag is None:
+                tag = tags[key] = self.new_tag()
+            return tag
+
         by_scope: dict[tuple[int, int], tuple[list[str], list[Any]]] = {}
         data = self.serialize(message)
 
@@ -650,13 +685,18 @@ class StreamsChannelLayer(StreamlayerLayer):
             else:
                 key = stream_channel_key(self.prefix, channel)
                 side = stream_delivered_key(self.prefix, channel)
-                record = [data, self.new_tag(), 0, self.get_capacity(channel)]
+                record = [data, tag_for(key), "", self.get_capacity(channel)]
                 add(self._shard(channel), key, side, record)
         for process_id, channels in inboxes.items():
-            record = [data, self.new_tag(), len(channels)]
-            for channel in channels:
-                record += (channel, self.get_capacity(channel))
+            # Comma-joined, not one argument each: a process with hundreds of members
+            # would otherwise cost the client hundreds of arguments to encode per send.
+            capacities = {self.get_capacity(channel) for channel in channels}
+            if len(capacities) == 1:
+                caps = str(capacities.pop())
+            else:
+                caps = ",".join(str(self.get_capacity(channel)) for channel in channels)
             key = stream_inbox_key(self.prefix, process_id)
+            record = [data, tag_for(key), ",".join(channels), caps]
             side = stream_inbox_state_key(self.prefix, process_id)
             add(self._shard(process_id), key, side, record)
         return [(shard, keys, records) for (shard, _slot), (keys, records) in by_scope.items()]
@@ -698,6 +738,16 @@ class StreamsChannelLayer(StreamlayerLayer):
         for fetch in fetches:
             fetch.cancel()
         await asyncio.gather(*fetches, return_exceptions=True)
+
+
+class _Replan(list[str]):
+    """A group's members now, answered to a one-trip group send whose attempt may
+    have landed before they changed, with that attempt's dedup tag per destination
+    stream: the second trip reuses them, so it finds what the attempt appended."""
+
+    def __init__(self, members: list[str], tags: dict[str, str]) -> None:
+        super().__init__(members)
+        self.tags = tags
 
 
 def _retrieve_exception(fetch: asyncio.Future[None]) -> None:

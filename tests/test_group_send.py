@@ -140,3 +140,32 @@ async def test_a_large_group_is_compared_by_digest(fresh_server: RedisServer, ma
     assert await asyncio.to_thread(script_calls, fresh_server) - before == 1
     for name in names[::37]:
         assert [m["i"] for m in await take(sender, name, 3)] == [0, 1, 2]
+
+
+async def test_a_retried_send_checks_the_members_too(fresh_server: RedisServer) -> None:
+    """The one-trip send's first attempt fails on a killed connection after a member
+    left: the retry checks the members as a first attempt does, so the member that
+    left gets nothing (it used to skip the check and send to the members it planned
+    for). The Streams layer's dedup tags make the check safe on a retry."""
+    from streamlayer import StreamsChannelLayer
+
+    layer = StreamsChannelLayer(hosts=[fresh_server.url], prefix="retrycheck")
+    try:
+        stay, leave = await layer.new_channel(), await layer.new_channel()
+        for channel in (stay, leave):
+            await layer.group_add("room", channel)
+        await layer.group_send("room", {"type": "m", "n": 0})  # plans for both from now
+        assert [(await recv(layer, c))["n"] for c in (stay, leave)] == [0, 0]
+        await layer.group_discard("room", leave)
+        waiting = asyncio.ensure_future(layer.receive(leave))
+        await asyncio.sleep(0.05)
+        assert fresh_server.kill_clients() >= 1  # the next send's connection is dead
+        await layer.group_send("room", {"type": "m", "n": 1})
+        assert (await recv(layer, stay))["n"] == 1
+        done, _ = await asyncio.wait([waiting], timeout=0.5)
+        assert not done, f"the member that left got {waiting.result()}"
+        waiting.cancel()
+        assert layer.stats()["duplicates"] == 0
+    finally:
+        await layer.flush()
+        await layer.close()

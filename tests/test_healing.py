@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from streamlayer import StreamsChannelLayer
+from streamlayer import ChannelFull, StreamsChannelLayer
 from streamlayer.base import StreamlayerLayer
 from streamlayer.testing import RedisServer
 
@@ -167,3 +167,38 @@ async def test_a_read_entry_whose_stream_vanished_is_still_delivered(
     with fresh_server.client() as client:
         client.flushall()
     assert (await asyncio.wait_for(worker.receive("jobs"), _WAIT))["n"] == 1
+
+
+async def test_capacity_holds_after_redis_lost_the_backlog_reports(
+    fresh_server: RedisServer,
+) -> None:
+    """A channel's queue holds its capacity's worth, unreceived, when Redis loses its
+    data: the process reports that backlog again, so the channel stays full (a
+    send is refused) until it is received, then takes sends again."""
+    layer = StreamsChannelLayer(hosts=[fresh_server.url], prefix="heal", capacity=5, **_NOTICES)
+    try:
+        full, busy = await layer.new_channel(), await layer.new_channel()
+        for n in range(5):
+            await layer.send(full, {"type": "m", "n": n})
+        waiting = asyncio.ensure_future(layer.receive(busy))  # the reader runs
+        await layer.send(busy, {"type": "m", "n": 0})
+        assert (await asyncio.wait_for(waiting, _WAIT))["n"] == 0
+        with pytest.raises(ChannelFull):
+            await layer.send(full, {"type": "m", "n": 5})
+        notice = asyncio.ensure_future(until_type(layer, busy, "redis.reconnect"))
+        with fresh_server.client() as client:
+            client.flushall()
+        await asyncio.wait_for(notice, _WAIT)
+        with pytest.raises(ChannelFull):  # the backlog was reported again
+            await layer.send(full, {"type": "m", "n": 5})
+        assert [(await layer.receive(full))["n"] for _ in range(5)] == list(range(5))
+        for _ in range(100):  # the room comes back within a read of the inbox
+            try:
+                await layer.send(full, {"type": "m", "n": 6})
+                break
+            except ChannelFull:
+                await asyncio.sleep(0.02)
+        assert (await layer.receive(full))["n"] == 6
+    finally:
+        await layer.flush()
+        await layer.close()

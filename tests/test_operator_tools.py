@@ -246,7 +246,7 @@ async def test_inspect_shows_inboxes_channels_and_groups(fresh_server: RedisServ
         [inbox] = snapshot["inboxes"]
         assert inbox["process"] == layer.process_id
         assert inbox["backlog"] == 4  # three sends and the group message
-        assert inbox["unreceived"] == 4  # counted against the channel's capacity
+        assert inbox["queued_in_process"] == 0  # its reader has not read any yet
         assert inbox["last_message_age_s"] < 60
         channels = {c["channel"]: c for c in snapshot["channels"]}
         assert channels["jobs"]["backlog"] == 2
