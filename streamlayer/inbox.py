@@ -105,15 +105,12 @@ class InboxReader(BackgroundReader):
         self.key = stream_inbox_key(layer.prefix, layer.process_id)
         self.state_key = stream_inbox_state_key(layer.prefix, layer.process_id)
         self.shard = layer.connections.shard_for(layer.process_id)
-        self._disconnected = False
         #: A reconnect to report (recovered or not) once the bookkeeping that found it
         #: is done: the layer restores what Redis lost before delivering anything newer.
         self._back: bool | None = None
-        #: Compare the cursor with what we last wrote at the next round trip.
-        self._check_cursor = True
         #: When a receiver last waited (the reader stops after LINGER_SECONDS without).
         self._wanted_at = time.monotonic()
-        super().__init__(layer.local, self.key)
+        super().__init__(layer, self.key)
 
     async def step(self) -> bool:
         layer, local = self.layer, self.layer.local
@@ -135,7 +132,7 @@ class InboxReader(BackgroundReader):
         # for more, short reads carry its receives' counts to Redis.
         block = BLOCK_SECONDS if local.waiting() and not local.queued() else SHORT_BLOCK_SECONDS
         entries = await layer.with_retry(
-            f"read inbox {self.key!r}", partial(self._read, block), on_error=self._lost_connection
+            f"read inbox {self.key!r}", partial(self._read, block), on_error=self.lost_connection
         )
         await self._report_back()
         for entry_id, fields in entries:
@@ -149,13 +146,6 @@ class InboxReader(BackgroundReader):
             await asyncio.sleep(0)
         return True
 
-    def _lost_connection(self, error: BaseException) -> None:
-        self._check_cursor = True
-        if not self._disconnected:
-            self._disconnected = True
-            logger.warning("inbox %s lost its connection: %s", self.key, error)
-            self.layer.connection_lost()
-
     def _bookkeeping_due(self) -> bool:
         """Whether the next round trip must also record our position and trim: after
         anything was handed on (senders' capacity checks count what is left in the
@@ -166,7 +156,7 @@ class InboxReader(BackgroundReader):
         position = self.layer.position
         since_write = time.monotonic() - position.cursor_written_at
         return (
-            self._check_cursor
+            self.check_redis
             or position.trimmed_to != position.last_id
             or self.layer.local.has_reports()
             # Every blocking read's length at least: a FLUSHALL or a failover to an
@@ -212,9 +202,9 @@ class InboxReader(BackgroundReader):
             layer.local.report_all()
         position.written_cursor = position.trimmed_to = position.last_id
         position.cursor_written_at = time.monotonic()
-        self._check_cursor = False
-        if self._disconnected:
-            self._disconnected = False
+        self.check_redis = False
+        if self.disconnected:
+            self.disconnected = False
             self._back = intact
         elif not intact:
             # Redis came back empty while this reader was not reading (between two
@@ -240,7 +230,7 @@ class InboxReader(BackgroundReader):
             return _as_bytes(stored).decode() in ours
         # Missing. After an idle spell longer than its TTL that is just the TTL.
         idle = time.monotonic() - position.cursor_written_at
-        return not self._disconnected and idle * 1000 >= self.layer.key_ttl_ms
+        return not self.disconnected and idle * 1000 >= self.layer.key_ttl_ms
 
     async def _settle(self) -> None:
         """Record and trim everything handed on (the reader is about to stop)."""

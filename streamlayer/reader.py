@@ -28,6 +28,16 @@ class _Failable(Protocol):
     def fail(self, error: BaseException) -> None: ...
 
 
+class _ReaderOwner(Protocol):
+    """What a reader needs of its layer: the local queues it feeds, and where a lost
+    connection is reported (the layer tells its channels)."""
+
+    @property
+    def local(self) -> _Failable: ...
+
+    def connection_lost(self) -> None: ...
+
+
 def reusable_task(task: asyncio.Future[Any] | None, what: str) -> bool:
     """Whether ``task`` can serve the running event loop.
 
@@ -46,11 +56,22 @@ def reusable_task(task: asyncio.Future[Any] | None, what: str) -> bool:
 
 
 class BackgroundReader(ABC):
-    """One task that calls :meth:`step` until it returns False, is cancelled or fails."""
+    """One task that calls :meth:`step` until it returns False, is cancelled or fails.
 
-    def __init__(self, local: _Failable, name: str) -> None:
-        self._local = local
+    A read that fails is retried by the layer's retry policy, which tells
+    :meth:`lost_connection`: the first failure of a spell is reported to the layer
+    once, and the reader checks at its next round that Redis still holds what it
+    was reading (``check_redis``); the subclass reports the way back.
+    """
+
+    def __init__(self, owner: _ReaderOwner, name: str) -> None:
+        self._owner = owner
+        self._local = owner.local
         self.name = name
+        #: A read failed and the way back has not been reported yet.
+        self.disconnected = False
+        #: Check at the next round that Redis still holds what this reader reads.
+        self.check_redis = True
         self.loop = asyncio.get_running_loop()
         self.task = self.loop.create_task(self._run(), name=f"streamlayer-inbox-{name}")
 
@@ -58,6 +79,14 @@ class BackgroundReader(ABC):
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
+
+    def lost_connection(self, error: BaseException) -> None:
+        """``on_error`` of the reader's retried reads."""
+        self.check_redis = True
+        if not self.disconnected:
+            self.disconnected = True
+            logger.warning("inbox %s lost its connection: %s", self.name, error)
+            self._owner.connection_lost()
 
     @abstractmethod
     async def step(self) -> bool:

@@ -105,38 +105,29 @@ class _InboxReader(BackgroundReader):
         self.key = classic_channel_key(layer.prefix, inbox)
         self.alive_key = classic_alive_key(layer.prefix, inbox)
         self.shard = layer.connections.shard_for(inbox)
-        self._disconnected = False
-        self._check_alive = True
         #: Redis was found without our mark (sticky until reported).
         self._data_lost = False
-        super().__init__(layer.local, inbox)
+        super().__init__(layer, inbox)
 
     async def step(self) -> bool:
         layer = self.layer
         if not layer.local.waiting():
             return False
         popped = await layer.with_retry(
-            f"read inbox {self.key!r}", self._pop, on_error=self._lost_connection
+            f"read inbox {self.key!r}", self._pop, on_error=self.lost_connection
         )
-        if self._disconnected or self._data_lost:
-            if not self._disconnected:
+        if self.disconnected or self._data_lost:
+            if not self.disconnected:
                 logger.warning("inbox %s was reset while idle", self.key)
                 layer.connection_lost()
             # A pop in flight when the connection broke may have taken messages with
             # it (the classic layout has no acknowledgement): never "recovered".
             await layer.connection_back(False, data_lost=self._data_lost)
-            self._disconnected = self._data_lost = False
+            self.disconnected = self._data_lost = False
         for member, score in popped:
             layer.dispatch_inbox(member, score)
         layer.local.sweep(time.time())
         return True
-
-    def _lost_connection(self, error: BaseException) -> None:
-        self._check_alive = True
-        if not self._disconnected:
-            self._disconnected = True
-            logger.warning("inbox %s lost its connection: %s", self.key, error)
-            self.layer.connection_lost()
 
     async def _mark_alive(self, client: Redis) -> None:
         """Set our mark; a mark we set before and find missing means Redis lost its data
@@ -149,12 +140,12 @@ class _InboxReader(BackgroundReader):
         if previous is None and written is not None and now - written < ttl:
             self._data_lost = True
         layer.alive_written_at = now
-        self._check_alive = False
+        self.check_redis = False
 
     async def _pop(self) -> list[tuple[bytes, float]]:
         client = self.layer.connections.client(self.shard)
         written = self.layer.alive_written_at
-        if self._check_alive or written is None or time.monotonic() - written > 60:
+        if self.check_redis or written is None or time.monotonic() - written > 60:
             await self._mark_alive(client)
         batch = await _zpopmin(client, self.key, READ_BATCH)
         if batch:
@@ -164,7 +155,7 @@ class _InboxReader(BackgroundReader):
         if result is None:
             # An idle spell: look for our mark at the next round (a FLUSHALL or an empty
             # replica breaks no connection).
-            self._check_alive = True
+            self.check_redis = True
             return []
         return [result]
 
