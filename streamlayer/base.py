@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 import weakref
@@ -115,6 +116,13 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
     """Base class of the three streamlayer backends."""
 
     extensions: ClassVar[list[str]] = ["groups", "flush"]
+    #: Channels' own name patterns end in ``$``, which also matches before a final
+    #: newline ("chan\n" passed); ``\Z`` ends at the end. The rules are otherwise
+    #: Channels', and so are the errors (TypeError, Channels' message).
+    channel_name_regex: ClassVar[re.Pattern[str]] = re.compile(
+        r"^[a-zA-Z\d\-_.]+(\![\d\w\-_.]*)?\Z"
+    )
+    group_name_regex: ClassVar[re.Pattern[str]] = re.compile(r"^[a-zA-Z\d\-_.]+\Z")
     #: Random bytes put before each serialized message unless the config says otherwise.
     default_random_prefix_length: ClassVar[int] = 0
     #: Whether ``hosts`` may name a Redis Cluster (the classic layouts shard client-side).
