@@ -84,10 +84,34 @@ logger = logging.getLogger(__name__)
 def sync_aware(method: _Method) -> _Method:
     """Wrap a layer coroutine method so that calls from sync code reuse connections
     (see the module docstring)."""
+    return cast(_Method, _SyncAwareMethod(method))
 
-    @functools.wraps(method)
-    def call(self: Any, /, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
-        coro = method(self, *args, **kwargs)
+
+class _SyncAwareMethod:
+    """A layer's coroutine method, called by a plain function first.
+
+    The call must run at once in the caller's thread (asgiref calls the method
+    before choosing a loop: that is when the call decides where it runs), so the
+    wrapper cannot be an ``async def``. It still reads as one to whoever asks, as
+    channels_redis' methods do: ``inspect.iscoroutinefunction`` (which on Python
+    3.11 only trusts a code object's flags) sees the method's own code here, and
+    ``asyncio.iscoroutinefunction`` asgiref's mark.
+    """
+
+    def __init__(self, method: Callable[..., Coroutine[Any, Any, Any]]) -> None:
+        functools.update_wrapper(self, method)
+        self._method = method
+        #: What makes inspect take this for a coroutine function (see the docstring).
+        self.__code__ = method.__code__
+        self.__defaults__ = method.__defaults__
+        self.__kwdefaults__ = method.__kwdefaults__
+        markcoroutinefunction(self)
+
+    def __get__(self, layer: Any, owner: type | None = None) -> Any:
+        return self if layer is None else types.MethodType(self, layer)
+
+    def __call__(self, layer: Any, /, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+        coro = self._method(layer, *args, **kwargs)
         if SYNC_IO.get():  # a layer method called by another in a sync caller's call
             return coro
         try:
@@ -97,8 +121,6 @@ def sync_aware(method: _Method) -> _Method:
                 return _where_it_runs(coro)
             return cast(Coroutine[Any, Any, Any], _start_here(coro, _keep_thread()))
         return _with_sync_io(coro) if _one_call(loop) else coro
-
-    return cast(_Method, markcoroutinefunction(call))
 
 
 async def _where_it_runs(coro: Coroutine[Any, Any, T]) -> T:

@@ -26,7 +26,7 @@ from streamlayer.exceptions import ChannelFull
 from streamlayer.serializers import BaseMessageSerializer, MsgPackSerializer, registry
 from streamlayer.testing import RedisServer
 
-from .layers import PUBSUB, keeps, layer_class
+from .layers import LAYERS, PUBSUB, keeps, layer_class
 
 _WAIT = 15.0
 
@@ -533,3 +533,19 @@ def test_asgiref_still_names_the_loops_it_makes_for_one_call() -> None:
 
     async_to_sync(where)()
     assert seen == [True]
+
+
+@pytest.mark.parametrize("path", LAYERS)
+def test_public_coroutine_methods_look_like_coroutine_functions(path: str) -> None:
+    """The sync-caller wrapper runs at call time, yet every public coroutine method
+    reads as a coroutine function, as channels_redis' do: code that branches on it
+    (wrappers choosing async_to_sync, test doubles) must see one."""
+    import inspect
+
+    layer = layer_class(path)()
+    for name in ("send", "receive", "new_channel", "group_add", "group_discard",
+                 "group_send", "flush", "close"):  # fmt: skip
+        for method in (getattr(layer, name), getattr(type(layer), name)):
+            assert inspect.iscoroutinefunction(method), f"{path}.{name}"
+            assert asyncio.iscoroutinefunction(method), f"{path}.{name}"
+    assert list(inspect.signature(layer.send).parameters) == ["channel", "message"]
