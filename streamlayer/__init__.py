@@ -8,7 +8,7 @@ channels_redis' sorted-set layer.
 from __future__ import annotations
 
 from .config import LayerConfig
-from .exceptions import ChannelFull, LayerClosed, RedisUnavailable
+from .exceptions import ChannelFull, LayerClosed, RedisAccessDenied, RedisUnavailable
 from .history import POSITION_KEY, HistoryPage, Position
 from .serializers import registry
 from .streams import StreamsChannelLayer
@@ -20,6 +20,7 @@ __all__ = [
     "LayerClosed",
     "LayerConfig",
     "Position",
+    "RedisAccessDenied",
     "RedisUnavailable",
     "StreamsChannelLayer",
     "registry",

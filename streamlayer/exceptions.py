@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from channels.exceptions import ChannelFull
 
-__all__ = ["ChannelFull", "LayerClosed", "RedisUnavailable", "StreamlayerError"]
+__all__ = [
+    "ChannelFull",
+    "LayerClosed",
+    "RedisAccessDenied",
+    "RedisUnavailable",
+    "StreamlayerError",
+]
 
 
 class StreamlayerError(Exception):
@@ -26,3 +32,14 @@ class RedisUnavailable(StreamlayerError, ConnectionError):
 
 class LayerClosed(StreamlayerError, RuntimeError):
     """A receive was waiting when the layer was closed or flushed."""
+
+
+class RedisAccessDenied(StreamlayerError, PermissionError):
+    """Redis refused the layer's credentials (``WRONGPASS``, ``NOAUTH``) or its ACL
+    user lacks a command, key or channel the layer needs (``NOPERM``).
+
+    A configuration error, not a blip: raised at once, never retried, on every
+    layer and every path (a Pub/Sub subscription too). The message names the
+    operation and Redis's own words; the redis-py error is chained as ``__cause__``.
+    ``python -m streamlayer doctor`` lists what an ACL user is missing per layer.
+    """

@@ -15,9 +15,15 @@ from typing import TypeVar
 import tenacity
 from redis import exceptions as redis_errors
 
-from .exceptions import RedisUnavailable
+from .exceptions import RedisAccessDenied, RedisUnavailable
 
-__all__ = ["TRANSIENT_ERRORS", "retry_forever", "retry_transient"]
+__all__ = [
+    "ACCESS_ERRORS",
+    "TRANSIENT_ERRORS",
+    "access_denied",
+    "retry_forever",
+    "retry_transient",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +43,27 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
     TimeoutError,
 )
+
+#: Errors that say "this user may not": WRONGPASS / NOAUTH (redis-py makes those a
+#: ConnectionError, so they are told apart first) and NOPERM. Never retried.
+ACCESS_ERRORS: tuple[type[BaseException], ...] = (
+    redis_errors.AuthenticationError,
+    redis_errors.AuthenticationWrongNumberOfArgsError,
+    redis_errors.NoPermissionError,
+)
+
+
+def access_denied(what: str, error: BaseException) -> RedisAccessDenied:
+    """The error a caller sees for an ACCESS_ERRORS one (chain it with ``from``)."""
+    return RedisAccessDenied(
+        f"{what}: Redis refused access ({error}); check the password or ACL user in "
+        "hosts (python -m streamlayer doctor lists what the user lacks)"
+    )
+
+
+def _retryable(error: BaseException) -> bool:
+    return isinstance(error, TRANSIENT_ERRORS) and not isinstance(error, ACCESS_ERRORS)
+
 
 _INITIAL_WAIT = 0.05
 _MAX_WAIT = 1.0
@@ -65,6 +92,8 @@ async def retry_transient(
     """
     try:
         return await call()
+    except ACCESS_ERRORS as denied:
+        raise access_denied(what, denied) from denied
     except TRANSIENT_ERRORS as first:
         if on_retry is not None:
             on_retry(first)
@@ -77,7 +106,7 @@ async def retry_transient(
                 on_retry(error)
 
     retrying = tenacity.AsyncRetrying(
-        retry=tenacity.retry_if_exception_type(TRANSIENT_ERRORS),
+        retry=tenacity.retry_if_exception(_retryable),
         wait=_backoff(_MAX_WAIT),
         stop=tenacity.stop_after_delay(give_up_after),
         after=_notify,
@@ -87,6 +116,8 @@ async def retry_transient(
         async for attempt in retrying:
             with attempt:
                 return await call()
+    except ACCESS_ERRORS as denied:  # the server came back with another password
+        raise access_denied(what, denied) from denied
     except tenacity.RetryError as exc:
         cause = exc.last_attempt.exception()
         raise RedisUnavailable(
@@ -105,7 +136,7 @@ async def retry_forever(call: Callable[[], Awaitable[T]], *, what: str) -> T:
         logger.info("retrying %s: %s", what, error)
 
     retrying = tenacity.AsyncRetrying(
-        retry=tenacity.retry_if_exception_type(TRANSIENT_ERRORS),
+        retry=tenacity.retry_if_exception(_retryable),
         wait=_backoff(_MAX_WAIT_FOREVER),
         stop=tenacity.stop_never,
         before_sleep=_log,

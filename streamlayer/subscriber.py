@@ -25,8 +25,8 @@ from redis.asyncio.connection import AbstractConnection
 
 from .cancellation import CancelGuard
 from .connections import ConnectionManager
-from .exceptions import LayerClosed, RedisUnavailable
-from .retry import TRANSIENT_ERRORS, retry_forever
+from .exceptions import LayerClosed, RedisAccessDenied, RedisUnavailable
+from .retry import ACCESS_ERRORS, TRANSIENT_ERRORS, access_denied, retry_forever
 
 __all__ = ["Subscriber", "SubscriberOwner"]
 
@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 #: Channels per SUBSCRIBE command when subscribing a whole set again.
 _SUBSCRIBE_BATCH = 500
+#: Seconds between connection attempts while Redis refuses our credentials (an
+#: operator may fix the ACL; nothing else will).
+_DENIED_PAUSE = 5.0
 
 
 class SubscriberOwner(Protocol):
@@ -74,6 +77,8 @@ class Subscriber:
         self._writes: set[asyncio.Task[None]] = set()
         #: Times the read loop woke up (traffic or a heartbeat): an idle one stays still.
         self.wakeups = 0
+        #: Why Redis refused this connection's credentials, while it does.
+        self.denied: RedisAccessDenied | None = None
         self.loop = asyncio.get_running_loop()
         self.task = self.loop.create_task(self._run(), name=f"streamlayer-pubsub-{shard}")
 
@@ -82,6 +87,8 @@ class Subscriber:
     async def subscribe(self, name: str, bound: float) -> None:
         """Subscribe to ``name`` and wait until the server confirmed it (at most
         ``bound`` seconds, across reconnects), so a message published next arrives."""
+        if self.denied is not None:
+            raise self.denied
         if name in self.wanted and not self._confirmations.get(name):
             return
         self.wanted.add(name)
@@ -91,6 +98,9 @@ class Subscriber:
             await self._send_quietly("SUBSCRIBE", name)
         try:
             await asyncio.wait_for(asyncio.shield(confirmed), bound)
+        except RedisAccessDenied:
+            self.wanted.discard(name)
+            raise
         except TimeoutError:
             self.wanted.discard(name)
             raise RedisUnavailable(
@@ -141,8 +151,29 @@ class Subscriber:
             await self._drop_connection()
 
     async def _reconnect(self) -> None:
-        """Connect and subscribe ``wanted``, retrying with backoff and jitter until it works."""
-        await retry_forever(self._connect, what=f"the Pub/Sub connection of shard {self.shard}")
+        """Connect and subscribe ``wanted``, retrying with backoff and jitter until it
+        works. Refused credentials fail every waiting subscribe at once (and every
+        later one while they are refused), and are tried again now and then."""
+        what = f"the Pub/Sub connection of shard {self.shard}"
+        while True:
+            try:
+                await retry_forever(self._connect, what=what)
+            except ACCESS_ERRORS as exc:
+                self._deny(access_denied(what, exc))
+                await asyncio.sleep(_DENIED_PAUSE)
+                continue
+            self.denied = None
+            return
+
+    def _deny(self, error: RedisAccessDenied) -> None:
+        """Fail every subscribe waiting for a confirmation with ``error``."""
+        logger.error("%s", error)
+        self.denied = error
+        confirmations, self._confirmations = self._confirmations, {}
+        for futures in confirmations.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error)
 
     async def _connect(self) -> None:
         await self._drop_connection()
@@ -177,9 +208,14 @@ class Subscriber:
             raise ConnectionDead("no connection")
         unanswered = 0
         while True:
-            response = await conn.read_response(
-                timeout=self.heartbeat, disconnect_on_error=False, push_request=True
-            )
+            try:
+                response = await conn.read_response(
+                    timeout=self.heartbeat, disconnect_on_error=False, push_request=True
+                )
+            except ACCESS_ERRORS as exc:  # a SUBSCRIBE the ACL user may not send
+                self._deny(access_denied(f"subscribe on shard {self.shard}", exc))
+                self.denied = None  # the connection is fine: other subscribes may pass
+                continue
             guard.check()
             self.wakeups += 1
             if response is None:  # a heartbeat without traffic: is the server there?
