@@ -8,7 +8,13 @@ channels_redis' sorted-set layer.
 from __future__ import annotations
 
 from .config import LayerConfig
-from .exceptions import ChannelFull, LayerClosed, RedisAccessDenied, RedisUnavailable
+from .exceptions import (
+    ChannelFull,
+    LayerClosed,
+    RedisAccessDenied,
+    RedisOutOfMemory,
+    RedisUnavailable,
+)
 from .history import POSITION_KEY, HistoryPage, Position
 from .serializers import registry
 from .streams import StreamsChannelLayer
@@ -21,6 +27,7 @@ __all__ = [
     "LayerConfig",
     "Position",
     "RedisAccessDenied",
+    "RedisOutOfMemory",
     "RedisUnavailable",
     "StreamsChannelLayer",
     "registry",

@@ -12,6 +12,7 @@ __all__ = [
     "ChannelFull",
     "LayerClosed",
     "RedisAccessDenied",
+    "RedisOutOfMemory",
     "RedisUnavailable",
     "StreamlayerError",
 ]
@@ -42,4 +43,15 @@ class RedisAccessDenied(StreamlayerError, PermissionError):
     layer and every path (a Pub/Sub subscription too). The message names the
     operation and Redis's own words; the redis-py error is chained as ``__cause__``.
     ``python -m streamlayer doctor`` lists what an ACL user is missing per layer.
+    """
+
+
+class RedisOutOfMemory(StreamlayerError):
+    """Redis is at its ``maxmemory`` and refused to store a message (``OOM``, with
+    the ``noeviction`` policy a channel layer wants).
+
+    Nothing was stored, and nothing already accepted is lost: receives go on, and
+    free memory as they take messages, after which sends work again. Not retried
+    (a full Redis does not empty itself within ``retry_timeout``); not counted as
+    ``full`` (that is a channel's capacity, not the server's memory).
     """

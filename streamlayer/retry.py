@@ -15,12 +15,14 @@ from typing import TypeVar
 import tenacity
 from redis import exceptions as redis_errors
 
-from .exceptions import RedisAccessDenied, RedisUnavailable
+from .exceptions import RedisAccessDenied, RedisOutOfMemory, RedisUnavailable
 
 __all__ = [
     "ACCESS_ERRORS",
     "TRANSIENT_ERRORS",
     "access_denied",
+    "is_out_of_memory",
+    "out_of_memory",
     "retry_forever",
     "retry_transient",
 ]
@@ -61,6 +63,23 @@ def access_denied(what: str, error: BaseException) -> RedisAccessDenied:
     )
 
 
+def out_of_memory(what: str, error: BaseException) -> RedisOutOfMemory:
+    """The error a caller sees for Redis's OOM refusal (chain it with ``from``)."""
+    return RedisOutOfMemory(
+        f"{what}: Redis is at its memory limit (maxmemory) and stored nothing; "
+        f"messages already accepted are still delivered and free memory as they are "
+        f"received ({error})"
+    )
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Redis's OOM refusal: redis-py's OutOfMemoryError, or (Redis 6.2, from inside a
+    script) a ResponseError that quotes it."""
+    return isinstance(error, redis_errors.OutOfMemoryError) or (
+        isinstance(error, redis_errors.ResponseError) and "OOM command not allowed" in str(error)
+    )
+
+
 def _retryable(error: BaseException) -> bool:
     return isinstance(error, TRANSIENT_ERRORS) and not isinstance(error, ACCESS_ERRORS)
 
@@ -94,6 +113,10 @@ async def retry_transient(
         return await call()
     except ACCESS_ERRORS as denied:
         raise access_denied(what, denied) from denied
+    except redis_errors.ResponseError as refused:
+        if is_out_of_memory(refused):
+            raise out_of_memory(what, refused) from refused
+        raise
     except TRANSIENT_ERRORS as first:
         if on_retry is not None:
             on_retry(first)
@@ -118,6 +141,10 @@ async def retry_transient(
                 return await call()
     except ACCESS_ERRORS as denied:  # the server came back with another password
         raise access_denied(what, denied) from denied
+    except redis_errors.ResponseError as refused:
+        if is_out_of_memory(refused):
+            raise out_of_memory(what, refused) from refused
+        raise
     except tenacity.RetryError as exc:
         cause = exc.last_attempt.exception()
         raise RedisUnavailable(

@@ -3,6 +3,13 @@
 Each script states its KEYS and ARGV in its first lines. Every key a script
 touches is passed in KEYS (never built inside the script), which keeps them
 usable on Redis Cluster once the keys share a hash slot.
+
+Memory: a Redis at its ``maxmemory`` refuses a script's write only if it is the
+script's *first* write (it cannot stop a script halfway). So every script that
+stores a message writes it before anything else (a trim, dropping expired group
+members) and undoes it if there was no room: a full Redis then refuses the
+send with ``OOM``. The reader's bookkeeping, which frees memory, must work on a
+full Redis: it trims first.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ __all__ = [
     "STREAM_GROUP_SEND_KNOWN",
     "STREAM_HISTORY",
     "STREAM_INBOX_ADVANCE",
+    "STREAM_JOIN_CONSUMERS",
     "STREAM_REPLAY",
     "STREAM_SEND",
     "LuaScript",
@@ -64,12 +72,13 @@ CLASSIC_SEND = LuaScript(
 -- ARGV[1]: serialized message (member)   ARGV[2]: send time (score)
 -- ARGV[3]: drop members scored at or below this (send time - expiry)
 -- ARGV[4]: capacity   ARGV[5]: key TTL in seconds
--- Returns 1 when stored, 0 when the channel is full.
-redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[3])
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
+-- Returns 1 when stored, 0 when the channel is full. The ZADD is the first write (a
+-- full Redis refuses it: see the module docstring).
+if redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[3], '+inf') >= tonumber(ARGV[4]) then
     return 0
 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """,
@@ -88,14 +97,14 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 
 _MEMBERS_CHANGED = """
 local function members_changed(group_key, cutoff, digest, check)
-    -- Drops the members that joined at or before `cutoff`. When `check`, compares the
-    -- rest with `digest` (SHA-1 of the names sorted and joined by newlines): returns
-    -- {-1, member...} when they differ, false when they are the same.
-    redis.call('ZREMRANGEBYSCORE', group_key, 0, cutoff)
+    -- When `check`, compares the members that joined after `cutoff` with `digest`
+    -- (SHA-1 of the names sorted and joined by newlines): returns {-1, member...} when
+    -- they differ, false when they are the same. Writes nothing: the caller drops
+    -- the expired members after its sends (their first write must be a message).
     if not check then
         return false
     end
-    local members = redis.call('ZRANGE', group_key, 0, -1)
+    local members = redis.call('ZRANGEBYSCORE', group_key, '(' .. cutoff, '+inf')
     local sorted = {}
     for i, member in ipairs(members) do
         sorted[i] = member
@@ -122,9 +131,9 @@ local function add_all(k, a, n)
     local full = 0
     for i = 1, n do
         local key = KEYS[k + i]
-        redis.call('ZREMRANGEBYSCORE', key, 0, cutoff)
-        if redis.call('ZCARD', key) < tonumber(ARGV[a + n + i]) then
+        if redis.call('ZCOUNT', key, '(' .. cutoff, '+inf') < tonumber(ARGV[a + n + i]) then
             redis.call('ZADD', key, now, ARGV[a + i])
+            redis.call('ZREMRANGEBYSCORE', key, 0, cutoff)
             redis.call('EXPIRE', key, ttl)
         else
             full = full + 1
@@ -165,7 +174,9 @@ local changed = members_changed(KEYS[1], ARGV[1], ARGV[2], ARGV[3] == '1')
 if changed then
     return changed
 end
-return {add_all(1, 3, #KEYS - 1)}
+local full = add_all(1, 3, #KEYS - 1)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
+return {full}
 """,
 )
 
@@ -256,11 +267,14 @@ local function append_channel(key, delivered, payload, tag, capacity, minid, ttl
             return 'delivered'
         end
     end
+    -- The message first (a full Redis refuses it: see the module docstring), then the
+    -- expired entries go, and the message too if the rest leaves it no room.
+    local id = add_entry(key, payload, tag, '', group, position)
     redis.call('XTRIM', key, 'MINID', minid)
-    if redis.call('XLEN', key) >= capacity then
+    if redis.call('XLEN', key) > capacity then
+        redis.call('XDEL', key, id)
         return false
     end
-    local id = add_entry(key, payload, tag, '', group, position)
     redis.call('PEXPIRE', key, ttl)
     return id
 end
@@ -449,7 +463,9 @@ local changed = members_changed(KEYS[1], ARGV[1], ARGV[2], true)
 if changed then
     return changed
 end
-return {append_all(1, 2)}
+local full = append_all(1, 2)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
+return {full}
 """,
 )
 
@@ -494,6 +510,24 @@ return 1
 """,
 )
 
+STREAM_JOIN_CONSUMERS = LuaScript(
+    "stream_join_consumers",
+    """
+-- KEYS[1]: a normal channel's stream   ARGV[1]: consumer group   ARGV[2]: key TTL in ms
+-- Creates the consumer group (and the stream) unless it exists; returns 1. A trim
+-- that removes nothing runs first: a full Redis refuses only a script's first write
+-- (see the module docstring), and a receiver that cannot join could never drain
+-- the backlog that filled it.
+redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', '1000000000')
+local created = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+if type(created) == 'table' and created.err and not string.find(created.err, 'BUSYGROUP') then
+    return redis.error_reply(created.err)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+""",
+)
+
 STREAM_FORGET_CONSUMER = LuaScript(
     "stream_forget_consumer",
     """
@@ -526,6 +560,11 @@ STREAM_INBOX_ADVANCE = LuaScript(
 -- the cursor's previous value (false when missing), which tells the reader whether
 -- Redis still holds the inbox it was reading.
 local previous = redis.call('HGET', KEYS[1], '@')
+-- The trim first: on a full Redis the writes after a script's first one are not
+-- refused, and this bookkeeping is what frees memory (see the module docstring).
+if ARGV[3] ~= '' then
+    redis.call('XTRIM', KEYS[2], 'MINID', ARGV[3])
+end
 local set, gone = {'@', ARGV[1], '^', ARGV[4]}, {}
 local channel
 for item in string.gmatch(ARGV[5], '[^,]+') do
@@ -541,16 +580,15 @@ for item in string.gmatch(ARGV[5], '[^,]+') do
         channel = nil
     end
 end
-for first = 1, #set, 2000 do  -- unpack() has a limit: in slices
-    redis.call('HSET', KEYS[1], unpack(set, first, math.min(first + 1999, #set)))
-end
-for first = 1, #gone, 1000 do
+for first = 1, #gone, 1000 do  -- unpack() has a limit: in slices
     redis.call('HDEL', KEYS[1], unpack(gone, first, math.min(first + 999, #gone)))
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-if ARGV[3] ~= '' then
-    redis.call('XTRIM', KEYS[2], 'MINID', ARGV[3])
+for first = 1, #set, 2000 do
+    -- pcall: on a full Redis with nothing to trim this is the first write, refused;
+    -- the reader goes on (the reports stay as they were: an over-count).
+    redis.pcall('HSET', KEYS[1], unpack(set, first, math.min(first + 1999, #set)))
 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return previous
 """,
 )
@@ -669,8 +707,9 @@ if ARGV[8] == '1' then
     id = already_there(KEYS[2], ARGV[3], math.min(tonumber(ARGV[4]), 1000))
 end
 if not id then
-    trim_history(KEYS[2], KEYS[3], tonumber(ARGV[4]) - 1, ARGV[5])
+    -- The message first (a full Redis refuses it), then the trim to the length.
     id = redis.call('XADD', KEYS[2], '*', 'd', ARGV[2], 'i', ARGV[3])
+    trim_history(KEYS[2], KEYS[3], tonumber(ARGV[4]), ARGV[5])
 end
 keep_alive(KEYS[2], KEYS[3], ARGV[6])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])

@@ -53,6 +53,7 @@ from .scripts import (
     STREAM_FORGET_CONSUMER,
     STREAM_GROUP_SEND,
     STREAM_GROUP_SEND_KNOWN,
+    STREAM_JOIN_CONSUMERS,
     STREAM_SEND,
     LuaScript,
 )
@@ -354,12 +355,7 @@ class StreamsChannelLayer(StreamlayerLayer):
 
         async def create() -> None:
             client = self.connections.client(state.shard)
-            try:
-                await client.xgroup_create(state.key, CONSUMER_GROUP, id="0", mkstream=True)
-                await client.pexpire(state.key, self.key_ttl_ms)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            await STREAM_JOIN_CONSUMERS(client, [state.key], [CONSUMER_GROUP, self.key_ttl_ms])
 
         await self.with_retry(f"join the consumers of {channel!r}", create)
         state.group_ready = True

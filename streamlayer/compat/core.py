@@ -30,6 +30,7 @@ from functools import partial
 from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from ..base import RESERVED_KEY, KnownMembers, StreamlayerLayer, known_send_outcome
 from ..cancellation import CancelGuard
@@ -44,6 +45,7 @@ from ..keys import (
 )
 from ..local import LocalChannels
 from ..reader import BackgroundReader, reusable_task
+from ..retry import is_out_of_memory
 from ..scripts import (
     CLASSIC_GROUP_SEND,
     CLASSIC_GROUP_SEND_KNOWN,
@@ -134,7 +136,13 @@ class _InboxReader(BackgroundReader):
         (unless it simply outlived its TTL while nobody read this inbox)."""
         layer = self.layer
         ttl = layer.alive_ttl
-        previous = await client.set(self.alive_key, b"1", ex=ttl, get=True)
+        try:
+            previous = await client.set(self.alive_key, b"1", ex=ttl, get=True)
+        except ResponseError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            return  # a full Redis: popping frees memory, the mark can wait
+
         now = time.monotonic()
         written = layer.alive_written_at
         if previous is None and written is not None and now - written < ttl:
