@@ -57,6 +57,17 @@ def _parser() -> argparse.ArgumentParser:
         help="check the streamlayer entries of a Django project's CHANNEL_LAYERS and "
         "every host they name (default: $DJANGO_SETTINGS_MODULE)",
     )
+    doctor.add_argument(
+        "--layer",
+        action="append",
+        default=[],
+        choices=["Streams", "compat.core", "compat.pubsub"],
+        help="with --hosts: check the user's permissions for this layer only "
+        "(repeatable; default: all three)",
+    )
+    doctor.add_argument(
+        "--prefix", default="asgi", help="with --hosts: the layers' prefix (default: asgi)"
+    )
     doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
     inspect = commands.add_parser(
         "inspect", help="what a StreamsChannelLayer keeps in Redis: inboxes, channels, groups"
@@ -67,8 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _doctor(urls: list[str], settings_module: str | None, as_json: bool) -> int:
-    from .doctor import diagnose
+def _doctor(
+    urls: list[str],
+    settings_module: str | None,
+    as_json: bool,
+    layers: list[str] | None = None,
+    prefix: str = "asgi",
+) -> int:
+    from .doctor import diagnose, scope_of
 
     reports: list[Any] = []
     if settings_module is not None:
@@ -76,7 +93,8 @@ def _doctor(urls: list[str], settings_module: str | None, as_json: bool) -> int:
         if layers_reports is None:
             return 2
         reports += layers_reports
-    reports += [report for url in urls for report in diagnose(url)]
+    scope = scope_of(layers or (), prefix)
+    reports += [report for url in urls for report in diagnose(url, scope)]
     if as_json:
         print(json.dumps([r.as_dict() for r in reports], indent=2))
     else:
@@ -163,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.hosts and args.settings is None:
             print("doctor needs --hosts URL or --settings [MODULE]", file=sys.stderr)
             return 2
-        return _doctor(args.hosts, args.settings, args.json)
+        return _doctor(args.hosts, args.settings, args.json, args.layer, args.prefix)
     if args.command == "inspect":
         return _inspect(args.hosts, args.prefix, args.json)
     return 2  # pragma: no cover - argparse rejects unknown commands

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from django.core.checks import ERROR
 
 from .config import HostSpec, LayerConfig
 from .connections import create_sync_client
+from .permissions import LAYERS, CannotCheck, acl_setuser, missing_permissions
 
 __all__ = [
     "MIN_VERSION",
@@ -79,13 +80,24 @@ class ServerReport:
         return {**asdict(self), "problems": self.problems}
 
 
-def diagnose(url: str) -> list[ServerReport]:
-    """Check the server at ``url`` (and, for a Sentinel, every master it watches)."""
+#: Which layers' permissions to check, each under which prefix.
+Scope = Sequence[tuple[str, str]]
+
+
+def scope_of(layers: Iterable[str] = (), prefix: str = "asgi") -> Scope:
+    """Every layer (or those named) under ``prefix``."""
+    return [(layer, prefix) for layer in (layers or LAYERS)]
+
+
+def diagnose(url: str, scope: Scope | None = None) -> list[ServerReport]:
+    """Check the server at ``url`` (and, for a Sentinel, every master it watches), and
+    the connected user's permissions for ``scope`` (by default: every layer, prefix
+    ``asgi``)."""
     client = redis.Redis.from_url(url, **_TIMEOUTS)
-    return _diagnose(client, _address(url))
+    return _diagnose(client, _address(url), scope=scope_of() if scope is None else scope)
 
 
-def diagnose_host(host: HostSpec) -> list[ServerReport]:
+def diagnose_host(host: HostSpec, scope: Scope = ()) -> list[ServerReport]:
     """Check one ``hosts`` entry of a layer configuration, connecting as the layer would."""
     if host.is_cluster:
         kwargs = {**_client_kwargs(host.kwargs), **_TIMEOUTS}
@@ -93,7 +105,9 @@ def diagnose_host(host: HostSpec) -> list[ServerReport]:
             report
             for node_host, port in host.cluster_nodes
             for report in _diagnose(
-                redis.Redis(host=node_host, port=port, **kwargs), f"{node_host}:{port}"
+                redis.Redis(host=node_host, port=port, **kwargs),
+                f"{node_host}:{port}",
+                scope=scope,
             )
         ]
     if host.is_sentinel:
@@ -103,11 +117,14 @@ def diagnose_host(host: HostSpec) -> list[ServerReport]:
             report
             for node_host, port in host.sentinels
             for report in _diagnose(
-                redis.Redis(host=node_host, port=port, **kwargs), f"{node_host}:{port}", master
+                redis.Redis(host=node_host, port=port, **kwargs),
+                f"{node_host}:{port}",
+                master,
+                scope=scope,
             )
         ]
     address = _address(host.url) if host.url else host.describe().removeprefix("redis://")
-    return _diagnose(create_sync_client(host), address)
+    return _diagnose(create_sync_client(host), address, scope=scope)
 
 
 def diagnose_layers(
@@ -119,26 +136,37 @@ def diagnose_layers(
 
     timeout = DEFAULT_INTERFACE_TIMEOUT if interface_timeout is None else interface_timeout
     reports: list[ServerReport] = []
-    seen: set[str] = set()
+    entries: list[tuple[ServerReport, LayerConfig | None]] = []
+    #: Per host: the (layer, prefix) pairs of every entry naming it, checked together.
+    scopes: dict[str, list[tuple[str, str]]] = {}
     for alias, entry in layers.items():
         backend = str(entry.get("BACKEND", ""))
         if not backend.startswith("streamlayer."):
             continue
         report = ServerReport(f"CHANNEL_LAYERS[{alias!r}]", role="config")
-        reports.append(report)
         messages = check_layers({alias: entry}, interface_timeout=timeout)
         for message in messages:
             status = "problem" if message.level >= ERROR else "warn"
             hint = f" ({message.hint})" if message.hint else ""
             report.add(message.id or "config", status, f"{message.msg}{hint}")
         if any(f.status == "problem" for f in report.findings):
-            continue  # a configuration the layer refuses names no host to trust
+            entries.append((report, None))  # a configuration refused names no host to trust
+            continue
         report.add("config", "ok", f"{backend}: the layer accepts this CONFIG")
         config = LayerConfig.from_options(dict(entry.get("CONFIG", {}) or {}))
+        entries.append((report, config))
+        layer = next((name for name, path in LAYERS.items() if path == backend), None)
         for host in config.hosts:
-            if host.describe() not in seen:
+            scope = scopes.setdefault(host.describe(), [])
+            if layer is not None and (layer, config.prefix) not in scope:
+                scope.append((layer, config.prefix))
+    seen: set[str] = set()
+    for report, accepted in entries:
+        reports.append(report)
+        for host in accepted.hosts if accepted is not None else ():
+            if host.describe() not in seen:  # a host several entries name: checked once
                 seen.add(host.describe())
-                reports += diagnose_host(host)
+                reports += diagnose_host(host, scopes[host.describe()])
     return reports
 
 
@@ -152,7 +180,11 @@ def _client_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _diagnose(
-    client: redis.Redis, address: str, master: Mapping[str, Any] | None = None
+    client: redis.Redis,
+    address: str,
+    master: Mapping[str, Any] | None = None,
+    *,
+    scope: Scope = (),
 ) -> list[ServerReport]:
     report = ServerReport(address)
     try:
@@ -161,12 +193,23 @@ def _diagnose(
         except redis.RedisError as exc:
             report.add("connect", "problem", f"cannot reach Redis: {exc}")
             return [report]
-        info = client.info()
+        try:
+            info = client.info()
+        except redis.exceptions.NoPermissionError:
+            # An application's ACL user: what it may do is the question that matters.
+            report.add(
+                "server",
+                "warn",
+                "this user may not run INFO: version, role, memory and persistence not "
+                "checked (run doctor as an admin user for those)",
+            )
+            _check_permissions(client, report, scope)
+            return [report]
         # Valkey names it server_mode.
         if (info.get("redis_mode") or info.get("server_mode")) == "sentinel":
             report.role = "sentinel"
-            return [report, *_sentinel_masters(client, report, master)]
-        _check_server(client, info, report)
+            return [report, *_sentinel_masters(client, report, master, scope)]
+        _check_server(client, info, report, scope)
         return [report]
     finally:
         client.close()
@@ -180,17 +223,27 @@ def _address(url: str) -> str:
     return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
 
 
-def _check_server(client: redis.Redis, info: dict[str, Any], report: ServerReport) -> None:
+def _check_server(
+    client: redis.Redis, info: dict[str, Any], report: ServerReport, scope: Scope
+) -> None:
     report.role = str(info.get("role", "unknown"))
     _check_version(info, report)
     _check_role(info, report)
-    _check_commands(client, report)
-    _check_scripting(client, report)
-    _check_latency(client, report)
-    _check_memory_policy(client, info, report)
-    _check_persistence(client, info, report)
+    checks: list[tuple[str, Callable[[], None]]] = [
+        ("commands", lambda: _check_commands(client, report)),
+        ("permissions", lambda: _check_permissions(client, report, scope)),
+        ("scripting", lambda: _check_scripting(client, report)),
+        ("latency", lambda: _check_latency(client, report)),
+        ("maxmemory", lambda: _check_memory_policy(client, info, report)),
+        ("persistence", lambda: _check_persistence(client, info, report)),
+    ]
     if int(info.get("cluster_enabled", 0)):
-        _check_cluster(client, report)
+        checks.append(("cluster", lambda: _check_cluster(client, report)))
+    for name, check in checks:
+        try:
+            check()
+        except redis.exceptions.NoPermissionError as exc:
+            report.add(name, "warn", f"not checked: this user may not ({exc})")
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -238,6 +291,26 @@ def _check_commands(client: redis.Redis, report: ServerReport) -> None:
         )
     else:
         report.add("commands", "ok", f"all {len(REQUIRED_COMMANDS)} commands the layers use")
+
+
+def _check_permissions(client: redis.Redis, report: ServerReport, scope: Scope) -> None:
+    """What the connected user may not do of what each layer in ``scope`` needs (see
+    :mod:`streamlayer.permissions`: asked of Redis, nothing run)."""
+    for layer, prefix in scope:
+        check = f"permissions ({layer})"
+        try:
+            refused = missing_permissions(client, layer, prefix)
+        except CannotCheck as exc:
+            report.add(check, "warn", f"not checked: {exc}")
+            continue
+        if refused:
+            detail = f"{len(refused)} refused under prefix {prefix!r}: " + "; ".join(refused[:4])
+            if len(refused) > 4:
+                detail += f"; and {len(refused) - 4} more"
+            line = acl_setuser([layer], prefix)
+            report.add(check, "problem", f"{detail}. The {layer} layer needs: {line}")
+        else:
+            report.add(check, "ok", f"the user may run all the {layer} layer sends")
 
 
 def _check_scripting(client: redis.Redis, report: ServerReport) -> None:
@@ -326,7 +399,10 @@ def _check_cluster(client: redis.Redis, report: ServerReport) -> None:
 
 
 def _sentinel_masters(
-    client: redis.Redis, report: ServerReport, master: Mapping[str, Any] | None
+    client: redis.Redis,
+    report: ServerReport,
+    master: Mapping[str, Any] | None,
+    scope: Scope,
 ) -> list[ServerReport]:
     """Every master the Sentinel watches, or only the one a layer names (checked with
     the layer's own client options: password, TLS)."""
@@ -354,7 +430,7 @@ def _sentinel_masters(
     reports = []
     for name, state in sorted(masters.items()):
         server = redis.Redis(host=state["ip"], port=int(state["port"]), **{**kwargs, **_TIMEOUTS})
-        for found in _diagnose(server, f"{state['ip']}:{state['port']}"):
+        for found in _diagnose(server, f"{state['ip']}:{state['port']}", scope=scope):
             found.address = f"{found.address} (master {name!r})"
             reports.append(found)
     return reports

@@ -113,14 +113,14 @@ async def retry_transient(
         return await call()
     except ACCESS_ERRORS as denied:
         raise access_denied(what, denied) from denied
+    except TRANSIENT_ERRORS as first:  # before ResponseError: CLUSTERDOWN is one
+        if on_retry is not None:
+            on_retry(first)
+        logger.info("retrying %s after %s: %s", what, type(first).__name__, first)
     except redis_errors.ResponseError as refused:
         if is_out_of_memory(refused):
             raise out_of_memory(what, refused) from refused
         raise
-    except TRANSIENT_ERRORS as first:
-        if on_retry is not None:
-            on_retry(first)
-        logger.info("retrying %s after %s: %s", what, type(first).__name__, first)
 
     def _notify(state: tenacity.RetryCallState) -> None:
         if on_retry is not None and state.outcome is not None:

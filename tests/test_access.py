@@ -110,3 +110,15 @@ async def test_a_user_without_subscribe_cannot_receive_on_pubsub(layers: Any) ->
     error = await _denied_quickly(layer.new_channel, "new_channel")
     assert "subscribe" in str(error).lower()
     await layer.send("any.channel", {"type": "m"})  # publishing is allowed
+
+
+@pytest.mark.parametrize("path", LAYERS)
+async def test_a_sync_caller_is_refused_at_once_too(layers: Any, path: str) -> None:
+    """async_to_sync(layer.group_send) from a plain thread, with its own connections."""
+    from asgiref.sync import async_to_sync
+
+    layer = layers(path, "app", password="wrong")
+    started = time.monotonic()
+    with pytest.raises(RedisAccessDenied):
+        await asyncio.to_thread(async_to_sync(layer.group_send), "room", {"type": "m"})
+    assert time.monotonic() - started < 1.0

@@ -281,3 +281,95 @@ async def test_inspect_covers_every_master_of_a_cluster(cluster_setup: ClusterSe
     finally:
         await layer.flush()
         await layer.close()
+
+
+# --- ACL users: what doctor finds, and the ACL SETUSER line it gives -------------------
+
+
+@pytest.fixture(scope="module")
+def acl_server() -> Iterator[RedisServer]:
+    """Users: "limited" lacks XAUTOCLAIM and SUBSCRIBE; "exact" has what the docs'
+    ACL SETUSER line for all three layers gives, nothing more."""
+    from streamlayer.permissions import LAYERS, acl_setuser
+
+    server = RedisServer().start()
+    try:
+        with server.client() as client:
+            client.execute_command(
+                "ACL", "SETUSER", "limited", "on", ">pw", "~*", "&*", "+@all",
+                "-xautoclaim", "-subscribe",
+            )  # fmt: skip
+            line = acl_setuser(LAYERS, "asgi", user="exact").replace(">PASSWORD", ">pw")
+            client.execute_command(*line.split())
+        yield server
+    finally:
+        server.cleanup()
+
+
+def _as(user: str, server: RedisServer) -> str:
+    return f"redis://{user}:pw@127.0.0.1:{server.port}"
+
+
+def test_doctor_names_what_an_acl_user_lacks_per_layer(acl_server: RedisServer) -> None:
+    code, [report] = doctor(_as("limited", acl_server))
+    assert code == 1
+    found, said = statuses(report), details(report)
+    assert found["permissions (Streams)"] == "problem"
+    assert "xautoclaim" in said["permissions (Streams)"].lower()
+    assert "ACL SETUSER" in said["permissions (Streams)"]
+    assert found["permissions (compat.pubsub)"] == "problem"
+    assert "subscribe" in said["permissions (compat.pubsub)"].lower()
+    assert found["permissions (compat.core)"] == "ok"
+    # Only the layer in use: compat.core needs neither command.
+    done = run_cli("doctor", "--hosts", _as("limited", acl_server), "--layer", "compat.core")
+    assert done.returncode == 0, done.stdout
+
+
+def test_doctor_checks_keys_under_the_prefix(acl_server: RedisServer) -> None:
+    """The exact user may touch keys under 'asgi' only: another prefix is refused."""
+    done = run_cli("doctor", "--hosts", _as("exact", acl_server), "--prefix", "other", "--json")
+    [report] = json.loads(done.stdout)
+    assert done.returncode == 1
+    assert "key" in details(report)["permissions (Streams)"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "streamlayer.StreamsChannelLayer",
+        "streamlayer.compat.core.RedisChannelLayer",
+        "streamlayer.compat.pubsub.RedisPubSubChannelLayer",
+    ],
+)
+async def test_the_documented_acl_line_is_enough(acl_server: RedisServer, path: str) -> None:
+    """doctor passes the user the ACL SETUSER line makes, and every layer works with
+    it: specific and normal channels, groups, flush."""
+    import asyncio
+
+    from .layers import PUBSUB, layer_class
+
+    code, [report] = doctor(_as("exact", acl_server))
+    assert code == 0, report
+    layer: Any = layer_class(path)(hosts=[_as("exact", acl_server)], prefix="asgi")
+    try:
+        channel = await layer.new_channel()
+        receiving = asyncio.ensure_future(layer.receive(channel))
+        await layer.group_add("room", channel)
+        await asyncio.sleep(0.05)
+        await layer.group_send("room", {"type": "g"})
+        assert (await asyncio.wait_for(receiving, 10))["type"] == "g"
+        if path != PUBSUB:
+            await layer.send("jobs", {"type": "job"})
+            assert (await asyncio.wait_for(layer.receive("jobs"), 10))["type"] == "job"
+    finally:
+        await layer.flush()
+        await layer.close()
+
+
+def test_the_docs_give_the_acl_lines_the_code_makes() -> None:
+    """docs/operations.rst shows each layer's ACL SETUSER line as doctor prints it."""
+    from streamlayer.permissions import LAYERS, acl_setuser
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "operations.rst").read_text()
+    for layer in LAYERS:
+        assert acl_setuser([layer], "asgi") in docs, layer
