@@ -8,7 +8,8 @@ report a broken layer configuration before the first message is lost to it:
   misspelt key, with the key it probably meant; a value of the wrong type or out
   of range);
 * ``streamlayer.E002``: a ``BACKEND`` under ``streamlayer.`` that does not exist;
-* ``streamlayer.E003``: ``group_history`` on a backend that cannot replay;
+* ``streamlayer.W003``: ``group_history`` on a backend that cannot replay (accepted
+  there, so switching ``BACKEND`` stays a one-line change: replay is off);
 * ``streamlayer.W001``: an encryption key shorter than 32 bytes;
 * ``streamlayer.W002``: ``expiry`` shorter than the interface server's timeouts
   (``STREAMLAYER_INTERFACE_TIMEOUT``, default 20 s: daphne's
@@ -95,11 +96,12 @@ def _check_config(
     messages: list[CheckMessage] = []
     if options.get("group_history") and backend not in REPLAYING_BACKENDS:
         messages.append(
-            Error(
-                f"{where}: group_history is set, but {backend} keeps no group history",
+            Warning(
+                f"{where}: group_history is set, but {backend} keeps no group history: "
+                "replay is off on this backend",
                 hint="replay needs BACKEND 'streamlayer.StreamsChannelLayer'",
                 obj=alias,
-                id="streamlayer.E003",
+                id="streamlayer.W003",
             )
         )
     for index, key in enumerate(config.symmetric_encryption_keys):

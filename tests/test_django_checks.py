@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.core.checks import ERROR
 
 from streamlayer.checks import check_layers
 
@@ -48,9 +49,13 @@ def test_a_misspelt_backend_is_an_error_with_a_hint() -> None:
     assert message.hint == "did you mean 'streamlayer.StreamsChannelLayer'?"
 
 
-def test_group_history_needs_the_streams_backend() -> None:
+def test_group_history_on_a_backend_that_cannot_replay_is_a_warning() -> None:
+    """The one-line BACKEND switch: group_history is accepted (no effect) by the compat
+    layers, so the checks warn that replay is off instead of stopping the project."""
     config = {"group_history": 100}
-    assert ids({"default": {"BACKEND": CORE, "CONFIG": config}}) == ["streamlayer.E003"]
+    [message] = check_layers({"default": {"BACKEND": CORE, "CONFIG": config}})
+    assert message.id == "streamlayer.W003" and message.level < ERROR
+    assert "replay is off" in message.msg
     assert ids({"default": {"BACKEND": STREAMS, "CONFIG": config}}) == []
 
 
@@ -74,25 +79,26 @@ SETTINGS = """
 SECRET_KEY = "checks"
 INSTALLED_APPS = ["channels", "streamlayer"]
 STREAMLAYER_INTERFACE_TIMEOUT = {timeout}
-BACKEND = "streamlayer.StreamsChannelLayer"
+BACKEND = {backend!r}
 CHANNEL_LAYERS = {{"default": {{"BACKEND": BACKEND, "CONFIG": {config}}}}}
 """
 
 
 @pytest.mark.parametrize(
-    ("config", "timeout", "code", "expected"),
+    ("backend", "config", "timeout", "code", "expected"),
     [
-        ({"expiry": 60}, 20, 0, "System check identified no issues"),
-        ({"hosts": ["redis://127.0.0.1:6379"], "expirey": 60}, 20, 1, "streamlayer.E001"),
-        ({"expiry": 30}, 45, 0, "streamlayer.W002"),
+        (STREAMS, {"expiry": 60}, 20, 0, "System check identified no issues"),
+        (STREAMS, {"hosts": ["redis://127.0.0.1:6379"], "expirey": 60}, 20, 1, "E001"),
+        (STREAMS, {"expiry": 30}, 45, 0, "streamlayer.W002"),
+        # The compat switch of a project with replay configured still starts.
+        (CORE, {"group_history": {"chat-*": 100}}, 20, 0, "streamlayer.W003"),
     ],
 )
 def test_manage_py_check_runs_them(
-    tmp_path: Path, config: dict[str, Any], timeout: int, code: int, expected: str
+    tmp_path: Path, backend: str, config: dict[str, Any], timeout: int, code: int, expected: str
 ) -> None:
-    (tmp_path / "check_settings.py").write_text(
-        textwrap.dedent(SETTINGS.format(config=repr(config), timeout=timeout))
-    )
+    settings = SETTINGS.format(backend=backend, config=repr(config), timeout=timeout)
+    (tmp_path / "check_settings.py").write_text(textwrap.dedent(settings))
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = subprocess.run(
         [sys.executable, "-m", "django", "check", "--settings", "check_settings"],
