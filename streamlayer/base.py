@@ -340,14 +340,9 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         self.check_group(group)
         self.check_channel(channel)
         key, shard = self.group_key(group), self.connections.shard_for(group)
-
-        async def add() -> None:
-            pipe = self.connections.client(shard).pipeline(transaction=False)
-            pipe.zadd(key, {channel: time.time()})
-            pipe.expire(key, self.group_expiry)
-            await pipe.execute()
-
-        await self.with_retry(f"group_add to {group!r}", add)
+        await self.with_retry(
+            f"group_add to {group!r}", partial(self._add_all, shard, [(key, [channel])])
+        )
         self.note_membership(group, channel, joined=True)
 
     @sync_aware
@@ -403,6 +398,8 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         return sum(len(channels) for entries in by_shard.values() for _, channels in entries)
 
     async def _add_all(self, shard: int, entries: list[tuple[str, list[str]]]) -> None:
+        """Add ``channels`` to each group key of ``entries`` and refresh its TTL, in one
+        pipeline on ``shard`` (group_add, and restoring memberships)."""
         pipe = self.connections.client(shard).pipeline(transaction=False)
         now = time.time()
         for key, channels in entries:

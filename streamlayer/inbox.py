@@ -118,9 +118,9 @@ class InboxReader(BackgroundReader):
         if local.waiting() or local.queued():
             self._wanted_at = now
         elif now - self._wanted_at >= LINGER_SECONDS:
-            # Nobody has waited for a while: record and trim what we consumed, and take
-            # the counts down, now rather than at the next read, so senders see the true
-            # backlog; stop unless someone came.
+            # Nobody has waited for a while: record and trim what we consumed and
+            # report the backlogs now rather than at the next read, so senders see the
+            # true backlog; stop unless someone came.
             await layer.with_retry(f"trim inbox {self.key!r}", self._settle)
             await self._report_back()
             if not (local.waiting() or local.queued()):
@@ -129,7 +129,7 @@ class InboxReader(BackgroundReader):
         # nobody waits for a moment; reading on (briefly blocking) costs less than
         # stopping and starting over, which a request/reply exchange would do for
         # every message. While a consumer works through its queue, or may come back
-        # for more, short reads carry its receives' counts to Redis.
+        # for more, short reads carry the shrinking backlog to Redis.
         block = BLOCK_SECONDS if local.waiting() and not local.queued() else SHORT_BLOCK_SECONDS
         entries = await layer.with_retry(
             f"read inbox {self.key!r}", partial(self._read, block), on_error=self.lost_connection
@@ -166,7 +166,7 @@ class InboxReader(BackgroundReader):
         )
 
     def _queue_bookkeeping(self, pipe: Any) -> None:
-        """Record our position, trim the entries handed on and take the counts down, in
+        """Record our position, trim the entries handed on and report the backlogs, in
         one script that also returns the cursor's previous value (did Redis lose the
         inbox?)."""
         pipe.evalsha(STREAM_INBOX_ADVANCE.sha, 2, self.state_key, self.key, *self._advance_args())

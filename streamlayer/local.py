@@ -62,6 +62,8 @@ class LocalChannels:
         #: count may differ from it now.
         self._reported: dict[str, int] = {}
         self._dirty: set[str] = set()
+        #: The largest counted backlog at the last report.
+        self._busiest = 0
 
     def waiting(self) -> int:
         """How many receivers wait without a message yet (O(1): the reader asks every batch)."""
@@ -101,6 +103,8 @@ class LocalChannels:
         """The channels whose counted backlog changed since the last call, with their
         backlog now (0: gone), and the largest backlog of any channel. Reported to
         Redis, they are what senders check capacity against."""
+        if not self._dirty:  # nothing moved: the largest is what it was
+            return {}, self._busiest
         changed: dict[str, int] = {}
         for channel in self._dirty:
             now = self._counted.get(channel, 0)
@@ -111,7 +115,8 @@ class LocalChannels:
                 else:
                     del self._reported[channel]
         self._dirty.clear()
-        return changed, max(self._counted.values(), default=0)
+        self._busiest = max(self._counted.values(), default=0)
+        return changed, self._busiest
 
     def report_all(self) -> None:
         """Report every backlog again at the next call (Redis lost what was reported)."""
@@ -196,6 +201,7 @@ class LocalChannels:
         self._counted.clear()
         self._reported.clear()
         self._dirty.clear()
+        self._busiest = 0
         self._queued = 0
 
     def sweep(self, now: float) -> None:

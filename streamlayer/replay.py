@@ -195,12 +195,12 @@ class GroupHistory:
         if not read.entries:
             return True
         layer = self.layer
-        key, shard = layer.destination(channel)
+        key, side, shard = layer.destination(channel)
         capacity = layer.get_capacity(channel)
         args: list[Any] = [group, capacity, channel if "!" in channel else ""]
         for entry_id, fields in read.entries:
             args += [fields.get(b"d", b""), layer.new_tag(), read.position_of(entry_id)]
-        keys = [key, layer.side_key(channel)]
+        keys = [key, side]
         full = int(await layer.append(f"replay to {channel!r}", STREAM_REPLAY, shard, keys, args))
         if full:
             layer.stats.count("full", full)

@@ -108,19 +108,34 @@ async def retry_transient(
     The first attempt runs outside tenacity so the happy path costs nothing.
     ``what`` names the operation and the server in the final error message.
     ``on_retry`` is told about each transient failure (used to report disconnects).
+    Refused credentials or permissions and a full Redis are never retried: they
+    surface at once as RedisAccessDenied / RedisOutOfMemory, whichever attempt met
+    them (the one place they are told apart from a blip).
     """
     try:
-        return await call()
+        return await _retried(call, give_up_after, what, on_retry)
     except ACCESS_ERRORS as denied:
         raise access_denied(what, denied) from denied
-    except TRANSIENT_ERRORS as first:  # before ResponseError: CLUSTERDOWN is one
-        if on_retry is not None:
-            on_retry(first)
-        logger.info("retrying %s after %s: %s", what, type(first).__name__, first)
     except redis_errors.ResponseError as refused:
         if is_out_of_memory(refused):
             raise out_of_memory(what, refused) from refused
         raise
+
+
+async def _retried(
+    call: Callable[[], Awaitable[T]],
+    give_up_after: float,
+    what: str,
+    on_retry: Callable[[BaseException], None] | None,
+) -> T:
+    try:
+        return await call()
+    except TRANSIENT_ERRORS as first:
+        if not _retryable(first):
+            raise
+        if on_retry is not None:
+            on_retry(first)
+        logger.info("retrying %s after %s: %s", what, type(first).__name__, first)
 
     def _notify(state: tenacity.RetryCallState) -> None:
         if on_retry is not None and state.outcome is not None:
@@ -139,12 +154,6 @@ async def retry_transient(
         async for attempt in retrying:
             with attempt:
                 return await call()
-    except ACCESS_ERRORS as denied:  # the server came back with another password
-        raise access_denied(what, denied) from denied
-    except redis_errors.ResponseError as refused:
-        if is_out_of_memory(refused):
-            raise out_of_memory(what, refused) from refused
-        raise
     except tenacity.RetryError as exc:
         cause = exc.last_attempt.exception()
         raise RedisUnavailable(

@@ -179,8 +179,8 @@ class StreamsChannelLayer(StreamlayerLayer):
         """Send ``message`` to ``channel``; raises ChannelFull when its backlog is at capacity."""
         self.check_message(message)
         self.check_channel(channel)
-        key, shard = self.destination(channel)
-        keys = [key, self.side_key(channel)]
+        key, side, shard = self.destination(channel)
+        keys = [key, side]
         capacity = self.get_capacity(channel)
         local = channel if "!" in channel else ""
         args = [self.serialize(message), self.new_tag(), capacity, local]
@@ -190,21 +190,17 @@ class StreamsChannelLayer(StreamlayerLayer):
     def _shard(self, name: str) -> int:
         return self.connections.shard_for(name)
 
-    def side_key(self, channel: str) -> str:
-        """The key an append to ``channel`` consults beside its stream: the state of its
-        process's inbox (each channel's count of unreceived messages), or a normal
-        channel's delivered tags (see STREAM_ACK)."""
-        if "!" in channel:
-            return stream_inbox_state_key(self.prefix, process_id_of(channel))
-        return stream_delivered_key(self.prefix, channel)
-
-    def destination(self, channel: str) -> tuple[str, int]:
-        """The stream a message for ``channel`` goes to, and its shard: the inbox of
-        the channel's process, or the channel's own stream."""
+    def destination(self, channel: str) -> tuple[str, str, int]:
+        """The stream a message for ``channel`` goes to, the key an append consults
+        beside it, and their shard: the inbox of the channel's process and its state
+        (each channel's reported backlog), or the channel's own stream and its
+        delivered tags (see STREAM_ACK)."""
         if "!" in channel:
             process_id = process_id_of(channel)
-            return stream_inbox_key(self.prefix, process_id), self._shard(process_id)
-        return stream_channel_key(self.prefix, channel), self._shard(channel)
+            inbox = stream_inbox_key(self.prefix, process_id)
+            return inbox, stream_inbox_state_key(self.prefix, process_id), self._shard(process_id)
+        stream = stream_channel_key(self.prefix, channel)
+        return stream, stream_delivered_key(self.prefix, channel), self._shard(channel)
 
     async def append(
         self,

@@ -62,6 +62,8 @@ logger = logging.getLogger(__name__)
 READ_BATCH = 256
 #: Longest single blocking pop; also bounded by half the socket timeout.
 BLOCK_SECONDS = 5.0
+#: Seconds between refreshes of an inbox's alive mark (its TTL is far longer).
+_MARK_EVERY = 60.0
 
 
 @dataclass
@@ -153,7 +155,7 @@ class _InboxReader(BackgroundReader):
     async def _pop(self) -> list[tuple[bytes, float]]:
         client = self.layer.connections.client(self.shard)
         written = self.layer.alive_written_at
-        if self.check_redis or written is None or time.monotonic() - written > 60:
+        if self.check_redis or written is None or time.monotonic() - written > _MARK_EVERY:
             await self._mark_alive(client)
         batch = await _zpopmin(client, self.key, READ_BATCH)
         if batch:
