@@ -15,7 +15,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any, ClassVar, TypeVar
@@ -169,6 +169,8 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         #: The groups this layer's own channels joined: what it adds again when Redis
         #: comes back without them (see restore_memberships).
         self._joined: dict[str, set[str]] = {}
+        #: Whether the log said that a notice skipped channels that did not ask for it.
+        self._said_unasked = False
 
     def count(self, name: str, n: int = 1) -> None:
         """Add to one of :attr:`stats`' counters (the sink local queues count into; it
@@ -407,11 +409,43 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
             pipe.expire(key, self.group_expiry)
         await pipe.execute()
 
+    def want_notices(self, channel: str) -> None:
+        """Deliver the ``on_disconnect`` / ``on_reconnect`` notices to ``channel`` (one
+        of this process's, usually a consumer's ``self.channel_name``).
+
+        Only channels that asked get them: Channels closes a consumer that receives a
+        message type it has no handler for, so a notice sent to every channel would
+        close every ordinary consumer on the first blip.
+        :class:`~streamlayer.consumers.NoticesMixin` (and the replay mixin) ask for you.
+        """
+        self.check_channel(channel)
+        if "!" in channel:
+            self._check_local(channel)
+        self.local.want_notices(channel)
+
+    def tell(
+        self, local: LocalChannels, kind: str, candidates: Iterable[str], **extra: Any
+    ) -> None:
+        """Send the notice ``kind`` to those ``candidates`` that asked for notices; say
+        once in the log that others did not (a project moving from channels_redis,
+        which tells every channel, learns why its handlers stay silent)."""
+        message = {"type": kind, **extra}
+        unasked = local.tell(message, candidates, time.time() + self.config.expiry)
+        if unasked and not self._said_unasked:
+            self._said_unasked = True
+            logger.info(
+                "%s: %r not sent to %d channel(s) that did not ask for notices "
+                "(layer.want_notices(channel), or streamlayer.consumers.NoticesMixin)",
+                type(self).__name__,
+                kind,
+                unasked,
+            )
+
     def connection_lost(self) -> None:
-        """This process's reader lost Redis: tell every live local channel."""
+        """This process's reader lost Redis: tell the live local channels that asked."""
         self.stats.count("reconnects")
         if self.config.on_disconnect:
-            self._tell_live({"type": self.config.on_disconnect})
+            self.tell(self.local, self.config.on_disconnect, self._live())
 
     async def connection_back(self, recovered: bool, data_lost: bool | None = None) -> None:
         """This process's reader is back; ``recovered`` says whether nothing can have
@@ -430,12 +464,10 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         else:
             logger.warning("%s: reconnected (recovered=%s)", type(self).__name__, recovered)
         if self.config.on_reconnect:
-            self._tell_live({"type": self.config.on_reconnect, "recovered": recovered})
+            self.tell(self.local, self.config.on_reconnect, self._live(), recovered=recovered)
 
-    def _tell_live(self, message: dict[str, Any]) -> None:
-        deadline = time.time() + self.config.expiry
-        for channel in sorted(self.local.live_channels(self.config.expiry)):
-            self.local.deliver(channel, dict(message), deadline)
+    def _live(self) -> set[str]:
+        return self.local.live_channels(self.config.expiry)
 
     @sync_aware
     async def group_send(self, group: str, message: dict[str, Any]) -> None:

@@ -1,4 +1,10 @@
-"""Resume-from-position for Channels WebSocket consumers.
+"""Connection notices and resume-from-position for Channels consumers.
+
+:class:`NoticesMixin` asks the layer for its ``on_disconnect`` /
+``on_reconnect`` notices on behalf of a consumer that handles them. Only
+channels that asked get notices: Channels closes a consumer (WebSocket code
+1011) that receives a message type it has no handler for, so ordinary
+consumers must never see one.
 
 Mix :class:`ReplayConsumerMixin` into an ``AsyncWebsocketConsumer`` or
 ``AsyncJsonWebsocketConsumer`` whose layer is a
@@ -31,7 +37,7 @@ from urllib.parse import parse_qs
 
 from .history import POSITION_KEY, HistoryPage, Position
 
-__all__ = ["ReplayConsumerMixin"]
+__all__ = ["NoticesMixin", "ReplayConsumerMixin"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +54,29 @@ class _ReplayState:
     last: dict[str, str] = field(default_factory=dict)
 
 
-class ReplayConsumerMixin:
-    """Join groups from the client's last position; see the module docstring."""
+class NoticesMixin:
+    """Receive the layer's ``on_disconnect`` / ``on_reconnect`` notices: mix it in
+    before the consumer class and define the handlers (``redis_reconnect`` for
+    ``"redis.reconnect"``). The consumer asks on its first message (a WebSocket's
+    connect), before anything it does could be missed."""
+
+    # Provided by the consumer class this is mixed into.
+    channel_layer: Any
+    channel_name: str
+    _notices_asked: bool = False
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        if not self._notices_asked:
+            self._notices_asked = True
+            want = getattr(self.channel_layer, "want_notices", None)
+            if want is not None:  # other layers send no notices
+                want(self.channel_name)
+        await super().dispatch(message)  # type: ignore[misc]
+
+
+class ReplayConsumerMixin(NoticesMixin):
+    """Join groups from the client's last position; see the module docstring. It asks
+    for notices itself (a reconnect that lost data makes it re-join)."""
 
     #: Groups to join with replay (or override :meth:`get_replay_groups`).
     replay_groups: ClassVar[list[str]] = []
@@ -164,7 +191,7 @@ class ReplayConsumerMixin:
                 await self.resync()
             if not hasattr(self, str(kind).replace(".", "_")):
                 return  # the app has no handler for the notice: it was for us
-        await super().dispatch(message)  # type: ignore[misc]
+        await super().dispatch(message)
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
         for group in self.replay_state.joined:

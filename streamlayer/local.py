@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 __all__ = ["LocalChannels"]
@@ -64,6 +64,8 @@ class LocalChannels:
         self._dirty: set[str] = set()
         #: The largest counted backlog at the last report.
         self._busiest = 0
+        #: Channels whose consumer asked for the layer's connection notices.
+        self._noticed: set[str] = set()
 
     def waiting(self) -> int:
         """How many receivers wait without a message yet (O(1): the reader asks every batch)."""
@@ -88,6 +90,23 @@ class LocalChannels:
         live = set(self.active_channels(window))
         live.update(channel for channel, waiters in self._waiters.items() if waiters)
         return live
+
+    def want_notices(self, channel: str) -> None:
+        """``channel``'s consumer handles the layer's connection notices (it asked)."""
+        self._noticed.add(channel)
+        self.touch(channel)
+
+    def tell(self, message: Message, candidates: Iterable[str], deadline: float) -> int:
+        """Deliver a copy of the notice ``message`` to each of ``candidates`` that asked
+        for notices; returns how many candidates did not ask (they get nothing: a
+        consumer without a handler for the notice's type would be closed by it)."""
+        unasked = 0
+        for channel in sorted(candidates):
+            if channel in self._noticed:
+                self.deliver(channel, dict(message), deadline)
+            else:
+                unasked += 1
+        return unasked
 
     def has_waiters(self, channel: str) -> bool:
         return bool(self._waiters.get(channel))
@@ -190,6 +209,7 @@ class LocalChannels:
         """Drop ``channel``'s queue: its consumer is gone for good (counted as dropped)."""
         queue = self._queues.pop(channel, None)
         self._touched.pop(channel, None)
+        self._noticed.discard(channel)
         if queue:
             self._leave(channel, queue)
             self._count("dropped", len(queue))
@@ -198,6 +218,7 @@ class LocalChannels:
         """Forget everything (the layer was flushed: Redis forgot it too)."""
         self._queues.clear()
         self._touched.clear()
+        self._noticed.clear()
         self._counted.clear()
         self._reported.clear()
         self._dirty.clear()
@@ -214,6 +235,9 @@ class LocalChannels:
         idle_since = time.monotonic() - 600
         for channel in [c for c, at in self._touched.items() if at < idle_since]:
             del self._touched[channel]
+        for channel in [c for c in self._noticed if c not in self._touched]:
+            if not self._waiters.get(channel):
+                self._noticed.discard(channel)
         for channel in [c for c, q in self._queues.items() if q and q[-1][0] < now]:
             queue = self._queues.pop(channel)
             self._leave(channel, queue)

@@ -63,6 +63,7 @@ async def test_master_killed_in_cluster(fresh_cluster: ClusterSetup, record_prop
     )
     try:
         specific = await layer.new_channel()
+        layer.want_notices(specific)
         inbox = stream_inbox_key(prefix, layer.process_id)
         victim = fresh_cluster.master_for(inbox)
         normal = next(

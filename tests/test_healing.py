@@ -16,7 +16,8 @@ from streamlayer import ChannelFull, StreamsChannelLayer
 from streamlayer.base import StreamlayerLayer
 from streamlayer.testing import RedisServer
 
-from .layers import layer_class
+from .layers import LAYERS, PUBSUB, layer_class
+from .test_streams import wait_until_blocked
 
 pytestmark = pytest.mark.faults
 
@@ -46,11 +47,44 @@ async def _joined(layer: StreamlayerLayer, count: int) -> list[str]:
     """``count`` channels of ``layer`` in group "room", each receiving."""
     channels = [await layer.new_channel() for _ in range(count)]
     for channel in channels:
+        layer.want_notices(channel)
         await layer.group_add("room", channel)
     await layer.group_send("room", {"type": "hello"})
     for channel in channels:
         assert (await until_type(layer, channel, "hello"))["type"] == "hello"
     return channels
+
+
+@pytest.mark.parametrize("path", LAYERS)
+async def test_notices_reach_only_the_channels_that_asked(
+    path: str, fresh_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Channels closes a consumer that gets a message type it has no handler for: a
+    channel that did not ask for notices gets none, and the log says so once."""
+    layer = layer_class(path)(hosts=[fresh_server.url], prefix="ask", **_NOTICES)
+    try:
+        asked, plain = await layer.new_channel(), await layer.new_channel()
+        layer.want_notices(asked)
+        for channel in (asked, plain):
+            await layer.group_add("room", channel)
+        await layer.group_send("room", {"type": "hello"})
+        for channel in (asked, plain):
+            assert (await until_type(layer, channel, "hello"))["type"] == "hello"
+        waiting = {c: asyncio.ensure_future(layer.receive(c)) for c in (asked, plain)}
+        if path != PUBSUB:
+            await wait_until_blocked(fresh_server)  # the reader waits in its blocking read
+        with caplog.at_level("INFO", logger="streamlayer"):
+            assert fresh_server.kill_clients() >= 1
+            assert (await asyncio.wait_for(waiting[asked], _WAIT))["type"] == "redis.disconnect"
+            assert (await until_type(layer, asked, "redis.reconnect"))["type"] == "redis.reconnect"
+        await layer.group_send("room", {"type": "after"})
+        assert await asyncio.wait_for(waiting[plain], _WAIT) == {"type": "after"}
+        assert await until_type(layer, asked, "after") == {"type": "after"}
+        told = [r for r in caplog.records if "did not ask for notices" in r.getMessage()]
+        assert len(told) == 1, told
+    finally:
+        await layer.flush()
+        await layer.close()
 
 
 async def test_memberships_come_back_after_an_empty_restart(
@@ -178,6 +212,7 @@ async def test_capacity_holds_after_redis_lost_the_backlog_reports(
     layer = StreamsChannelLayer(hosts=[fresh_server.url], prefix="heal", capacity=5, **_NOTICES)
     try:
         full, busy = await layer.new_channel(), await layer.new_channel()
+        layer.want_notices(busy)
         for n in range(5):
             await layer.send(full, {"type": "m", "n": n})
         waiting = asyncio.ensure_future(layer.receive(busy))  # the reader runs

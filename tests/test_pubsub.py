@@ -104,6 +104,8 @@ async def layer(fresh_server: RedisServer) -> AsyncIterator[RedisPubSubChannelLa
 
 async def two_members(layer: RedisPubSubChannelLayer) -> tuple[str, str]:
     a, b = await layer.new_channel(), await layer.new_channel()
+    layer.want_notices(a)
+    layer.want_notices(b)
     await layer.group_add("lobby", a)
     await layer.group_add("lobby", b)
     await layer.send(a, {"type": "before"})
@@ -183,6 +185,7 @@ async def test_sentinel_failover(prefix: str) -> None:
             on_reconnect="redis.reconnect",
         )
         channel = await layer.new_channel()
+        layer.want_notices(channel)
         await layer.group_add("failover", channel)
         await layer.group_send("failover", {"type": "before"})
         assert await recv(layer, channel) == {"type": "before"}

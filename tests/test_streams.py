@@ -94,8 +94,10 @@ async def wait_until_blocked(server: RedisServer, clients: int = 1) -> None:
 async def reader_blocked_after_one_message(
     layer: StreamsChannelLayer, server: RedisServer
 ) -> tuple[str, asyncio.Future[dict[str, Any]]]:
-    """A channel whose first message was received, and a receive blocked on the next."""
+    """A channel (asking for notices) whose first message was received, and a receive
+    blocked on the next."""
     channel = await layer.new_channel()
+    layer.want_notices(channel)
     await layer.send(channel, {"type": "n", "i": 0})
     assert (await recv(layer, channel))["i"] == 0
     waiting = asyncio.ensure_future(recv(layer, channel))
@@ -136,6 +138,7 @@ async def test_restart_with_aof_loses_nothing(aof_server: RedisServer) -> None:
         capacity=1000,
     )
     channel = await layer.new_channel()
+    layer.want_notices(channel)
     receiving = asyncio.ensure_future(collect(layer, channel, 100))
     for i in range(50):
         await layer.send(channel, {"type": "n", "i": i})
@@ -173,6 +176,7 @@ async def test_a_reset_while_no_reader_runs_is_reported(
     """Redis restarts empty between two receives: no read failed, yet the next
     receive learns the inbox was lost (its cursor key is gone)."""
     channel = await layer.new_channel()
+    layer.want_notices(channel)
     await layer.send(channel, {"type": "n", "i": 0})
     assert (await recv(layer, channel))["i"] == 0
     for _ in range(500):  # until the idle reader has settled and stopped (bounded)

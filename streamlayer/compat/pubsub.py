@@ -149,19 +149,16 @@ class _LoopPresence:
             self.local.deliver(channel, copy, deadline)
 
     def on_connection_lost(self, shard: int) -> None:
-        self.layer.stats.count("reconnects")
-        if self.layer.config.on_disconnect:
-            self._tell_every_channel({"type": self.layer.config.on_disconnect})
+        layer = self.layer
+        layer.stats.count("reconnects")
+        if layer.config.on_disconnect:
+            layer.tell(self.local, layer.config.on_disconnect, self.channels)
 
     def on_connection_back(self, shard: int) -> None:
         logger.warning("Pub/Sub of shard %d reconnected; messages meanwhile are lost", shard)
-        if self.layer.config.on_reconnect:
-            self._tell_every_channel({"type": self.layer.config.on_reconnect, "recovered": False})
-
-    def _tell_every_channel(self, message: dict[str, Any]) -> None:
-        deadline = time.time() + self.layer.config.expiry
-        for channel in sorted(self.channels):
-            self.local.deliver(channel, dict(message), deadline)
+        layer = self.layer
+        if layer.config.on_reconnect:
+            layer.tell(self.local, layer.config.on_reconnect, self.channels, recovered=False)
 
 
 class RedisPubSubChannelLayer(StreamlayerLayer):
@@ -187,6 +184,11 @@ class RedisPubSubChannelLayer(StreamlayerLayer):
                 del self._presences[closed]
             presence = self._presences[loop] = _LoopPresence(self)
         return presence
+
+    def want_notices(self, channel: str) -> None:
+        """Deliver the connection notices to ``channel``, any channel this event loop
+        receives on (see :meth:`StreamlayerLayer.want_notices`)."""
+        self._here().local.want_notices(self.check_channel(channel))
 
     def group_channel(self, group: str) -> str:
         """The Pub/Sub channel of ``group`` (channels_redis' name for it)."""
