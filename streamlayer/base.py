@@ -25,11 +25,12 @@ from channels.layers import BaseChannelLayer
 from .config import ConfigError, LayerConfig
 from .connections import ConnectionManager
 from .exceptions import ChannelFull
+from .history import HistoryPage, Position
 from .local import LocalChannels
 from .retry import retry_transient
 from .scripts import GROUP_MEMBERS
 from .serializers import MessageSerializer, registry
-from .sync import sync_aware
+from .sync import sync_aware, sync_aware_on_loop
 
 __all__ = ["RESERVED_KEY", "LayerStats", "StreamlayerLayer"]
 
@@ -171,6 +172,8 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         self._joined: dict[str, set[str]] = {}
         #: Whether the log said that a notice skipped channels that did not ask for it.
         self._said_unasked = False
+        #: Groups a replay was asked of though they keep no history (logged once each).
+        self._said_no_history: set[str] = set()
 
     def count(self, name: str, n: int = 1) -> None:
         """Add to one of :attr:`stats`' counters (the sink local queues count into; it
@@ -245,6 +248,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
             raise ChannelFull(f"channel {channel!r} is at its capacity of {capacity} messages")
         self.stats.count("sent")
 
+    @sync_aware_on_loop
     async def receive(self, channel: str) -> dict[str, Any]:
         """The next message on ``channel``. Cancelling it loses and duplicates nothing."""
         if channel not in self._receivable:
@@ -337,10 +341,67 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         raise NotImplementedError
 
     @sync_aware
-    async def group_add(self, group: str, channel: str) -> None:
-        """Add ``channel`` to ``group`` (membership lasts ``group_expiry`` seconds)."""
+    async def group_add(
+        self, group: str, channel: str, since: str | Position | None = None
+    ) -> bool | None:
+        """Add ``channel`` to ``group`` (membership lasts ``group_expiry`` seconds).
+
+        ``since`` asks for a replay from a position of the group's history (see
+        :meth:`StreamsChannelLayer.group_add`). A layer or group that keeps no history
+        joins all the same and answers False, incomplete, as it cannot replay: the
+        documented replay recipe runs unchanged on every backend. Without ``since``
+        the answer is None."""
         self.check_group(group)
         self.check_channel(channel)
+        if since is not None:
+            Position.parse(since)  # a malformed one is refused on every backend alike
+        await self.join_group(group, channel)
+        if since is None:
+            return None
+        self.say_no_history(group)
+        return False
+
+    @sync_aware
+    async def group_history(
+        self, group: str, since: str | Position | None = None, limit: int = 100
+    ) -> HistoryPage:
+        """Retained messages of ``group`` (see :meth:`StreamsChannelLayer.group_history`).
+        A layer or group that keeps no history answers an empty, incomplete page."""
+        self.check_history_read(group, since, limit)
+        self.say_no_history(group)
+        return HistoryPage(complete=False)
+
+    def check_history_read(
+        self, group: str, since: str | Position | None, limit: int
+    ) -> Position | None:
+        """Validate a history read's arguments; the parsed ``since``."""
+        self.check_group(group)
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise TypeError(f"limit must be a whole number of messages, got {limit!r}")
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit!r}")
+        return None if since is None else Position.parse(since)
+
+    def say_no_history(self, group: str) -> None:
+        """Log, once per group, that a replay of ``group`` asked for cannot be (a
+        pattern typo in ``group_history``, or a backend without history)."""
+        if group in self._said_no_history:
+            return
+        if len(self._said_no_history) >= _NAME_CACHE:
+            self._said_no_history.clear()
+        self._said_no_history.add(group)
+        logger.warning(
+            "%s: group %r keeps no history, so its replay is reported incomplete (%s)",
+            type(self).__name__,
+            group,
+            self.why_no_history(group),
+        )
+
+    def why_no_history(self, group: str) -> str:
+        return "replay needs streamlayer.StreamsChannelLayer with group_history"
+
+    async def join_group(self, group: str, channel: str) -> None:
+        """The plain join (each layer's own; this is the sorted-set one)."""
         key, shard = self.group_key(group), self.connections.shard_for(group)
         await self.with_retry(
             f"group_add to {group!r}", partial(self._add_all, shard, [(key, [channel])])
@@ -559,6 +620,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         self._known_members = {}
         self._joined = {}
 
+    @sync_aware_on_loop
     async def close(self) -> None:
         """Stop background work and close this event loop's connections, and those
         sync callers' calls share (see :mod:`streamlayer.sync`)."""

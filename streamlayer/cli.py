@@ -9,8 +9,18 @@ from collections.abc import Sequence
 from typing import Any
 
 
+#: What --help says: plain text (the module docstring is reStructuredText).
+_DESCRIPTION = (
+    "streamlayer's command line (also python -m streamlayer): the demo and the "
+    "benchmark on a throwaway Redis, and doctor and inspect for the Redis your "
+    'layers use. In a Django project with "streamlayer" in INSTALLED_APPS, '
+    "manage.py streamlayer_doctor and manage.py streamlayer_inspect do the same "
+    "for its CHANNEL_LAYERS."
+)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamlayer", description=__doc__)
+    parser = argparse.ArgumentParser(prog="streamlayer", description=_DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo",
@@ -55,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
         const="",
         metavar="MODULE",
         help="check the streamlayer entries of a Django project's CHANNEL_LAYERS and "
-        "every host they name (default: $DJANGO_SETTINGS_MODULE)",
+        "every host they name (default: $DJANGO_SETTINGS_MODULE, else the nearest "
+        "manage.py's)",
     )
     doctor.add_argument(
         "--layer",
@@ -72,7 +83,18 @@ def _parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser(
         "inspect", help="what a StreamsChannelLayer keeps in Redis: inboxes, channels, groups"
     )
-    inspect.add_argument("--hosts", action="append", required=True, metavar="URL")
+    inspect.add_argument(
+        "--hosts", action="append", default=[], metavar="URL", help="a redis:// URL (repeatable)"
+    )
+    inspect.add_argument(
+        "--settings",
+        nargs="?",
+        const="",
+        metavar="MODULE",
+        help="inspect the hosts and prefix of each StreamsChannelLayer entry of a Django "
+        "project's CHANNEL_LAYERS (default: $DJANGO_SETTINGS_MODULE, else the nearest "
+        "manage.py's)",
+    )
     inspect.add_argument("--prefix", default="asgi", help="the layer's prefix (default: asgi)")
     inspect.add_argument("--json", action="store_true", help="print the snapshot as JSON")
     return parser
@@ -107,40 +129,56 @@ def _doctor(
 def _doctor_settings(module: str) -> list[Any] | None:
     """The reports of :func:`~streamlayer.doctor.diagnose_layers` on the Django
     settings ``module`` names, or None (said on stderr) when they cannot be read."""
-    import os
-
     from .doctor import diagnose_layers
 
-    if module:
-        os.environ["DJANGO_SETTINGS_MODULE"] = module
-    if not os.environ.get("DJANGO_SETTINGS_MODULE"):
-        print("--settings needs a module name or DJANGO_SETTINGS_MODULE", file=sys.stderr)
+    read = _read_settings(module)
+    if read is None:
         return None
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as manage.py finds the project's settings
-    from django.conf import settings
-    from django.core.exceptions import ImproperlyConfigured
-
-    try:
-        layers = getattr(settings, "CHANNEL_LAYERS", {}) or {}
-        timeout = getattr(settings, "STREAMLAYER_INTERFACE_TIMEOUT", None)
-    except (ImportError, ImproperlyConfigured) as exc:
-        print(f"cannot read the Django settings: {exc}", file=sys.stderr)
-        return None
-    reports = diagnose_layers(layers, None if timeout is None else float(timeout))
+    layers, timeout = read
+    reports = diagnose_layers(layers, timeout)
     if not reports:
         print("CHANNEL_LAYERS has no streamlayer entry", file=sys.stderr)
     return reports
 
 
-def _inspect(urls: list[str], prefix: str, as_json: bool) -> int:
+def _read_settings(module: str) -> tuple[dict[str, Any], float | None] | None:
+    """``CHANNEL_LAYERS`` and ``STREAMLAYER_INTERFACE_TIMEOUT`` of the project's
+    settings (see :mod:`streamlayer.project`), or None (said on stderr)."""
+    from .project import SettingsNotFound, locate_settings
+
+    try:
+        module = locate_settings(module)
+    except SettingsNotFound as exc:
+        print(f"--settings: {exc}", file=sys.stderr)
+        return None
+    from django.conf import settings
+    from django.core.exceptions import ImproperlyConfigured
+
+    try:
+        layers = dict(getattr(settings, "CHANNEL_LAYERS", {}) or {})
+        timeout = getattr(settings, "STREAMLAYER_INTERFACE_TIMEOUT", None)
+    except (ImportError, ImproperlyConfigured) as exc:
+        print(f"cannot read the Django settings {module!r}: {exc}", file=sys.stderr)
+        return None
+    return layers, None if timeout is None else float(timeout)
+
+
+def _inspect(urls: list[str], prefix: str, as_json: bool, settings_module: str | None) -> int:
     from .inspection import connect, inspect_layer
 
+    targets: list[tuple[str, Any, str]] = [
+        (url, lambda url=url: connect(url), prefix) for url in urls
+    ]
+    if settings_module is not None:
+        found = _inspect_targets(settings_module)
+        if found is None:
+            return 2
+        targets += found
     snapshots = []
-    for url in urls:
-        client = connect(url)
+    for where, make_client, layer_prefix in targets:
+        client = make_client()
         try:
-            snapshots.append(inspect_layer(client, prefix))
+            snapshots.append(inspect_layer(client, layer_prefix, where))
         finally:
             client.close()
     if as_json:
@@ -151,6 +189,36 @@ def _inspect(urls: list[str], prefix: str, as_json: bool) -> int:
     for snapshot in snapshots:
         print_inspection(snapshot)
     return 0
+
+
+def _inspect_targets(module: str) -> list[tuple[str, Any, str]] | None:
+    """Each host and prefix of the project's StreamsChannelLayer entries."""
+    from .config import ConfigError, LayerConfig
+    from .connections import create_sync_client
+
+    read = _read_settings(module)
+    if read is None:
+        return None
+    targets: list[tuple[str, Any, str]] = []
+    for alias, entry in read[0].items():
+        backend = str(entry.get("BACKEND", ""))
+        if backend != "streamlayer.StreamsChannelLayer":
+            if backend.startswith("streamlayer."):
+                print(f"CHANNEL_LAYERS[{alias!r}] ({backend}): inspect reads the Streams "
+                      "layer's keys only", file=sys.stderr)  # fmt: skip
+            continue
+        try:
+            config = LayerConfig.from_options(dict(entry.get("CONFIG", {}) or {}))
+        except (TypeError, ValueError, ConfigError) as exc:
+            print(f"CHANNEL_LAYERS[{alias!r}]: {exc}", file=sys.stderr)
+            return None
+        for host in config.hosts:
+            where = f"CHANNEL_LAYERS[{alias!r}] on {host.describe()}"
+            targets.append((where, lambda host=host: create_sync_client(host), config.prefix))
+    if not targets:
+        print("CHANNEL_LAYERS has no streamlayer.StreamsChannelLayer entry", file=sys.stderr)
+        return None
+    return targets
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -183,7 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return _doctor(args.hosts, args.settings, args.json, args.layer, args.prefix)
     if args.command == "inspect":
-        return _inspect(args.hosts, args.prefix, args.json)
+        if not args.hosts and args.settings is None:
+            print("inspect needs --hosts URL or --settings [MODULE]", file=sys.stderr)
+            return 2
+        return _inspect(args.hosts, args.prefix, args.json, args.settings)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

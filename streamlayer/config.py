@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -144,6 +144,11 @@ def _hosts(value: Any) -> tuple[HostSpec, ...]:
         )
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"hosts must be a list of servers, got {type(value).__name__}")
+    if _looks_like_one_pair(value):
+        raise TypeError(
+            "hosts must be a list of servers, even for one server: "
+            f"hosts=[{tuple(value)!r}], not hosts={value!r}"
+        )
     if not value:
         raise ConfigError("hosts is empty: name at least one server, or leave it out")
     hosts = tuple(_host(entry, index) for index, entry in enumerate(value))
@@ -160,6 +165,11 @@ def _host(entry: Any, index: int) -> HostSpec:
     if isinstance(entry, str):
         return HostSpec(url=_url(entry, where))
     if isinstance(entry, (tuple, list)):
+        if len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], str):
+            raise TypeError(
+                f"{where} must be a (host, port) pair, and the port must be a number: "
+                f"({entry[0]!r}, {entry[1]}), not {tuple(entry)!r}"
+            )
         if len(entry) != 2 or not isinstance(entry[0], str) or not _is_int(entry[1]):
             raise TypeError(f"{where} must be a (host, port) pair, got {entry!r}")
         return HostSpec(kwargs=MappingProxyType({"host": entry[0], "port": entry[1]}))
@@ -233,10 +243,18 @@ def _cluster(entry: dict[str, Any], where: str) -> HostSpec:
 
 
 def _url(value: str, where: str) -> str:
-    scheme = urlsplit(value).scheme
+    scheme = urlsplit(value).scheme if "://" in value else ""
     if scheme not in _URL_SCHEMES:
-        raise ConfigError(f"{where} must be a redis://, rediss:// or unix:// URL, got {value!r}")
+        hint = f" (did you mean 'redis://{value}'?)" if "://" not in value else ""
+        raise ConfigError(
+            f"{where} must be a redis://, rediss:// or unix:// URL, got {value!r}{hint}"
+        )
     return value
+
+
+def _looks_like_one_pair(value: Sequence[Any]) -> bool:
+    """``hosts=("localhost", 6379)``: one (host, port) pair where the list of them goes."""
+    return len(value) == 2 and isinstance(value[0], str) and _is_int(value[1])
 
 
 def _prefix(value: Any) -> str:

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, cast
 
 import redis
@@ -259,6 +259,12 @@ class SyncBackedClient:
             if connection is not None:
                 self._pool.release(connection)
 
+    async def scan_iter(self, **kwargs: Any) -> AsyncIterator[bytes]:
+        """The keys SCAN finds, as redis.asyncio's ``scan_iter`` yields them (flush)."""
+        await _leave_callers_thread()
+        for key in self.client.scan_iter(**kwargs):
+            yield key
+
     def pipeline(self, transaction: bool = True) -> _SyncBackedPipeline:
         return _SyncBackedPipeline(self.client.pipeline(transaction=transaction))
 
@@ -453,10 +459,11 @@ class ConnectionManager:
             return wanted
         return max(0.01, min(wanted, timeout / 2))
 
-    async def close(self) -> None:
+    async def close(self, *, sync_clients: bool = True) -> None:
         """Close this loop's clients and the sync callers' ones (a later sync call opens
-        afresh); forget the clients of loops that are already closed."""
-        self.close_sync_clients()
+        afresh; ``flush()`` keeps them); forget the clients of closed loops."""
+        if sync_clients:
+            self.close_sync_clients()
         self._drop_closed_loops()
         try:
             loop = asyncio.get_running_loop()

@@ -39,8 +39,9 @@ def print_doctor(reports: list[ServerReport], console: Console | None = None) ->
 
 def print_inspection(snapshot: LayerSnapshot, console: Console | None = None) -> None:
     console = console or Console()
+    where = f"{snapshot.source}, " if snapshot.source else ""
     console.print(
-        f"prefix {snapshot.prefix!r}: {snapshot.keys} keys, "
+        f"{where}prefix {snapshot.prefix!r}: {snapshot.keys} keys, "
         f"{snapshot.memory_bytes:,} bytes of Redis memory"
     )
     inboxes = _table(

@@ -118,8 +118,13 @@ class ReplayConsumerMixin(NoticesMixin):
     async def load_history(self, group: str, limit: int = 100) -> HistoryPage:
         """The latest ``limit`` retained messages of ``group``, for the client to show
         instead of what it had. They count as handed on: their replayed copies, already
-        queued for this connection, are dropped."""
-        page: HistoryPage = await self.channel_layer.group_history(group, limit=limit)
+        queued for this connection, are dropped. Where nothing is retained (a group
+        without history, a backend without replay) the page is empty and incomplete:
+        the client keeps what it shows."""
+        read = getattr(self.channel_layer, "group_history", None)
+        if read is None:  # not a streamlayer layer
+            return HistoryPage(complete=False)
+        page: HistoryPage = await read(group, limit=limit)
         for message in page.messages:
             self._first_time(message[POSITION_KEY])
         return page
@@ -149,8 +154,9 @@ class ReplayConsumerMixin(NoticesMixin):
             await layer.group_add(group, channel)
             return None
         if _is_position(since) and hasattr(layer, "group_history"):
+            # False where the group or the backend keeps no history (logged once).
             complete = bool(await layer.group_add(group, channel, since=since))
-        else:  # a malformed position, or a layer that cannot replay
+        else:  # a malformed position, or not a streamlayer layer
             await layer.group_add(group, channel)
             complete = False
         if not complete:

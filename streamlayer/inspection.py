@@ -29,6 +29,8 @@ class LayerSnapshot:
     """Everything ``inspect`` found under one prefix."""
 
     prefix: str
+    #: Where it was read (a URL, or the settings entry and host).
+    source: str = ""
     inboxes: list[dict[str, Any]] = field(default_factory=list)
     channels: list[dict[str, Any]] = field(default_factory=list)
     groups: list[dict[str, Any]] = field(default_factory=list)
@@ -38,6 +40,7 @@ class LayerSnapshot:
     def as_dict(self) -> dict[str, Any]:
         return {
             "prefix": self.prefix,
+            "source": self.source,
             "inboxes": self.inboxes,
             "channels": self.channels,
             "groups": self.groups,
@@ -55,8 +58,8 @@ def connect(url: str) -> redis.Redis:
     return client
 
 
-def inspect_layer(client: redis.Redis, prefix: str) -> LayerSnapshot:
-    snapshot = LayerSnapshot(prefix)
+def inspect_layer(client: redis.Redis, prefix: str, source: str = "") -> LayerSnapshot:
+    snapshot = LayerSnapshot(prefix, source)
     found: dict[str, dict[str, str]] = {}
     for raw in client.scan_iter(match=scan_pattern(f"{prefix}:s:"), count=_SCAN_COUNT):
         key = raw.decode() if isinstance(raw, bytes) else str(raw)

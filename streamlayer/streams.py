@@ -57,7 +57,7 @@ from .scripts import (
     STREAM_SEND,
     LuaScript,
 )
-from .sync import sync_aware
+from .sync import sync_aware, sync_aware_on_loop
 
 __all__ = ["StreamsChannelLayer"]
 
@@ -170,6 +170,7 @@ class StreamsChannelLayer(StreamlayerLayer):
 
     # --- channel layer API --------------------------------------------------------
 
+    @sync_aware
     async def new_channel(self, prefix: str = "specific") -> str:
         """A new process-specific channel name, served by this process's inbox."""
         return f"{prefix}.{self.process_id}!{next(self._channel_numbers):x}"
@@ -528,38 +529,39 @@ class StreamsChannelLayer(StreamlayerLayer):
         return stream_group_key(self.prefix, group)
 
     @sync_aware
-    async def group_add(  # type: ignore[override]
+    async def group_add(
         self, group: str, channel: str, since: str | Position | None = None
     ) -> bool | None:
         """Add ``channel`` to ``group``. With ``since`` (a position a message of the
         group carried under ``"__position__"``), first replay to ``channel`` every
         retained message after it, in order, then live ones: returns True when the
         replay is complete, False when some messages after ``since`` are gone."""
-        if since is None:
-            await super().group_add(group, channel)
-            return None
+        if since is None or not self.history.length_for(self.check_group(group)):
+            # No replay asked, or nothing retained to replay (answered incomplete).
+            return await super().group_add(group, channel, since)
         position = Position.parse(since)
-        self.check_group(group)
         self.check_channel(channel)
-        if not self.history.length_for(group):
-            await super().group_add(group, channel)
-            return False  # nothing is retained for this group: nothing can be replayed
         complete = await self.history.join(group, channel, position)
         self.note_membership(group, channel, joined=True)
         return complete
 
+    @sync_aware
     async def group_history(
         self, group: str, since: str | Position | None = None, limit: int = 100
     ) -> HistoryPage:
         """Retained messages of ``group``: the latest ``limit`` ones, or with ``since``
-        the first ``limit`` after that position; oldest first, each with its position."""
-        self.check_group(group)
-        if isinstance(limit, bool) or not isinstance(limit, int):
-            raise TypeError(f"limit must be a whole number of messages, got {limit!r}")
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, got {limit!r}")
-        position = None if since is None else Position.parse(since)
+        the first ``limit`` after that position; oldest first, each with its position.
+        A group matching no ``group_history`` pattern answers an empty, incomplete
+        page (logged once per group: a pattern typo shows)."""
+        if not self.history.length_for(self.check_group(group)):
+            return await super().group_history(group, since, limit)
+        position = self.check_history_read(group, since, limit)
         return await self.history.read(group, position, limit)
+
+    def why_no_history(self, group: str) -> str:
+        if not any(length for _, length in self.config.group_history):
+            return "group_history is not set in the layer's config"
+        return "its name matches no pattern of group_history in the layer's config"
 
     @sync_aware
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
@@ -695,6 +697,7 @@ class StreamsChannelLayer(StreamlayerLayer):
 
     # --- flush and close ------------------------------------------------------------------
 
+    @sync_aware_on_loop
     async def flush(self) -> None:
         """Delete every key of this layer's prefix on every shard, and drop local state."""
         await self._stop_reader(LayerClosed("the channel layer was flushed"))
@@ -702,8 +705,9 @@ class StreamsChannelLayer(StreamlayerLayer):
         self._normal.clear()
         self.position = InboxPosition()
         await self.delete_matching(scan_pattern(f"{self.prefix}:s:"))
-        await self.connections.close()
+        await self.connections.close(sync_clients=False)
 
+    @sync_aware_on_loop
     async def close(self) -> None:
         """Stop the inbox reader and close this event loop's connections.
 

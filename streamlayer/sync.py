@@ -64,7 +64,13 @@ try:  # asgiref 3.10+
 except ImportError:  # pragma: no cover - older asgiref: a thread per call, as before
     AsyncSingleThreadContext = object  # type: ignore[assignment,misc]
 
-__all__ = ["SEND_FIRST_HERE", "SYNC_IO", "pause_after_send", "sync_aware"]
+__all__ = [
+    "SEND_FIRST_HERE",
+    "SYNC_IO",
+    "pause_after_send",
+    "sync_aware",
+    "sync_aware_on_loop",
+]
 
 T = TypeVar("T")
 _Method = TypeVar("_Method", bound=Callable[..., Coroutine[Any, Any, Any]])
@@ -84,7 +90,14 @@ logger = logging.getLogger(__name__)
 def sync_aware(method: _Method) -> _Method:
     """Wrap a layer coroutine method so that calls from sync code reuse connections
     (see the module docstring)."""
-    return cast(_Method, _SyncAwareMethod(method))
+    return cast(_Method, _SyncAwareMethod(method, start_here=True))
+
+
+def sync_aware_on_loop(method: _Method) -> _Method:
+    """:func:`sync_aware` for a method that needs a running loop before its first
+    command (it starts a task, or stops this loop's reader): a sync caller's call
+    runs wholly on asgiref's loop, still on the shared synchronous clients."""
+    return cast(_Method, _SyncAwareMethod(method, start_here=False))
 
 
 class _SyncAwareMethod:
@@ -98,9 +111,13 @@ class _SyncAwareMethod:
     ``asyncio.iscoroutinefunction`` asgiref's mark.
     """
 
-    def __init__(self, method: Callable[..., Coroutine[Any, Any, Any]]) -> None:
+    def __init__(
+        self, method: Callable[..., Coroutine[Any, Any, Any]], *, start_here: bool
+    ) -> None:
         functools.update_wrapper(self, method)
         self._method = method
+        #: Whether a sync caller's call takes its first steps in the caller's thread.
+        self._start_here = start_here
         #: What makes inspect take this for a coroutine function (see the docstring).
         self.__code__ = method.__code__
         self.__defaults__ = method.__defaults__
@@ -117,7 +134,11 @@ class _SyncAwareMethod:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # created in sync code (asgiref 3.9+), run on some loop later
-            if sys._getframe(1).f_code is not _ASYNC_TO_SYNC_CALL or _outer_loop():
+            if (
+                not self._start_here
+                or sys._getframe(1).f_code is not _ASYNC_TO_SYNC_CALL
+                or _outer_loop()
+            ):
                 return _where_it_runs(coro)
             return cast(Coroutine[Any, Any, Any], _start_here(coro, _keep_thread()))
         return _with_sync_io(coro) if _one_call(loop) else coro

@@ -103,6 +103,11 @@ def test_channel_capacity_keeps_order_and_compiles_globs() -> None:
         ({"symmetric_encryption_keys": [""]}, TypeError, "non-empty strings"),
         ({"serializer_format": 3}, TypeError, "serializer_format"),
         ({"prefix": b"asgi"}, TypeError, "prefix must be a string"),
+        # channels_redis' README writes hosts as a list of pairs; one bare pair is a
+        # list of two servers to the layer and deserves the real diagnosis.
+        ({"hosts": ("localhost", 6379)}, TypeError, r"hosts=\[\('localhost', 6379\)\]"),
+        ({"hosts": ["localhost:6379"]}, ConfigError, "did you mean 'redis://localhost:6379'"),
+        ({"hosts": [("localhost", "6379")]}, TypeError, "the port must be a number"),
         ({"random_prefix_length": -2}, TypeError, "random_prefix_length"),
         ({"on_disconnect": 1}, TypeError, "on_disconnect must be a message type"),
         ({"retry_timeout": 0}, ConfigError, "retry_timeout must be greater than 0"),

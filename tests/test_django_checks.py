@@ -90,6 +90,7 @@ CHANNEL_LAYERS = {{"default": {{"BACKEND": BACKEND, "CONFIG": {config}}}}}
         (STREAMS, {"expiry": 60}, 20, 0, "System check identified no issues"),
         (STREAMS, {"hosts": ["redis://127.0.0.1:6379"], "expirey": 60}, 20, 1, "E001"),
         (STREAMS, {"expiry": 30}, 45, 0, "streamlayer.W002"),
+        (STREAMS, {"hosts": ("localhost", 6379)}, 20, 1, "hosts=[('localhost', 6379)]"),
         # The compat switch of a project with replay configured still starts.
         (CORE, {"group_history": {"chat-*": 100}}, 20, 0, "streamlayer.W003"),
     ],

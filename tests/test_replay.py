@@ -337,9 +337,25 @@ async def test_bad_limits_are_refused(make: Factory, limit: Any, error: type[Exc
         await make().group_history("room", limit=limit)
 
 
-async def test_group_history_of_a_group_without_history_is_refused(make: Factory) -> None:
-    with pytest.raises(ValueError, match="keeps no history"):
-        await make(group_history={"chat-*": 5}).group_history("news")
+async def test_a_group_without_history_answers_incomplete_and_says_so_once(
+    make: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The Channels tutorial's ``chat_<room>`` against a ``chat-*`` pattern: the replay
+    recipe answers "incomplete" instead of raising, and the log names the group once."""
+    layer = make(group_history={"chat-*": 5})
+    channel = await layer.new_channel()
+    await layer.group_add("chat-1", channel)
+    await publish(layer, "chat-1", range(1))
+    tagged = (await recv_n(layer, channel, 1))[0]
+    with caplog.at_level("WARNING", logger="streamlayer"):
+        for _ in range(3):
+            assert await layer.group_add("chat_1", channel, since=position_of(tagged)) is False
+            page = await layer.group_history("chat_1")
+            assert (page.messages, page.complete, page.position) == ([], False, "")
+    said = [r.getMessage() for r in caplog.records if "keeps no history" in r.getMessage()]
+    assert len(said) == 1 and "'chat_1'" in said[0] and "no pattern" in said[0], said
+    await layer.group_send("chat_1", {"type": "n", "i": 7})  # the join itself happened
+    assert (await recv_n(layer, channel, 1))[0]["i"] == 7
 
 
 async def test_live_messages_during_a_slow_join_wait_behind_the_replay(

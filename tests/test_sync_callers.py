@@ -129,6 +129,45 @@ async def test_group_add_and_discard_from_a_thread_reuse_one_connection(
         assert client.zrange(layer.group_key("crowd"), 0, -1) == [b"worker-499"]
 
 
+async def test_every_public_method_from_a_thread_reuses_one_connection(
+    server_and_layers: tuple[RedisServer, StreamlayerLayer, Member],
+) -> None:
+    """What a view, a management command or a Celery task calls: each public method
+    through ``async_to_sync``, 20 times, opens no connection per call. (A Pub/Sub
+    channel or membership lives in an event loop: not callable from sync code.)"""
+    server, layer, member = server_and_layers
+    stored = keeps(layer, "queueing")
+
+    def calls() -> None:
+        call = {name: async_to_sync(getattr(layer, name)) for name in PUBLIC_METHODS}
+        for i in range(20):
+            if stored:
+                assert "!" in call["new_channel"]()
+                call["send"]("jobs", {"type": "job", "i": i})
+                assert call["receive"]("jobs") == {"type": "job", "i": i}
+                call["group_add"]("crowd", f"worker-{i}")
+                call["group_discard"]("crowd", f"worker-{i}")
+            call["group_send"]("news", {"type": "g", "i": i})
+            page = call["group_history"]("news")  # no history configured: empty
+            assert (page.messages, page.complete) == ([], False)
+
+    assert await asyncio.to_thread(new_connections, server, calls) <= 1
+    assert [m["i"] for m in await member.take(20)] == list(range(20))
+
+    def flushes() -> None:
+        flush = async_to_sync(layer.flush)
+        for _ in range(5):
+            flush()
+
+    assert await asyncio.to_thread(new_connections, server, flushes) <= 1
+    with server.client() as client:
+        assert not client.keys("sync:*") and not client.keys("sync*")
+
+
+PUBLIC_METHODS = ("new_channel", "send", "receive", "group_add", "group_discard",
+                  "group_send", "group_history", "flush")  # fmt: skip
+
+
 async def test_a_thread_pool_opens_at_most_one_connection_per_thread(
     server_and_layers: tuple[RedisServer, StreamlayerLayer, Member],
 ) -> None:

@@ -52,7 +52,7 @@ from ..scripts import (
     CLASSIC_RESTORE_BACKUP,
     CLASSIC_SEND,
 )
-from ..sync import sync_aware
+from ..sync import sync_aware, sync_aware_on_loop
 
 __all__ = ["RedisChannelLayer"]
 
@@ -216,6 +216,7 @@ class RedisChannelLayer(StreamlayerLayer):
 
     # --- channel layer API --------------------------------------------------------
 
+    @sync_aware
     async def new_channel(self, prefix: str = "specific") -> str:
         """A new process-specific channel name, received through this layer's inbox."""
         return f"{prefix}.{self.client_prefix}!{uuid.uuid4().hex}"
@@ -461,14 +462,16 @@ class RedisChannelLayer(StreamlayerLayer):
 
     # --- flush and close -------------------------------------------------------------------
 
+    @sync_aware_on_loop
     async def flush(self) -> None:
         """Delete every key of this prefix on every shard, and drop local state."""
         await self._stop_background(LayerClosed("the channel layer was flushed"))
         self._parked.clear()
         self.local.clear()
         await self.delete_matching(scan_pattern(self.prefix))
-        await self.connections.close()
+        await self.connections.close(sync_clients=False)
 
+    @sync_aware_on_loop
     async def close(self) -> None:
         """Stop readers, return parked normal-channel messages to Redis, close connections."""
         await self._stop_background(LayerClosed("the channel layer was closed"))

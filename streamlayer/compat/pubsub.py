@@ -30,7 +30,7 @@ from ..connections import socket_timeout
 from ..exceptions import LayerClosed
 from ..local import LocalChannels
 from ..subscriber import Subscriber
-from ..sync import sync_aware
+from ..sync import sync_aware, sync_aware_on_loop
 
 __all__ = ["RELEASE_AFTER", "RedisPubSubChannelLayer"]
 
@@ -226,10 +226,8 @@ class RedisPubSubChannelLayer(StreamlayerLayer):
         self.stats.count("received")
         return message
 
-    async def group_add(self, group: str, channel: str) -> None:
+    async def join_group(self, group: str, channel: str) -> None:
         """Subscribe this process to ``group`` on behalf of ``channel``, one of its own."""
-        self.check_group(group)
-        self.check_channel(channel)
         presence = self._here()
         if channel not in presence.channels:
             raise ValueError(
@@ -271,12 +269,14 @@ class RedisPubSubChannelLayer(StreamlayerLayer):
 
     # --- flush and close ------------------------------------------------------------------
 
+    @sync_aware_on_loop
     async def flush(self) -> None:
         """Unsubscribe everything, drop local messages and close this loop's connections.
         The layer stays usable: the next call subscribes afresh."""
         await self._stop_here(LayerClosed("the channel layer was flushed"))
-        await self.connections.close()
+        await self.connections.close(sync_clients=False)
 
+    @sync_aware_on_loop
     async def close(self) -> None:
         """Stop this loop's subscribers and close its connections."""
         await self._stop_here(LayerClosed("the channel layer was closed"))

@@ -1,0 +1,1 @@
+"""Django management commands (``"streamlayer"`` in ``INSTALLED_APPS``)."""

@@ -1,0 +1,1 @@
+"""``manage.py streamlayer_doctor`` and ``manage.py streamlayer_inspect``."""
