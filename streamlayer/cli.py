@@ -8,7 +8,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-
 #: What --help says: plain text (the module docstring is reStructuredText).
 _DESCRIPTION = (
     "streamlayer's command line (also python -m streamlayer): the demo and the "
