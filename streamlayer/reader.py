@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from .cancellation import CancelGuard
 from .exceptions import LayerClosed
+from .sync import background_context
 
 __all__ = ["BackgroundReader", "reusable_task"]
 
@@ -73,7 +74,9 @@ class BackgroundReader(ABC):
         #: Check at the next round that Redis still holds what this reader reads.
         self.check_redis = True
         self.loop = asyncio.get_running_loop()
-        self.task = self.loop.create_task(self._run(), name=f"streamlayer-inbox-{name}")
+        self.task = self.loop.create_task(
+            self._run(), name=f"streamlayer-inbox-{name}", context=background_context()
+        )
 
     async def stop(self) -> None:
         self.task.cancel()

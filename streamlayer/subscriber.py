@@ -27,6 +27,7 @@ from .cancellation import CancelGuard
 from .connections import ConnectionManager
 from .exceptions import LayerClosed, RedisAccessDenied, RedisUnavailable
 from .retry import ACCESS_ERRORS, TRANSIENT_ERRORS, access_denied, retry_forever
+from .sync import background_context
 
 __all__ = ["Subscriber", "SubscriberOwner"]
 
@@ -80,7 +81,9 @@ class Subscriber:
         #: Why Redis refused this connection's credentials, while it does.
         self.denied: RedisAccessDenied | None = None
         self.loop = asyncio.get_running_loop()
-        self.task = self.loop.create_task(self._run(), name=f"streamlayer-pubsub-{shard}")
+        self.task = self.loop.create_task(
+            self._run(), name=f"streamlayer-pubsub-{shard}", context=background_context()
+        )
 
     # --- what the layer calls ---------------------------------------------------------
 

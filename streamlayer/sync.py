@@ -67,6 +67,7 @@ except ImportError:  # pragma: no cover - older asgiref: a thread per call, as b
 __all__ = [
     "SEND_FIRST_HERE",
     "SYNC_IO",
+    "background_context",
     "pause_after_send",
     "sync_aware",
     "sync_aware_on_loop",
@@ -149,6 +150,20 @@ async def _where_it_runs(coro: Coroutine[Any, Any, T]) -> T:
     if _one_call(asyncio.get_running_loop()):
         return await _with_sync_io(coro)
     return await coro
+
+
+def background_context() -> contextvars.Context:
+    """The context for a long-lived task (a reader) started during any call: never a
+    sync caller's, whose blocking clients would hold up the task's loop after the
+    call returned (and so asgiref's closing of it)."""
+    context = contextvars.copy_context()
+    context.run(_leave_sync_call)
+    return context
+
+
+def _leave_sync_call() -> None:
+    SYNC_IO.set(False)
+    SEND_FIRST_HERE.set(False)
 
 
 def _one_call(loop: asyncio.AbstractEventLoop) -> bool:

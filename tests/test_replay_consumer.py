@@ -5,7 +5,9 @@ restarting empty mid-conversation."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import django
@@ -15,6 +17,8 @@ from django.conf import settings
 from streamlayer import StreamsChannelLayer
 from streamlayer.consumers import ReplayConsumerMixin
 from streamlayer.testing import RedisServer
+
+from .layers import LAYERS, layer_class
 
 if not settings.configured:
     settings.configure(CHANNEL_LAYERS={}, INSTALLED_APPS=["channels"])
@@ -180,3 +184,40 @@ async def test_plain_websocket_consumer(app: Any) -> None:
     assert (await tab.connect())[0]
     assert (await tab.receive_from(timeout=15)).split(" ", 1)[1] == "two"
     await tab.disconnect()
+
+
+def _quickstart_consumer() -> type:
+    """The docs' replay consumer (examples/quickstart/mysite/consumers.py), on ALIAS."""
+    path = Path(__file__).resolve().parent.parent / "examples/quickstart/mysite/consumers.py"
+    spec = importlib.util.spec_from_file_location("quickstart_consumers", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return type("QuickstartReplay", (module.ReplayChatConsumer,), {"channel_layer_alias": ALIAS})
+
+
+@pytest.mark.parametrize("path", LAYERS)
+@pytest.mark.parametrize("group_history", [{"room-*": 5}, {"chat-*": 5}])
+async def test_the_docs_recipe_runs_unchanged_on_every_backend(
+    fresh_server: RedisServer, path: str, group_history: dict[str, int]
+) -> None:
+    """A tab coming back with a position its group cannot replay from (a backend
+    without history, or a group no pattern matches): the recipe answers "reload
+    nothing" instead of raising, the socket stays open, live messages flow."""
+    layer = layer_class(path)(hosts=[fresh_server.url], prefix="docs", group_history=group_history)
+    channel_layers.set(ALIAS, layer)
+    consumer = _quickstart_consumer()
+    try:
+        route = {"url_route": {"kwargs": {"room_name": "lobby"}}}
+        tab = WebsocketCommunicator(consumer.as_asgi(), "/ws/replay/lobby/?since=abc:1-0")
+        tab.scope.update(route)
+        assert (await tab.connect())[0]
+        # Nothing retained to show instead (no history here, or a foreign epoch).
+        assert await tab.receive_json_from(timeout=15) == {"reload": []}
+        await tab.send_json_to({"text": "live"})  # the sending side of the recipe
+        assert (await tab.receive_json_from(timeout=15))["text"] == "live"
+        await tab.disconnect()
+    finally:
+        await layer.flush()
+        await layer.close()
+        channel_layers.backends.pop(ALIAS, None)
