@@ -32,3 +32,17 @@ async def test_counters_reach_prometheus(fresh_server: RedisServer) -> None:
     finally:
         await layer.flush()
         await layer.close()
+
+
+def test_the_docs_describe_every_counter_one_by_one() -> None:
+    """docs/django.rst has one row per counter of ``layer.stats()``, and no other."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from streamlayer.base import LayerStats
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "django.rst").read_text()
+    table = docs.split("   * - counter", 1)[1].split("\n\n", 1)[0]
+    rows = re.findall(r"^   \* - ``(\w+)``$", table, flags=re.MULTILINE)
+    assert rows == [f.name for f in dataclasses.fields(LayerStats) if not f.name.startswith("_")]

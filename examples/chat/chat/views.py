@@ -14,7 +14,7 @@ PAGE = """<!doctype html>
  body {{ font-family: sans-serif; max-width: 40em; margin: 2em auto; }}
  #log {{ border: 1px solid #ccc; height: 22em; overflow-y: auto; padding: .5em; }}
  #log p {{ margin: .2em 0; }} .author {{ color: #555; font-weight: bold; }}
- #state {{ font-size: .8em; color: #777; }}
+ #state {{ font-size: .8em; color: #777; }} .gap {{ color: #a60; font-style: italic; }}
 </style></head>
 <body>
 <h1>Room <code>{room}</code></h1>
@@ -43,6 +43,12 @@ function show(m) {{
   log.append(p); log.scrollTop = log.scrollHeight;
 }}
 
+function gap() {{
+  const p = document.createElement("p");
+  p.className = "gap"; p.textContent = "(some messages may be missing)";
+  log.append(p); log.scrollTop = log.scrollHeight;
+}}
+
 function connect(delay = 500) {{
   const url = new URL("/ws/chat/" + room + "/", window.location.href);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
@@ -51,8 +57,11 @@ function connect(delay = 500) {{
   socket.onopen = () => {{ delay = 500; state.textContent = "connected to " + location.host; }};
   socket.onmessage = (event) => {{
     const data = JSON.parse(event.data);
-    if (data.reload) {{ log.textContent = ""; shown.clear(); data.reload.forEach(show); }}
-    else show(data);
+    if (!data.reload) show(data);
+    else if (data.reload.length) {{
+      log.textContent = ""; shown.clear(); data.reload.forEach(show);
+    }}
+    else gap();  // nothing retained to show instead: keep the chat, say so
   }};
   socket.onclose = () => {{
     state.textContent = "offline: reconnecting...";
