@@ -248,7 +248,8 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
             raise ChannelFull(f"channel {channel!r} is at its capacity of {capacity} messages")
         self.stats.count("sent")
 
-    @sync_aware_on_loop
+    # Not sync_aware: a receive blocks in Redis, and a sync client's blocking read
+    # would hold the loop's thread, so no timeout or cancellation around it could act.
     async def receive(self, channel: str) -> dict[str, Any]:
         """The next message on ``channel``. Cancelling it loses and duplicates nothing."""
         if channel not in self._receivable:

@@ -16,9 +16,10 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import redis
@@ -26,6 +27,7 @@ import redis
 __all__ = [
     "SERVER_BUILDS",
     "ClusterSetup",
+    "DaphneServers",
     "RedisServer",
     "SentinelSetup",
     "ServerUnavailable",
@@ -36,6 +38,7 @@ __all__ = [
 ]
 
 _START_TIMEOUT = 10.0
+_DAPHNE_START_TIMEOUT = 30.0
 
 
 #: Server builds that ship in wheels, by the name ``REDIS_SERVER`` may give instead of
@@ -137,6 +140,87 @@ def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> Non
             pass
         time.sleep(0.02)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+class DaphneServers:
+    """``count`` daphne processes serving the ASGI ``application`` (``module:attr``)
+    from ``cwd`` with ``env``: a Channels project as it runs, each process with a
+    layer of its own. Output goes to ``<log_dir>/process-<n>.log`` (inherited
+    without a ``log_dir``)."""
+
+    def __init__(
+        self,
+        application: str,
+        cwd: Path,
+        env: Mapping[str, str],
+        count: int = 2,
+        log_dir: Path | None = None,
+    ) -> None:
+        self.application = application
+        self.cwd = cwd
+        self.env = dict(env)
+        self.log_dir = log_dir
+        self.ports = [free_port() for _ in range(count)]
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{port}/" for port in self.ports]
+
+    @property
+    def logs(self) -> list[Path]:
+        if self.log_dir is None:
+            return []
+        return [self.log_dir / f"process-{n}.log" for n in range(1, len(self.ports) + 1)]
+
+    def start(self) -> DaphneServers:
+        logs: list[Path | None] = [*self.logs] or [None] * len(self.ports)
+        for port, log in zip(self.ports, logs, strict=True):
+            command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
+            output = None if log is None else log.open("ab")
+            try:
+                self.processes.append(
+                    subprocess.Popen(
+                        [*command, self.application],
+                        cwd=self.cwd,
+                        env=self.env,
+                        stdout=output,
+                        stderr=subprocess.STDOUT if output else None,
+                    )
+                )
+            finally:
+                if output is not None:
+                    output.close()  # the child holds its own copy
+        for port, process in zip(self.ports, self.processes, strict=True):
+            _wait_for_port(port, process)
+        return self
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes = []
+
+    def output(self) -> str:
+        """Everything the processes wrote (with a ``log_dir``)."""
+        return "\n".join(log.read_text(errors="replace") for log in self.logs if log.exists())
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + _DAPHNE_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"daphne on port {port} exited with {process.returncode}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)  # polling a port another process opens: no event to wait on
+    raise RuntimeError(f"daphne on port {port} did not start within {_DAPHNE_START_TIMEOUT:g}s")
 
 
 class RedisServer:

@@ -16,10 +16,8 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from streamlayer.testing import RedisServer, free_port
+from streamlayer.testing import DaphneServers, RedisServer
 
 websockets = pytest.importorskip("websockets")
 pytest.importorskip("daphne")
@@ -175,62 +173,6 @@ def test_cli_help_is_plain_text() -> None:
 
 
 @dataclass
-class Servers:
-    """The project under two daphne processes, their output kept for inspection."""
-
-    project: Path
-    redis_url: str
-    ports: list[int] = field(default_factory=list)
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    logs: list[Path] = field(default_factory=list)
-
-    def start(self, count: int = 2) -> Servers:
-        for number in range(count):
-            port = free_port()
-            log = self.project / f"daphne-{number}.log"
-            with log.open("wb") as output:
-                daphne = ["-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
-                process = subprocess.Popen(
-                    [sys.executable, *daphne, "mysite.asgi:application"],
-                    cwd=self.project,
-                    env=project_env(self.redis_url),
-                    stdout=output,
-                    stderr=subprocess.STDOUT,
-                )
-            self.ports.append(port)
-            self.processes.append(process)
-            self.logs.append(log)
-        for port, process in zip(self.ports, self.processes, strict=True):
-            _wait_for_port(port, process)
-        return self
-
-    def stop(self) -> None:
-        for process in self.processes:
-            process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-    def output(self) -> str:
-        return "\n".join(log.read_text(errors="replace") for log in self.logs)
-
-
-def _wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"daphne on port {port} exited with {process.returncode}")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)  # polling a port another process opens: no event to wait on
-    raise RuntimeError(f"daphne on port {port} did not start")
-
-
-@dataclass
 class Tab:
     """One WebSocket client, recording every frame it gets."""
 
@@ -255,13 +197,17 @@ class Tab:
 
 
 @pytest.fixture
-async def servers(project: Path, plain_redis: RedisServer) -> AsyncIterator[Servers]:
-    running = Servers(project, plain_redis.url).start()
+async def servers(
+    project: Path, plain_redis: RedisServer, tmp_path: Path
+) -> AsyncIterator[DaphneServers]:
+    """The project under two daphne processes (``daphne mysite.asgi:application``)."""
+    env = project_env(plain_redis.url)
+    running = DaphneServers("mysite.asgi:application", project, env, log_dir=tmp_path).start()
     yield running
     running.stop()
 
 
-async def _connect(servers: Servers, path: str, count: int) -> list[Tab]:
+async def _connect(servers: DaphneServers, path: str, count: int) -> list[Tab]:
     tabs = []
     for number in range(count):
         port = servers.ports[number % len(servers.ports)]
@@ -286,7 +232,7 @@ async def _all_hear(tabs: list[Tab], speak: Any, key: str, stem: str) -> str:
 
 
 async def test_plain_and_replay_consumers_survive_killed_connections_and_an_empty_restart(
-    servers: Servers, plain_redis: RedisServer, tmp_path: Path
+    servers: DaphneServers, plain_redis: RedisServer, tmp_path: Path
 ) -> None:
     tutorial = await _connect(servers, "/ws/chat/lobby/", 4)
     replay = await _connect(servers, "/ws/replay/lobby/", 4)

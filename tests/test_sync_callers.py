@@ -133,8 +133,9 @@ async def test_every_public_method_from_a_thread_reuses_one_connection(
     server_and_layers: tuple[RedisServer, StreamlayerLayer, Member],
 ) -> None:
     """What a view, a management command or a Celery task calls: each public method
-    through ``async_to_sync``, 20 times, opens no connection per call. (A Pub/Sub
-    channel or membership lives in an event loop: not callable from sync code.)"""
+    through ``async_to_sync``, 20 times, opens no connection per call. Not here: a
+    Pub/Sub channel or membership lives in an event loop, and ``receive`` blocks in
+    Redis, which must stay cancellable (it reads on the call's own loop)."""
     server, layer, member = server_and_layers
     stored = keeps(layer, "queueing")
 
@@ -144,7 +145,6 @@ async def test_every_public_method_from_a_thread_reuses_one_connection(
             if stored:
                 assert "!" in call["new_channel"]()
                 call["send"]("jobs", {"type": "job", "i": i})
-                assert call["receive"]("jobs") == {"type": "job", "i": i}
                 call["group_add"]("crowd", f"worker-{i}")
                 call["group_discard"]("crowd", f"worker-{i}")
             call["group_send"]("news", {"type": "g", "i": i})
@@ -164,8 +164,8 @@ async def test_every_public_method_from_a_thread_reuses_one_connection(
         assert not client.keys("sync:*") and not client.keys("sync*")
 
 
-PUBLIC_METHODS = ("new_channel", "send", "receive", "group_add", "group_discard",
-                  "group_send", "group_history", "flush")  # fmt: skip
+PUBLIC_METHODS = ("new_channel", "send", "group_add", "group_discard", "group_send",
+                  "group_history", "flush")  # fmt: skip
 
 
 async def test_a_thread_pool_opens_at_most_one_connection_per_thread(

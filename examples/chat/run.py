@@ -15,81 +15,28 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from streamlayer.testing import DaphneServers
+
 HERE = Path(__file__).resolve().parent
-_START_TIMEOUT = 30.0
 
 
-class ChatServers:
+class ChatServers(DaphneServers):
     """``count`` daphne processes serving the chat app against ``redis_url``."""
 
     def __init__(self, redis_url: str, count: int = 2, log_dir: Path | None = None) -> None:
-        from streamlayer.testing import free_port
-
-        self.redis_url = redis_url
-        self.log_dir = log_dir
-        self.ports = [free_port() for _ in range(count)]
-        self.processes: list[subprocess.Popen[bytes]] = []
-
-    @property
-    def urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{port}/" for port in self.ports]
-
-    def start(self) -> ChatServers:
         env = {
             **os.environ,
-            "REDIS_URL": self.redis_url,
+            "REDIS_URL": redis_url,
             "DJANGO_SETTINGS_MODULE": "chat.settings",
             "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
         }
-        for number, port in enumerate(self.ports, 1):
-            command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
-            output = None
-            if self.log_dir is not None:
-                output = (self.log_dir / f"process-{number}.log").open("ab")
-            self.processes.append(
-                subprocess.Popen(
-                    [*command, "chat.asgi:application"],
-                    cwd=HERE,
-                    env=env,
-                    stdout=output,
-                    stderr=subprocess.STDOUT if output else None,
-                )
-            )
-            if output is not None:
-                output.close()  # the child holds its own copy
-        for port, process in zip(self.ports, self.processes, strict=True):
-            _wait_for_port(port, process)
-        return self
-
-    def stop(self) -> None:
-        for process in self.processes:
-            process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self.processes = []
-
-
-def _wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + _START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"daphne on port {port} exited with {process.returncode}")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)  # polling a port another process opens: no event to wait on
-    raise RuntimeError(f"daphne on port {port} did not start within {_START_TIMEOUT:g}s")
+        super().__init__("chat.asgi:application", HERE, env, count, log_dir)
+        self.redis_url = redis_url
 
 
 def main() -> int:
