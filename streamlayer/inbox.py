@@ -1,10 +1,13 @@
-"""The process inbox reader of :class:`~streamlayer.streams.StreamsChannelLayer`.
+"""The process inbox of :class:`~streamlayer.streams.StreamsChannelLayer`.
 
 Every message for any process-specific channel of one process is appended to
-that process's inbox, a capped Redis Stream. One reader per process (and event
-loop) reads it in batches with a blocking XREAD resuming from the last entry id
-it handed on, demultiplexes entries into per-channel local queues, trims what
-it consumed and records that id in a cursor key next to the inbox.
+that process's inbox, a capped Redis Stream. :class:`Inbox` is all of it on the
+process's side: where the process is in the stream, the dedup tags of recent
+entries, and the reader task. One reader per process (and event loop) reads it
+in batches with a blocking XREAD resuming from the last entry id it handed on,
+the inbox demultiplexes the entries into per-channel local queues, and the
+reader trims what it consumed and records that id in a cursor key next to the
+inbox.
 
 XREAD does not remove anything, so the reader can be cancelled or lose its
 connection at any point: it resumes from its last id and nothing accepted by
@@ -24,26 +27,30 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 from redis.exceptions import NoScriptError
 
+from .config import LayerConfig
+from .connections import ConnectionManager
+from .entries import Entry, as_bytes, group_position, next_stream_id, sent_ms, stream_entries
+from .history import POSITION_KEY, position_tag
 from .keys import stream_inbox_key, stream_inbox_state_key
-from .reader import BackgroundReader
+from .local import LocalChannels
+from .reader import BLOCK_SECONDS, BackgroundReader, reusable_task
 from .scripts import STREAM_INBOX_ADVANCE
 
-if TYPE_CHECKING:
-    from .streams import StreamsChannelLayer
-
-__all__ = ["InboxReader", "RecentTags", "next_stream_id", "stream_entries"]
+__all__ = ["Inbox", "InboxPosition", "RecentTags"]
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 #: Entries read per round trip when the inbox is busy.
 READ_BATCH = 512
-#: Longest blocking read; also bounded by half the socket timeout.
-BLOCK_SECONDS = 5.0
 #: How long the reader reads on after the last receiver stopped waiting.
 LINGER_SECONDS = 0.5
 #: Longest blocking read while local queues hold messages or nobody waits: receives
@@ -51,33 +58,55 @@ LINGER_SECONDS = 0.5
 #: next round trip, so a drained channel takes sends again within this time.
 SHORT_BLOCK_SECONDS = 0.05
 
-Entry = tuple[bytes, dict[bytes, bytes]]
+
+class _Holder(Protocol):
+    def hold(
+        self, channel: str, group: str, position: str, message: dict[str, Any], deadline: float
+    ) -> bool: ...
 
 
-def next_stream_id(entry_id: str) -> str:
-    """The smallest id greater than ``entry_id`` (for an exclusive XTRIM MINID)."""
-    ms, _, seq = entry_id.partition("-")
-    return f"{ms}-{int(seq or 0) + 1}"
+class InboxHost(Protocol):
+    """What the inbox needs of its layer: where it reads, the local queues it feeds,
+    decoding, counting, retries, and where a reconnect is reported."""
+
+    prefix: str
+    process_id: str
+    config: LayerConfig
+    connections: ConnectionManager
+    local: LocalChannels
+
+    @property
+    def history(self) -> _Holder: ...
+
+    @property
+    def key_ttl_ms(self) -> int: ...
+
+    def count(self, name: str, n: int = 1) -> None: ...
+
+    def try_deserialize(self, data: bytes, where: str) -> dict[str, Any] | None: ...
+
+    async def with_retry(
+        self,
+        what: str,
+        call: Callable[[], Awaitable[T]],
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> T: ...
+
+    def connection_lost(self) -> None: ...
+
+    async def connection_back(self, recovered: bool, data_lost: bool | None = None) -> None: ...
 
 
-def stream_entries(response: Any) -> list[Entry]:
-    """The entries of the one stream in an XREAD / XREADGROUP reply, whatever its shape
-    (RESP2 list of [key, entries], RESP3 dict); deleted entries come back as (id, {})."""
-    if not response:
-        return []
-    streams = list(response.values()) if isinstance(response, dict) else [r[1] for r in response]
-    entries: list[Any] = streams[0] if streams else []
-    if len(entries) == 1 and isinstance(entries[0], list):  # RESP3 legacy wrapping
-        entries = entries[0]
-    result: list[Entry] = []
-    for entry_id, fields in entries:
-        if entry_id is not None:
-            result.append((_as_bytes(entry_id), fields or {}))
-    return result
+@dataclass
+class InboxPosition:
+    """Where this process is in its inbox; outlives any one reader task."""
 
-
-def _as_bytes(value: Any) -> bytes:
-    return value if isinstance(value, bytes) else str(value).encode()
+    last_id: str = "0-0"
+    written_cursor: str | None = None
+    #: The last value sent to the cursor, landed or not (its reply may be lost).
+    attempted_cursor: str | None = None
+    cursor_written_at: float = 0.0
+    trimmed_to: str | None = None
 
 
 class RecentTags:
@@ -97,20 +126,85 @@ class RecentTags:
         return False
 
 
-class InboxReader(BackgroundReader):
-    """Reads one process inbox while receivers wait; owned and restarted by its layer."""
+class Inbox:
+    """One process's inbox: where it is in it, the reader task that reads it while
+    receivers wait, and the demultiplexing of its entries into local channels."""
 
-    def __init__(self, layer: StreamsChannelLayer) -> None:
+    def __init__(self, layer: InboxHost) -> None:
         self.layer = layer
         self.key = stream_inbox_key(layer.prefix, layer.process_id)
         self.state_key = stream_inbox_state_key(layer.prefix, layer.process_id)
         self.shard = layer.connections.shard_for(layer.process_id)
+        self.position = InboxPosition()
+        self.reader: InboxReader | None = None
+        self._recent = RecentTags()
+
+    def serve(self, channel: str) -> None:
+        """Make sure a reader runs in this event loop for a receive on ``channel``."""
+        reader = self.reader
+        running = reusable_task(
+            reader.task if reader else None, "receive() on process-specific channels"
+        )
+        if not running and not self.layer.local.has_queued(channel):
+            # The task first runs after local.get() has registered this receiver.
+            self.reader = InboxReader(self)
+
+    async def stop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Stop the reader if it runs in ``loop`` (a reader of a closed loop is dropped)."""
+        reader, self.reader = self.reader, None
+        if reader is not None and reader.loop is loop:
+            await reader.stop()
+
+    def reset(self) -> None:
+        """Start over at the beginning of a (flushed) inbox."""
+        self.position = InboxPosition()
+
+    def dispatch(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        """Decode one inbox entry and hand it to the local channels it names (counted:
+        their backlogs are reported to senders)."""
+        layer = self.layer
+        listed = fields.get(b"c")
+        channels = listed.decode().split(",") if listed else []
+        if not channels:
+            layer.count("decode_errors")
+            logger.warning("skipped an inbox entry that names no channel: %r", entry_id)
+            return
+        sent = sent_ms(entry_id)
+        if sent < (time.time() - layer.config.expiry) * 1000:
+            layer.count("expired", len(channels))
+            return
+        if self._recent.seen(fields.get(b"i", entry_id)):
+            layer.count("duplicates")
+            return
+        message = layer.try_deserialize(fields.get(b"d", b""), "the process inbox")
+        if message is None:
+            return
+        deadline = sent / 1000 + layer.config.expiry
+        group, position = group_position(fields)
+        for channel in channels:
+            copy = dict(message) if len(channels) > 1 else message
+            if group is None:
+                layer.local.deliver(channel, copy, deadline, counted=True)
+                continue
+            copy[POSITION_KEY] = position_tag(group, position)
+            if not layer.history.hold(channel, group, position, copy, deadline):
+                layer.local.deliver(channel, copy, deadline, counted=True)
+
+
+class InboxReader(BackgroundReader):
+    """Reads one process inbox while receivers wait; owned and restarted by its
+    :class:`Inbox`."""
+
+    def __init__(self, inbox: Inbox) -> None:
+        self.inbox = inbox
+        self.layer = inbox.layer
+        self.key, self.state_key, self.shard = inbox.key, inbox.state_key, inbox.shard
         #: A reconnect to report (recovered or not) once the bookkeeping that found it
         #: is done: the layer restores what Redis lost before delivering anything newer.
         self._back: bool | None = None
         #: When a receiver last waited (the reader stops after LINGER_SECONDS without).
         self._wanted_at = time.monotonic()
-        super().__init__(layer, self.key)
+        super().__init__(self.layer, self.key)
 
     async def step(self) -> bool:
         layer, local = self.layer, self.layer.local
@@ -135,9 +229,10 @@ class InboxReader(BackgroundReader):
             f"read inbox {self.key!r}", partial(self._read, block), on_error=self.lost_connection
         )
         await self._report_back()
+        position, dispatch = self.inbox.position, self.inbox.dispatch
         for entry_id, fields in entries:
-            layer.position.last_id = entry_id.decode()
-            layer.dispatch_inbox(entry_id, fields)
+            position.last_id = entry_id.decode()
+            dispatch(entry_id, fields)
         local.sweep(time.time())
         if entries:
             # Let the receivers just woken run first: what they send in reply leaves
@@ -153,7 +248,7 @@ class InboxReader(BackgroundReader):
         must be checked (a new reader, one back from a disconnect, or one whose last
         check is a blocking read's length ago), when a queue's backlog changed, and
         when its TTL wants refreshing. An idle blocking read is a bare XREAD."""
-        position = self.layer.position
+        position = self.inbox.position
         since_write = time.monotonic() - position.cursor_written_at
         return (
             self.check_redis
@@ -172,7 +267,7 @@ class InboxReader(BackgroundReader):
         pipe.evalsha(STREAM_INBOX_ADVANCE.sha, 2, self.state_key, self.key, *self._advance_args())
 
     def _advance_args(self) -> list[Any]:
-        position = self.layer.position
+        position = self.inbox.position
         # If the reply is lost, Redis may hold this value or the previous one: both
         # are ours (see _cursor_intact).
         position.attempted_cursor = position.last_id
@@ -194,7 +289,7 @@ class InboxReader(BackgroundReader):
 
     def _bookkeeping_done(self, stored: Any) -> None:
         """Tell receivers about a reconnect, or about a reset seen without one."""
-        layer, position = self.layer, self.layer.position
+        layer, position = self.layer, self.inbox.position
         intact = self._cursor_intact(stored)
         if stored is None and position.written_cursor is not None:
             # The state hash is gone with the reports (lost with the inbox, or expired):
@@ -222,19 +317,19 @@ class InboxReader(BackgroundReader):
 
     def _cursor_intact(self, stored: Any) -> bool:
         """Is the cursor key still the one we wrote, so the inbox is the one we read?"""
-        position = self.layer.position
+        position = self.inbox.position
         if position.written_cursor is None:
             return True  # nothing written yet: nothing to lose
         if stored is not None:
             ours = {position.written_cursor, position.attempted_cursor}
-            return _as_bytes(stored).decode() in ours
+            return as_bytes(stored).decode() in ours
         # Missing. After an idle spell longer than its TTL that is just the TTL.
         idle = time.monotonic() - position.cursor_written_at
         return not self.disconnected and idle * 1000 >= self.layer.key_ttl_ms
 
     async def _settle(self) -> None:
         """Record and trim everything handed on (the reader is about to stop)."""
-        position = self.layer.position
+        position = self.inbox.position
         if position.trimmed_to != position.last_id or self.layer.local.has_reports():
             await self._advance()
 
@@ -247,7 +342,7 @@ class InboxReader(BackgroundReader):
     async def _read(self, block_seconds: float) -> list[Entry]:
         """Bookkeeping (when due) and the blocking XREAD in one round trip; on a Redis
         Cluster, whose pipelines refuse scripts, in two."""
-        layer, position = self.layer, self.layer.position
+        layer, position = self.layer, self.inbox.position
         client = layer.connections.client(self.shard)
         block = int(layer.connections.block_timeout(self.shard, block_seconds) * 1000)
         streams: dict[Any, Any] = {self.key: position.last_id}

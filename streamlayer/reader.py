@@ -20,9 +20,13 @@ from .cancellation import CancelGuard
 from .exceptions import LayerClosed
 from .sync import background_context
 
-__all__ = ["BackgroundReader", "reusable_task"]
+__all__ = ["BLOCK_SECONDS", "BackgroundReader", "reusable_task"]
 
 logger = logging.getLogger(__name__)
+
+#: Longest blocking read of any reader; also bounded by half the socket timeout (see
+#: ConnectionManager.block_timeout), so an idle wait never looks like a dead socket.
+BLOCK_SECONDS = 5.0
 
 
 class _Failable(Protocol):

@@ -28,19 +28,27 @@ import asyncio
 import math
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
+from .config import LayerConfig
+from .connections import ConnectionManager
 from .history import POSITION_KEY, HistoryPage, Position, position_tag
 from .keys import process_id_of, stream_history_key, stream_history_meta_key
-from .scripts import STREAM_GROUP_JOIN, STREAM_GROUP_PUBLISH, STREAM_HISTORY, STREAM_REPLAY
-
-if TYPE_CHECKING:
-    from .streams import StreamsChannelLayer
+from .local import LocalChannels
+from .scripts import (
+    STREAM_GROUP_JOIN,
+    STREAM_GROUP_PUBLISH,
+    STREAM_HISTORY,
+    STREAM_REPLAY,
+    LuaScript,
+)
 
 __all__ = ["GroupHistory", "Published"]
 
 Message = dict[str, Any]
+T = TypeVar("T")
 #: A live message held back while its channel's join is in flight (counted against the
 #: channel's capacity, as every inbox message is).
 _Held = tuple[tuple[int, int], Message, float]
@@ -94,10 +102,68 @@ def _parse_read(reply: list[Any]) -> _Read:
     return _Read(_text(epoch), bool(int(complete)), _text(newest), entries)
 
 
+class HistoryHost(Protocol):
+    """What the history needs of its layer: naming, encoding, script calls with
+    retries, the local queues a replay for this process goes to, and where a replay
+    for another channel is appended."""
+
+    prefix: str
+    process_id: str
+    group_expiry: int
+    config: LayerConfig
+    connections: ConnectionManager
+    local: LocalChannels
+
+    def group_key(self, group: str) -> str: ...
+
+    def serialize(self, message: Message) -> bytes: ...
+
+    def try_deserialize(self, data: bytes, where: str) -> Message | None: ...
+
+    def new_tag(self) -> str: ...
+
+    def get_capacity(self, channel: str) -> int: ...
+
+    def destination(self, channel: str) -> tuple[str, str, int]: ...
+
+    def count(self, name: str, n: int = 1) -> None: ...
+
+    async def with_retry(
+        self,
+        what: str,
+        call: Callable[[], Awaitable[T]],
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> T: ...
+
+    async def idempotent(
+        self,
+        what: str,
+        script: LuaScript,
+        shard: int,
+        keys: list[str],
+        args: Callable[[], list[Any]],
+        *,
+        maybe_landed: bool = False,
+        extra: Callable[[], list[Any]] | None = None,
+    ) -> Any: ...
+
+    async def append(
+        self,
+        what: str,
+        script: LuaScript,
+        shard: int,
+        keys: list[str],
+        args: list[Any],
+        *,
+        maybe_landed: bool = False,
+        attempts: list[int] | None = None,
+    ) -> Any: ...
+
+
 class GroupHistory:
     """The history side of one layer: its scripts' arguments and the join guards."""
 
-    def __init__(self, layer: StreamsChannelLayer) -> None:
+    def __init__(self, layer: HistoryHost) -> None:
         self.layer = layer
         #: (channel, group) pairs joining with a replay, and the live messages held back.
         self._joining: dict[tuple[str, str], _Join] = {}
@@ -203,7 +269,7 @@ class GroupHistory:
         keys = [key, side]
         full = int(await layer.append(f"replay to {channel!r}", STREAM_REPLAY, shard, keys, args))
         if full:
-            layer.stats.count("full", full)
+            layer.count("full", full)
         return not full
 
     # --- live messages meeting a join ---------------------------------------------------

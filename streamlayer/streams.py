@@ -1,18 +1,17 @@
 """``streamlayer.StreamsChannelLayer``: the channel layer on Redis Streams.
 
 * A **process-specific channel** (``<name>.<process id>!<local id>``) is served
-  by its process's inbox stream and :class:`~streamlayer.inbox.InboxReader`.
+  by its process's inbox stream (:class:`~streamlayer.inbox.Inbox`).
 * A **normal channel** is a stream read through one consumer group; each
-  receiving process is a consumer. An entry is acknowledged and deleted when
-  ``receive()`` hands it over; entries left pending by a crashed or cancelled
-  reader are taken over with XAUTOCLAIM after ``claim_after`` seconds.
+  receiving process is a consumer (:class:`~streamlayer.normal.NormalChannels`).
 * A **group** is a sorted set of member channels scored by join time;
   ``group_send`` reads it (one round trip) and writes the payload once per
   destination stream, one script per shard.
 
 A send is one script call: trim expired entries, check capacity, append (with
 a dedup tag so a retry after a lost reply does not deliver twice), refresh the
-TTL. See ``docs/architecture.rst`` for the full picture.
+TTL. Group history and replay are :class:`~streamlayer.replay.GroupHistory`. See
+``docs/architecture.rst`` for the full picture.
 """
 
 from __future__ import annotations
@@ -23,19 +22,13 @@ import logging
 import math
 import secrets
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
-from redis.exceptions import ResponseError
-
-from .base import RESERVED_KEY, KnownMembers, StreamlayerLayer, known_send_outcome
-from .cancellation import CancelGuard
+from .base import KnownMembers, StreamlayerLayer, known_send_outcome
 from .exceptions import LayerClosed
-from .history import POSITION_KEY, HistoryPage, Position, position_tag
-from .inbox import BLOCK_SECONDS, Entry, InboxReader, RecentTags, stream_entries
+from .history import POSITION_KEY, HistoryPage, Position
+from .inbox import Inbox
 from .keys import (
     process_id_of,
     scan_pattern,
@@ -46,64 +39,19 @@ from .keys import (
     stream_inbox_state_key,
 )
 from .local import LocalChannels
-from .reader import reusable_task
+from .normal import NormalChannels
 from .replay import GroupHistory
-from .scripts import (
-    STREAM_ACK,
-    STREAM_FORGET_CONSUMER,
-    STREAM_GROUP_SEND,
-    STREAM_GROUP_SEND_KNOWN,
-    STREAM_JOIN_CONSUMERS,
-    STREAM_SEND,
-    LuaScript,
-)
+from .scripts import STREAM_GROUP_SEND, STREAM_GROUP_SEND_KNOWN, STREAM_SEND, LuaScript
 from .sync import sync_aware, sync_aware_on_loop
 
 __all__ = ["StreamsChannelLayer"]
 
 logger = logging.getLogger(__name__)
 
-#: The consumer group every process joins on a normal channel's stream.
-CONSUMER_GROUP = "streamlayer"
-_CLAIM_BATCH = 16
 #: Seconds beyond retry_timeout a delivered tag is kept (a retry's last attempt in flight).
 _RETRY_SLACK = 5.0
 #: How many channel -> process id lookups group_send remembers.
 _PROCESS_MEMO = 100_000
-
-
-@dataclass
-class InboxPosition:
-    """Where this process is in its inbox; outlives any one reader task."""
-
-    last_id: str = "0-0"
-    written_cursor: str | None = None
-    #: The last value sent to the cursor, landed or not (its reply may be lost).
-    attempted_cursor: str | None = None
-    cursor_written_at: float = 0.0
-    trimmed_to: str | None = None
-
-
-@dataclass
-class _NormalChannel:
-    """This process's bookkeeping for one normal channel it receives from."""
-
-    key: str
-    shard: int
-    group_ready: bool = False
-    #: Entries read from Redis but not yet acknowledged (skipped when re-reading pending ones).
-    in_flight: set[bytes] = field(default_factory=set)
-    #: Entries taken over or found pending, to hand out before reading new ones.
-    held: deque[Entry] = field(default_factory=deque)
-    #: Set when a read lost its reply: our consumer may own entries nobody received.
-    check_pending: bool = True
-    next_claim: float = 0.0
-    #: The one read in progress for this channel; receives await it through a shield.
-    fetch: asyncio.Future[None] | None = None
-    #: Acknowledgements still in flight after their receive was cancelled, by entry id.
-    acks: dict[bytes, asyncio.Future[bool]] = field(default_factory=dict)
-    #: Entries whose last acknowledgement failed: it may have landed without a reply.
-    unsure_acks: set[bytes] = field(default_factory=set)
 
 
 class StreamsChannelLayer(StreamlayerLayer):
@@ -126,15 +74,13 @@ class StreamsChannelLayer(StreamlayerLayer):
         self._channel_numbers = itertools.count(1)
         #: Destination of each process-specific channel seen in a group (bounded memo).
         self._process_of: dict[str, str] = {}
-        self.position = InboxPosition()
         self.local = LocalChannels(self.count)
-        self._reader: InboxReader | None = None
-        self._normal: dict[str, _NormalChannel] = {}
-        self._recent = RecentTags()
+        self.inbox = Inbox(self)
+        self.normal = NormalChannels(self)
         self.history = GroupHistory(self)
         #: How long STREAM_ACK keeps a delivered tag: a retried send's window, within expiry.
         window = min(self.config.retry_timeout + _RETRY_SLACK, self.config.expiry)
-        self._delivered_keep_ms = max(1000, math.ceil(window * 1000))
+        self.delivered_keep_ms = max(1000, math.ceil(window * 1000))
 
     def after_fork(self) -> None:
         """A new identity for the child: inbox, consumer name, channel names, dedup tags."""
@@ -143,11 +89,9 @@ class StreamsChannelLayer(StreamlayerLayer):
         self._tag_numbers = itertools.count()
         self._channel_numbers = itertools.count(1)
         self._process_of = {}
-        self.position = InboxPosition()
         self.local = LocalChannels(self.count)
-        self._reader = None
-        self._normal = {}
-        self._recent = RecentTags()
+        self.inbox = Inbox(self)
+        self.normal = NormalChannels(self)
         self.history = GroupHistory(self)
 
     def new_tag(self) -> str:
@@ -159,10 +103,6 @@ class StreamsChannelLayer(StreamlayerLayer):
     def key_ttl_ms(self) -> int:
         """TTL of every stream key: a stream idle for ``expiry`` holds only expired entries."""
         return max(1000, math.ceil(self.config.expiry * 1000))
-
-    @property
-    def claim_after(self) -> float:
-        return self.config.effective_claim_after
 
     def _min_id(self) -> str:
         """Entries older than this have expired (stream ids start with milliseconds)."""
@@ -256,272 +196,10 @@ class StreamsChannelLayer(StreamlayerLayer):
 
     def _prepare_local(self, channel: str) -> None:
         self.local.touch(channel)
-        reader = self._reader
-        running = reusable_task(
-            reader.task if reader else None, "receive() on process-specific channels"
-        )
-        if not running and not self.local.has_queued(channel):
-            # The task first runs after local.get() has registered this receiver.
-            self._reader = InboxReader(self)
-
-    def dispatch_inbox(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        """Decode one inbox entry and hand it to the local channels it names (counted:
-        their backlogs are reported to senders)."""
-        listed = fields.get(b"c")
-        channels = listed.decode().split(",") if listed else []
-        if not channels:
-            self.stats.count("decode_errors")
-            logger.warning("skipped an inbox entry that names no channel: %r", entry_id)
-            return
-        sent_ms = int(entry_id.split(b"-", 1)[0])
-        if sent_ms < (time.time() - self.config.expiry) * 1000:
-            self.stats.count("expired", len(channels))
-            return
-        if self._recent.seen(fields.get(b"i", entry_id)):
-            self.stats.count("duplicates")
-            return
-        message = self.try_deserialize(fields.get(b"d", b""), "the process inbox")
-        if message is None:
-            return
-        deadline = sent_ms / 1000 + self.config.expiry
-        group, position = _group_position(fields)
-        for channel in channels:
-            copy = dict(message) if len(channels) > 1 else message
-            if group is None:
-                self.local.deliver(channel, copy, deadline, counted=True)
-                continue
-            copy[POSITION_KEY] = position_tag(group, position)
-            if not self.history.hold(channel, group, position, copy, deadline):
-                self.local.deliver(channel, copy, deadline, counted=True)
-
-    # --- normal channels ------------------------------------------------------------------
+        self.inbox.serve(channel)
 
     async def _receive_normal(self, channel: str) -> dict[str, Any]:
-        """Hand over a held entry, or wait for the channel's one fetch to hold some.
-
-        The fetch is a task of its own, awaited through a shield: cancelling a
-        receive never interrupts a Redis read halfway, and what the fetch reads
-        after the cancel is held for the next receive, in order.
-        """
-        state = self._normal_state(channel)
-        while True:
-            if state.held:
-                message = await self._hand_over(channel, state, state.held.popleft())
-                if message is not None:
-                    return message
-                continue
-            fetch = state.fetch
-            if fetch is None or not reusable_task(fetch, f"receive() on {channel!r}"):
-                if fetch is not None and not fetch.done():
-                    state.check_pending = True  # abandoned with its loop: it may hold entries
-                fetch = state.fetch = asyncio.ensure_future(self._fetch(channel, state))
-                fetch.add_done_callback(_retrieve_exception)
-            await asyncio.shield(fetch)
-
-    def _normal_state(self, channel: str) -> _NormalChannel:
-        state = self._normal.get(channel)
-        if state is None:
-            key = stream_channel_key(self.prefix, channel)
-            state = self._normal[channel] = _NormalChannel(key, self._shard(channel))
-        return state
-
-    async def _fetch(self, channel: str, state: _NormalChannel) -> None:
-        """Read until at least one entry of ``channel`` is held."""
-        guard = CancelGuard()
-        while not state.held:
-            try:
-                await self._ensure_group(channel, state)
-                if state.check_pending or time.monotonic() >= state.next_claim:
-                    await self._collect_stragglers(channel, state)
-                if not state.held:
-                    await self._read_new(channel, state)
-            except ResponseError as exc:
-                if not _group_gone(exc):
-                    raise
-                # The stream vanished with its consumer group (it expired, was flushed,
-                # Redis came back empty): on any read path, join again and read on.
-                logger.warning("%s: the consumer group of %r is gone; joining again",
-                               self.process_id, channel)  # fmt: skip
-                state.group_ready = False
-                state.check_pending = False
-            guard.check()
-
-    async def _ensure_group(self, channel: str, state: _NormalChannel) -> None:
-        if state.group_ready:
-            return
-
-        async def create() -> None:
-            client = self.connections.client(state.shard)
-            await STREAM_JOIN_CONSUMERS(client, [state.key], [CONSUMER_GROUP, self.key_ttl_ms])
-
-        await self.with_retry(f"join the consumers of {channel!r}", create)
-        state.group_ready = True
-
-    async def _read_new(self, channel: str, state: _NormalChannel) -> None:
-        """Wait (bounded) for one new entry and hold it; our consumer now owns it."""
-        block = self.connections.block_timeout(state.shard, BLOCK_SECONDS)
-
-        def lost_reply(error: BaseException) -> None:
-            # The server may have delivered an entry whose reply never reached us: it
-            # sits in our pending list, and goes out first, before anything newer.
-            state.check_pending = True
-
-        async def read() -> list[Entry]:
-            if state.check_pending:
-                await self._collect_own_pending(state)
-                if state.held:
-                    return []
-            client = self.connections.client(state.shard)
-            response = await client.xreadgroup(
-                CONSUMER_GROUP,
-                self.process_id,
-                {state.key: ">"},
-                count=1,
-                block=int(block * 1000),
-            )
-            return stream_entries(response)
-
-        try:
-            entries = await self.with_retry(f"receive on {channel!r}", read, on_error=lost_reply)
-        except asyncio.CancelledError:
-            lost_reply(asyncio.CancelledError())
-            raise
-        self._hold(state, entries)
-
-    async def _collect_own_pending(self, state: _NormalChannel) -> None:
-        """Move entries our consumer owns but nobody received into ``held``, oldest first."""
-        client = self.connections.client(state.shard)
-        response = await client.xreadgroup(
-            CONSUMER_GROUP, self.process_id, {state.key: "0"}, count=_CLAIM_BATCH
-        )
-        self._hold(state, stream_entries(response))
-        state.check_pending = False
-
-    def _hold(self, state: _NormalChannel, entries: list[Entry]) -> int:
-        """Queue entries not already on their way to a receive; returns how many."""
-        known = state.in_flight | {entry_id for entry_id, _ in state.held}
-        added = 0
-        for entry_id, fields in entries:
-            if entry_id not in known:
-                known.add(entry_id)
-                state.in_flight.add(entry_id)
-                state.held.append((entry_id, fields))
-                added += 1
-        return added
-
-    async def _collect_stragglers(self, channel: str, state: _NormalChannel) -> None:
-        """Entries our consumer owns but nobody received (a receive cancelled mid-read),
-        and, every ``claim_after / 2`` seconds, entries other consumers left pending for
-        longer than ``claim_after`` (a crashed worker): both go to ``held``."""
-        if state.check_pending:
-            await self.with_retry(
-                f"pending entries of {channel!r}", partial(self._collect_own_pending, state)
-            )
-        if time.monotonic() < state.next_claim:
-            return
-
-        async def take_over() -> list[Entry]:
-            response = await self.connections.client(state.shard).xautoclaim(
-                state.key,
-                CONSUMER_GROUP,
-                self.process_id,
-                min_idle_time=int(self.claim_after * 1000),
-                start_id="0-0",
-                count=_CLAIM_BATCH,
-            )
-            return [(_bytes(i), f or {}) for i, f in (response[1] or []) if i is not None]
-
-        claimed = await self.with_retry(f"claim stale entries of {channel!r}", take_over)
-        self.stats.count("redelivered", self._hold(state, claimed))
-        state.next_claim = time.monotonic() + self.claim_after / 2
-        await self.with_retry(
-            f"prune consumers of {channel!r}", partial(self._prune_consumers, state)
-        )
-
-    async def _prune_consumers(self, state: _NormalChannel) -> None:
-        """Forget consumers (processes) that are idle, own nothing, and are long gone."""
-        client = self.connections.client(state.shard)
-        try:
-            consumers = await client.xinfo_consumers(state.key, CONSUMER_GROUP)
-        except ResponseError:
-            return  # the stream or group vanished: nothing to prune
-        # A live consumer reads at least once per blocking read, which resets its idle
-        # time; one that owns nothing can be forgotten safely (a later read recreates it).
-        block = self.connections.block_timeout(state.shard, BLOCK_SECONDS)
-        gone_after_ms = int(max(6 * self.claim_after, 4 * block) * 1000)
-        for consumer in consumers:
-            name = consumer["name"]
-            name = name.decode() if isinstance(name, bytes) else name
-            if (
-                name != self.process_id
-                and int(consumer["pending"]) == 0
-                and int(consumer["idle"]) > gone_after_ms
-            ):
-                await STREAM_FORGET_CONSUMER(client, [state.key], [CONSUMER_GROUP, name])
-
-    async def _hand_over(
-        self, channel: str, state: _NormalChannel, entry: Entry
-    ) -> dict[str, Any] | None:
-        """Acknowledge and delete ``entry``, then return its message (None: skip it).
-
-        The acknowledgement runs shielded: a receive cancelled meanwhile puts the
-        entry back at the head of ``held``, and the next receive awaits the same
-        acknowledgement instead of sending another.
-        """
-        entry_id, fields = entry
-        ack = state.acks.get(entry_id)
-        if ack is None:
-            tag = fields.get(b"i", b"")
-            ack = asyncio.ensure_future(self._acknowledge(channel, state, entry_id, tag))
-            state.acks[entry_id] = ack
-        try:
-            ours = await asyncio.shield(ack)
-        except asyncio.CancelledError:
-            state.held.appendleft(entry)  # its acknowledgement stays in state.acks
-            raise
-        except Exception:
-            # Redis stayed away: the entry goes back, and the next attempt allows for
-            # this one having landed without its reply.
-            del state.acks[entry_id]
-            state.held.appendleft(entry)
-            state.unsure_acks.add(entry_id)
-            raise
-        del state.acks[entry_id]
-        state.unsure_acks.discard(entry_id)
-        state.in_flight.discard(entry_id)
-        if not ours:
-            self.stats.count("duplicates")  # another consumer took it over and delivers it
-            return None
-        if not fields:
-            return None  # deleted while pending (trimmed as expired)
-        if int(entry_id.split(b"-", 1)[0]) < (time.time() - self.config.expiry) * 1000:
-            self.stats.count("expired")
-            return None
-        message = self.try_deserialize(fields.get(b"d", b""), f"channel {channel!r}")
-        if message is not None:
-            message.pop(RESERVED_KEY, None)
-            group, position = _group_position(fields)
-            if group is not None:
-                message[POSITION_KEY] = position_tag(group, position)
-        return message
-
-    async def _acknowledge(
-        self, channel: str, state: _NormalChannel, entry_id: bytes, tag: bytes
-    ) -> bool:
-        """STREAM_ACK, retried; True when this process still owned the entry. The
-        entry's tag is remembered for as long as a retried send of it may come, but
-        no longer than ``expiry`` (every key of the layer vanishes within it)."""
-        keep_ms = self._delivered_keep_ms
-        ours = await self.idempotent(
-            f"acknowledge on {channel!r}",
-            STREAM_ACK,
-            state.shard,
-            [state.key, stream_delivered_key(self.prefix, channel)],
-            lambda: [CONSUMER_GROUP, self.process_id, entry_id],
-            maybe_landed=entry_id in state.unsure_acks,
-            extra=lambda: [tag, int(time.time() * 1000), keep_ms],
-        )
-        return bool(ours)
+        return await self.normal.receive(channel)
 
     # --- groups ---------------------------------------------------------------------------
 
@@ -702,8 +380,8 @@ class StreamsChannelLayer(StreamlayerLayer):
         """Delete every key of this layer's prefix on every shard, and drop local state."""
         await self._stop_reader(LayerClosed("the channel layer was flushed"))
         self.local.clear()
-        self._normal.clear()
-        self.position = InboxPosition()
+        self.normal.clear()
+        self.inbox.reset()
         await self.delete_matching(scan_pattern(f"{self.prefix}:s:"))
         await self.connections.close(sync_clients=False)
 
@@ -725,15 +403,8 @@ class StreamsChannelLayer(StreamlayerLayer):
         """
         self.local.fail(error)
         loop = asyncio.get_running_loop()
-        reader, self._reader = self._reader, None
-        if reader is not None and reader.loop is loop:
-            await reader.stop()
-        fetches = [
-            s.fetch for s in self._normal.values() if s.fetch and s.fetch.get_loop() is loop
-        ]
-        for fetch in fetches:
-            fetch.cancel()
-        await asyncio.gather(*fetches, return_exceptions=True)
+        await self.inbox.stop(loop)
+        await self.normal.stop_fetches(loop)
 
 
 class _Replan(list[str]):
@@ -744,29 +415,3 @@ class _Replan(list[str]):
     def __init__(self, members: list[str], tags: dict[str, str]) -> None:
         super().__init__(members)
         self.tags = tags
-
-
-def _retrieve_exception(fetch: asyncio.Future[None]) -> None:
-    """A fetch whose receive was cancelled fails unobserved; its error is logged here,
-    and the next receive starts a new fetch."""
-    if not fetch.cancelled() and fetch.exception() is not None:
-        logger.info("a normal-channel read failed: %r", fetch.exception())
-
-
-def _group_gone(error: ResponseError) -> bool:
-    """Whether a read failed because the stream or its consumer group no longer exists."""
-    text = str(error)
-    return "NOGROUP" in text or "no longer exists" in text
-
-
-def _group_position(fields: dict[bytes, bytes]) -> tuple[str | None, str]:
-    """The group and position an entry's fields carry (None: not a group message with
-    history)."""
-    group = fields.get(b"g")
-    if group is None:
-        return None, ""
-    return group.decode(), fields.get(b"p", b"").decode()
-
-
-def _bytes(value: Any) -> bytes:
-    return value if isinstance(value, bytes) else str(value).encode()

@@ -195,9 +195,9 @@ async def test_a_read_entry_whose_stream_vanished_is_still_delivered(
     can have it, so it is delivered (the acknowledgement does not fail)."""
     for n in range(2):
         await worker.send("jobs", {"type": "job", "n": n})
-    state = worker._normal_state("jobs")
+    state = worker.normal.state("jobs")
     assert (await worker.receive("jobs"))["n"] == 0
-    await worker._fetch("jobs", state)  # read the next entry, not yet handed over
+    await worker.normal._fetch("jobs", state)  # read the next entry, not yet handed over
     with fresh_server.client() as client:
         client.flushall()
     assert (await asyncio.wait_for(worker.receive("jobs"), _WAIT))["n"] == 1

@@ -180,7 +180,7 @@ async def test_a_reset_while_no_reader_runs_is_reported(
     await layer.send(channel, {"type": "n", "i": 0})
     assert (await recv(layer, channel))["i"] == 0
     for _ in range(500):  # until the idle reader has settled and stopped (bounded)
-        if layer._reader is None or layer._reader.task.done():
+        if layer.inbox.reader is None or layer.inbox.reader.task.done():
             break
         await asyncio.sleep(0.01)
     fresh_server.stop()
@@ -247,13 +247,11 @@ WORKER = textwrap.dedent(
 
     async def main():
         layer = StreamsChannelLayer(hosts=[sys.argv[1]], prefix="crash")
-        state = layer._normal.setdefault(
-            "jobs", __import__("streamlayer.streams", fromlist=["x"])._NormalChannel(
-                "crash:s:chan:{jobs}", 0))
-        await layer._ensure_group("jobs", state)
+        state = layer.normal.state("jobs")
+        await layer.normal._ensure_group("jobs", state)
         state.check_pending = False
         while not state.held:
-            await layer._read_new("jobs", state)  # read, never acknowledge
+            await layer.normal._read_new("jobs", state)  # read, never acknowledge
         print("holding", state.held[0][0].decode(), flush=True)
         await asyncio.sleep(3600)
 
@@ -302,10 +300,10 @@ async def test_an_entry_taken_over_while_held_is_not_delivered_twice(
     with pytest.raises(asyncio.CancelledError):
         await receiving
     for _ in range(500):  # until A's fetch holds the entry (bounded)
-        if a._normal["jobs"].held:
+        if a.normal["jobs"].held:
             break
         await asyncio.sleep(0.01)
-    assert a._normal["jobs"].held, "A's fetch never read the entry"
+    assert a.normal["jobs"].held, "A's fetch never read the entry"
     assert await recv(b, "jobs") == {"type": "job", "n": 1}
     assert b.stats.redelivered == 1
     await a.send("jobs", {"type": "job", "n": 2})
@@ -548,7 +546,7 @@ async def test_the_inbox_is_trimmed_as_it_is_read_and_fully_when_idle(
             lengths.append(client.xlen(inbox))
         assert max(lengths) <= 1
         for _ in range(500):  # until the idle reader has settled and stopped (bounded)
-            if layer._reader is None or layer._reader.task.done():
+            if layer.inbox.reader is None or layer.inbox.reader.task.done():
                 break
             await asyncio.sleep(0.01)
         assert client.xlen(inbox) == 0

@@ -44,7 +44,7 @@ from ..keys import (
     scan_pattern,
 )
 from ..local import LocalChannels
-from ..reader import BackgroundReader, reusable_task
+from ..reader import BLOCK_SECONDS, BackgroundReader, reusable_task
 from ..retry import is_out_of_memory
 from ..scripts import (
     CLASSIC_GROUP_SEND,
@@ -60,8 +60,6 @@ logger = logging.getLogger(__name__)
 
 #: How many messages the inbox reader pops per round trip when its inbox is busy.
 READ_BATCH = 256
-#: Longest single blocking pop; also bounded by half the socket timeout.
-BLOCK_SECONDS = 5.0
 #: Seconds between refreshes of an inbox's alive mark (its TTL is far longer).
 _MARK_EVERY = 60.0
 

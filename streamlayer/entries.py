@@ -1,0 +1,58 @@
+"""What the Streams layer's stream entries look like, read back.
+
+Every entry the layer appends (see ``append_all`` in :mod:`streamlayer.scripts`)
+has the serialized message under ``d`` and a dedup tag under ``i``; an inbox
+entry names its channels under ``c``; a group message with history carries its
+group under ``g`` and its position under ``p``. The inbox reader and the
+normal-channel reader both read entries; this module is what they share about
+them, so the layout is read in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["Entry", "as_bytes", "group_position", "next_stream_id", "stream_entries"]
+
+#: An entry as redis-py returns it: its id and its fields.
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+def stream_entries(response: Any) -> list[Entry]:
+    """The entries of the one stream in an XREAD / XREADGROUP reply, whatever its shape
+    (RESP2 list of [key, entries], RESP3 dict); deleted entries come back as (id, {})."""
+    if not response:
+        return []
+    streams = list(response.values()) if isinstance(response, dict) else [r[1] for r in response]
+    entries: list[Any] = streams[0] if streams else []
+    if len(entries) == 1 and isinstance(entries[0], list):  # RESP3 legacy wrapping
+        entries = entries[0]
+    result: list[Entry] = []
+    for entry_id, fields in entries:
+        if entry_id is not None:
+            result.append((as_bytes(entry_id), fields or {}))
+    return result
+
+
+def next_stream_id(entry_id: str) -> str:
+    """The smallest id greater than ``entry_id`` (for an exclusive XTRIM MINID)."""
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
+
+
+def sent_ms(entry_id: bytes) -> int:
+    """When the entry was appended (a stream id starts with milliseconds)."""
+    return int(entry_id.split(b"-", 1)[0])
+
+
+def group_position(fields: dict[bytes, bytes]) -> tuple[str | None, str]:
+    """The group and position an entry's fields carry (None: not a group message with
+    history)."""
+    group = fields.get(b"g")
+    if group is None:
+        return None, ""
+    return group.decode(), fields.get(b"p", b"").decode()
+
+
+def as_bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
