@@ -1,5 +1,10 @@
 """What every streamlayer layer shares: config, serializer, connections,
-validation and the retry boundary.
+validation, counters, the retry boundary, replay's answer where there is no
+history, connection notices, and the lifecycle (close, fork).
+
+The two layers that keep messages in Redis (Streams and compat.core) build on
+:class:`~streamlayer.stored.StoredLayer`; the Pub/Sub layer on this class
+directly. What each layer must provide is declared below as "the contract".
 
 Name validation and the capacity lookup are Channels' own
 (:class:`channels.layers.BaseChannelLayer`); this class only turns the spec's
@@ -8,16 +13,14 @@ rules into clear exceptions and wires the shared pieces together.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
-from functools import partial
 from typing import Any, ClassVar, TypeVar
 
 from channels.layers import BaseChannelLayer
@@ -28,7 +31,7 @@ from .exceptions import ChannelFull
 from .history import HistoryPage, Position
 from .local import LocalChannels
 from .retry import retry_transient
-from .scripts import GROUP_MEMBERS
+from .scripts import LuaScript
 from .serializers import MessageSerializer, registry
 from .sync import sync_aware, sync_aware_on_loop
 
@@ -38,36 +41,12 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_SCAN_COUNT = 1000
 #: How many validated channel names (and capacities) a layer remembers before starting afresh.
-_NAME_CACHE = 100_000
-#: How many groups' members a layer remembers for one-trip group sends before starting afresh.
-_KNOWN_GROUPS = 10_000
+NAME_CACHE = 100_000
 
 #: The key under which a message carries its process-specific destination(s).
 #: Shared with channels_redis; a message from a caller must not contain it.
 RESERVED_KEY = "__asgi_channel__"
-
-
-class KnownMembers(list[str]):
-    """A group's members as last read, with the form a script compares them in."""
-
-    def __init__(self, members: list[str]) -> None:
-        super().__init__(members)
-        #: SHA-1 of the names sorted and joined by newlines (no channel name contains
-        #: one): 40 bytes on the wire whatever the group's size; the script hashes the
-        #: members it finds the same way (redis.sha1hex).
-        self.digest = hashlib.sha1("\n".join(sorted(members)).encode()).hexdigest()
-
-
-def decode_members(raw: list[Any]) -> list[str]:
-    return [m.decode("utf8") if isinstance(m, bytes) else str(m) for m in raw]
-
-
-def known_send_outcome(reply: list[Any]) -> int | list[str]:
-    """A one-trip group send script's reply: how many members were full, or (-1 first)
-    the group's members now, when they were not the ones the send was planned for."""
-    return decode_members(reply[1:]) if reply[0] == -1 else int(reply[0])
 
 
 @dataclass
@@ -130,8 +109,6 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
     supports_cluster: ClassVar[bool] = False
     #: ``capacity`` when the config gives none (channels_redis' 100 for the compat layers).
     default_capacity: ClassVar[int] = 100
-    #: Messages of this process's process-specific channels (layers that have an inbox).
-    local: LocalChannels
 
     def __init__(self, **options: Any) -> None:
         options.setdefault("capacity", self.default_capacity)
@@ -161,15 +138,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         _LAYERS.add(self)
         #: Channel names already validated, for any use and for receive() (bounded).
         self._valid_channels: set[str] = set()
-        self._receivable: set[str] = set()
         self._capacities: dict[str, int] = {}
-        #: Each group's members as this layer last read them (bounded; group_send).
-        self._known_members: dict[str, KnownMembers] = {}
-        #: Every key on one server (no shards, no Cluster): a group send may be one trip.
-        self._one_server = self.connections.ring_size == 1 and not self.connections.is_cluster
-        #: The groups this layer's own channels joined: what it adds again when Redis
-        #: comes back without them (see restore_memberships).
-        self._joined: dict[str, set[str]] = {}
         #: Whether the log said that a notice skipped channels that did not ask for it.
         self._said_unasked = False
         #: Groups a replay was asked of though they keep no history (logged once each).
@@ -214,7 +183,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         if type(channel) is str and channel in self._valid_channels:
             return channel
         self.require_valid_channel_name(channel)
-        if len(self._valid_channels) >= _NAME_CACHE:
+        if len(self._valid_channels) >= NAME_CACHE:
             self._valid_channels.clear()
         self._valid_channels.add(channel)
         return str(channel)
@@ -223,7 +192,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         """The capacity of ``channel`` (``channel_capacity`` patterns first), remembered."""
         capacity = self._capacities.get(channel)
         if capacity is None:
-            if len(self._capacities) >= _NAME_CACHE:
+            if len(self._capacities) >= NAME_CACHE:
                 self._capacities.clear()
             capacity = self._capacities[channel] = int(super().get_capacity(channel))
         return capacity
@@ -248,49 +217,23 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
             raise ChannelFull(f"channel {channel!r} is at its capacity of {capacity} messages")
         self.stats.count("sent")
 
-    # Not sync_aware: a receive blocks in Redis, and a sync client's blocking read
-    # would hold the loop's thread, so no timeout or cancellation around it could act.
-    async def receive(self, channel: str) -> dict[str, Any]:
-        """The next message on ``channel``. Cancelling it loses and duplicates nothing."""
-        if channel not in self._receivable:
-            self._admit(channel)
-        if "!" in channel:
-            # Kept flat on purpose: every await level costs a frame resumption per
-            # message, and a fan-out to hundreds of local channels pays it hundreds
-            # of times per group_send.
-            self._prepare_local(channel)
-            message = await self.local.get(channel)
-        else:
-            message = await self._receive_normal(channel)
-        self.stats.count("received")
-        return message
+    # --- the contract: what each layer provides -----------------------------------
+    # Channels' API (new_channel, send, receive, group_discard, group_send, flush)
+    # and the two hooks below; group_add, group_history, close and the rest are here.
 
-    def _admit(self, channel: str) -> None:
-        """Validate a channel name once; later receives on it skip the checks."""
-        self.check_channel(channel)
-        if "!" in channel:
-            self._check_local(channel)
-        if len(self._receivable) >= _NAME_CACHE:
-            self._receivable.clear()
-        self._receivable.add(channel)
-
-    def owns(self, channel: str) -> bool:
-        """Whether ``channel`` was made by this layer's new_channel() (each layer's own)."""
+    async def join_group(self, group: str, channel: str) -> None:
+        """Make ``channel`` a member of ``group`` (the plain join of group_add)."""
         raise NotImplementedError
 
-    def _check_local(self, channel: str) -> None:
-        """Raise ValueError unless ``channel`` was made by this layer's new_channel()."""
-        if not self.owns(channel):
-            raise ValueError(
-                f"cannot receive on {channel!r}: it was not made by this layer's new_channel()"
-            )
+    def want_notices(self, channel: str) -> None:
+        """Deliver the ``on_disconnect`` / ``on_reconnect`` notices to ``channel`` (one
+        of this process's, usually a consumer's ``self.channel_name``).
 
-    def _prepare_local(self, channel: str) -> None:
-        """Make sure this loop's reader serves ``channel`` (each layer's own)."""
-        raise NotImplementedError
-
-    async def _receive_normal(self, channel: str) -> dict[str, Any]:
-        """A normal channel's next message (each layer's own)."""
+        Only channels that asked get them: Channels closes a consumer that receives a
+        message type it has no handler for, so a notice sent to every channel would
+        close every ordinary consumer on the first blip.
+        :class:`~streamlayer.consumers.NoticesMixin` (and the replay mixin) ask for you.
+        """
         raise NotImplementedError
 
     # --- the retry boundary ------------------------------------------------------
@@ -315,31 +258,36 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
             call, give_up_after=self.config.retry_timeout, what=what, on_retry=count
         )
 
-    async def with_retry_flag(
+    async def call_script(
         self,
         what: str,
-        call: Callable[[bool], Awaitable[T]],
+        script: LuaScript,
+        shard: int,
+        keys: Sequence[Any],
+        args: Sequence[Any] | Callable[[], Sequence[Any]],
         *,
+        idempotent: bool = False,
         maybe_landed: bool = False,
-    ) -> T:
-        """:meth:`with_retry` for a script that must know whether an earlier attempt
-        may have landed without its reply: ``call`` is told so (True) on every attempt
-        after the first, or on every attempt when ``maybe_landed``."""
+    ) -> Any:
+        """Call ``script`` on ``shard`` under the retry policy, through the shard's
+        batcher (calls made together travel in one pipeline). ``args`` may be a
+        function, to compute them afresh at each attempt (expiry cutoffs, TTLs).
+
+        An ``idempotent`` script takes the retry flag as its last argument (see
+        :mod:`streamlayer.scripts`): '1' on every attempt after the first, or on every
+        attempt when ``maybe_landed`` (an earlier call may have landed), so a retried
+        send is stored once and a retried acknowledgement counts once."""
         attempts = 1 if maybe_landed else 0
 
-        async def attempt() -> T:
+        async def attempt() -> Any:
             nonlocal attempts
-            retrying = attempts > 0
+            values = list(args() if callable(args) else args)
+            if idempotent:
+                values.append("1" if attempts else "0")
             attempts += 1
-            return await call(retrying)
+            return await self.connections.batcher(shard).call(script, keys, values)
 
         return await self.with_retry(what, attempt)
-
-    # --- groups and keys: the parts every Redis layer shares ---------------------------
-
-    def group_key(self, group: str) -> str:
-        """The sorted set holding ``group``'s members (each layer names its own)."""
-        raise NotImplementedError
 
     @sync_aware
     async def group_add(
@@ -388,7 +336,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         pattern typo in ``group_history``, or a backend without history)."""
         if group in self._said_no_history:
             return
-        if len(self._said_no_history) >= _NAME_CACHE:
+        if len(self._said_no_history) >= NAME_CACHE:
             self._said_no_history.clear()
         self._said_no_history.add(group)
         logger.warning(
@@ -400,90 +348,6 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
 
     def why_no_history(self, group: str) -> str:
         return "replay needs streamlayer.StreamsChannelLayer with group_history"
-
-    async def join_group(self, group: str, channel: str) -> None:
-        """The plain join (each layer's own; this is the sorted-set one)."""
-        key, shard = self.group_key(group), self.connections.shard_for(group)
-        await self.with_retry(
-            f"group_add to {group!r}", partial(self._add_all, shard, [(key, [channel])])
-        )
-        self.note_membership(group, channel, joined=True)
-
-    @sync_aware
-    async def group_discard(self, group: str, channel: str) -> None:
-        """Remove ``channel`` from ``group``; a channel that is not a member is ignored."""
-        self.check_group(group)
-        self.check_channel(channel)
-        key, shard = self.group_key(group), self.connections.shard_for(group)
-        await self.with_retry(
-            f"group_discard from {group!r}",
-            lambda: self.connections.client(shard).zrem(key, channel),
-        )
-        self.note_membership(group, channel, joined=False)
-
-    # --- healing: what the layer restores when Redis comes back without its data ----
-
-    def note_membership(self, group: str, channel: str, *, joined: bool) -> None:
-        """Remember (or forget) that a channel of this layer is in ``group``."""
-        if "!" not in channel or not self.owns(channel):
-            return
-        if joined:
-            self._joined.setdefault(group, set()).add(channel)
-            return
-        members = self._joined.get(group)
-        if members is not None:
-            members.discard(channel)
-            if not members:
-                del self._joined[group]
-
-    async def restore_memberships(self) -> int:
-        """Add this layer's live channels to the groups they joined, again.
-
-        Called when Redis came back without its data (a restart without persistence,
-        a failover to an empty replica, FLUSHALL): the consumers are still connected
-        and still think they are members, so every group_send would otherwise reach
-        nobody until each of them reconnects. A channel is live while a receive()
-        waits on it or one came within ``group_expiry`` (its membership would have
-        expired anyway). One pipeline per shard; returns how many memberships."""
-        live = self.local.live_channels(self.group_expiry)
-        by_shard: dict[int, list[tuple[str, list[str]]]] = {}
-        for group, channels in list(self._joined.items()):
-            keep = channels & live
-            if not keep:
-                del self._joined[group]
-                continue
-            self._joined[group] = keep
-            entry = (self.group_key(group), sorted(keep))
-            by_shard.setdefault(self.connections.shard_for(group), []).append(entry)
-        for shard, entries in by_shard.items():
-            await self.with_retry(
-                "restore group memberships", partial(self._add_all, shard, entries)
-            )
-        return sum(len(channels) for entries in by_shard.values() for _, channels in entries)
-
-    async def _add_all(self, shard: int, entries: list[tuple[str, list[str]]]) -> None:
-        """Add ``channels`` to each group key of ``entries`` and refresh its TTL, in one
-        pipeline on ``shard`` (group_add, and restoring memberships)."""
-        pipe = self.connections.client(shard).pipeline(transaction=False)
-        now = time.time()
-        for key, channels in entries:
-            pipe.zadd(key, dict.fromkeys(channels, now))
-            pipe.expire(key, self.group_expiry)
-        await pipe.execute()
-
-    def want_notices(self, channel: str) -> None:
-        """Deliver the ``on_disconnect`` / ``on_reconnect`` notices to ``channel`` (one
-        of this process's, usually a consumer's ``self.channel_name``).
-
-        Only channels that asked get them: Channels closes a consumer that receives a
-        message type it has no handler for, so a notice sent to every channel would
-        close every ordinary consumer on the first blip.
-        :class:`~streamlayer.consumers.NoticesMixin` (and the replay mixin) ask for you.
-        """
-        self.check_channel(channel)
-        if "!" in channel:
-            self._check_local(channel)
-        self.local.want_notices(channel)
 
     def tell(
         self, local: LocalChannels, kind: str, candidates: Iterable[str], **extra: Any
@@ -503,111 +367,6 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
                 unasked,
             )
 
-    def connection_lost(self) -> None:
-        """This process's reader lost Redis: tell the live local channels that asked."""
-        self.stats.count("reconnects")
-        if self.config.on_disconnect:
-            self.tell(self.local, self.config.on_disconnect, self._live())
-
-    async def connection_back(self, recovered: bool, data_lost: bool | None = None) -> None:
-        """This process's reader is back; ``recovered`` says whether nothing can have
-        been lost, ``data_lost`` whether Redis lost its data (by default: not
-        ``recovered``). Then the memberships come back first, so an app resyncing on
-        the notice misses nothing sent after it."""
-        if data_lost is None:
-            data_lost = not recovered
-        if data_lost:
-            restored = await self.restore_memberships()
-            logger.warning(
-                "%s: Redis lost its data; %d group membership(s) of this process restored",
-                type(self).__name__,
-                restored,
-            )
-        else:
-            logger.warning("%s: reconnected (recovered=%s)", type(self).__name__, recovered)
-        if self.config.on_reconnect:
-            self.tell(self.local, self.config.on_reconnect, self._live(), recovered=recovered)
-
-    def _live(self) -> set[str]:
-        return self.local.live_channels(self.config.expiry)
-
-    @sync_aware
-    async def group_send(self, group: str, message: dict[str, Any]) -> None:
-        """Send ``message`` to every member of ``group``; full members are skipped and
-        counted (the spec lets a group send drop rather than raise).
-
-        On a single server the send is planned for the members this layer last read
-        and made by one script that first checks they are still the members
-        (:meth:`send_to_known`): one round trip for a steady group. A group that
-        changed answers with its members, and a second trip sends to them."""
-        self.check_group(group)
-        self.check_message(message)
-        known = self._known_members.get(group) if self._one_server else None
-        if known is not None:
-            outcome = await self.send_to_known(group, known, message)
-            if isinstance(outcome, int):
-                self.count_group_send(group, len(known), outcome)
-                return
-            members = outcome  # the group changed: these are its members now
-        else:
-            members = await self.group_members(group)
-        if self._one_server:
-            self._remember_members(group, members)
-        full_count = await self.send_to_members(group, members, message) if members else 0
-        self.count_group_send(group, len(members), full_count)
-
-    def _remember_members(self, group: str, members: list[str]) -> None:
-        if len(self._known_members) >= _KNOWN_GROUPS:
-            self._known_members.clear()
-        self._known_members[group] = KnownMembers(members)
-
-    async def send_to_known(
-        self, group: str, known: KnownMembers, message: dict[str, Any]
-    ) -> int | list[str]:
-        """Deliver ``message`` to ``known`` members if they are still ``group``'s, in one
-        script call: how many were full, or the group's members now when they differ
-        (nothing sent). Each layer's own."""
-        raise NotImplementedError
-
-    def count_group_send(self, group: str, members: int, full: int) -> None:
-        """Count a group send to ``members`` channels of which ``full`` had no room."""
-        self.stats.count("sent", members - full)
-        if full:
-            self.stats.count("full", full)
-            logger.info("%d of %d channels over capacity in group %s", full, members, group)
-
-    async def group_members(self, group: str) -> list[str]:
-        """The live members of ``group``; members older than ``group_expiry`` are dropped."""
-        key, shard = self.group_key(group), self.connections.shard_for(group)
-        cutoff = time.time() - self.group_expiry
-        raw = await self.with_retry(
-            f"group_send to {group!r}",
-            lambda: GROUP_MEMBERS(self.connections.client(shard), [key], [cutoff]),
-        )
-        return decode_members(raw)
-
-    async def send_to_members(
-        self, group: str, members: list[str], message: dict[str, Any]
-    ) -> int:
-        """Deliver ``message`` to ``members``; returns how many were full (each layer's own)."""
-        raise NotImplementedError
-
-    async def delete_matching(self, pattern: str) -> None:
-        """UNLINK every key matching the SCAN ``pattern`` on every shard (for flush())."""
-        for shard in range(self.connections.ring_size):
-            await self.with_retry("flush", partial(self._delete_on_shard, shard, pattern))
-
-    async def _delete_on_shard(self, shard: int, pattern: str) -> None:
-        client = self.connections.client(shard)
-        batch: list[bytes] = []
-        async for key in client.scan_iter(match=pattern, count=_SCAN_COUNT):
-            batch.append(key)
-            if len(batch) >= _SCAN_COUNT:
-                await client.unlink(*batch)
-                batch = []
-        if batch:
-            await client.unlink(*batch)
-
     # --- lifecycle -----------------------------------------------------------------
 
     def after_fork(self) -> None:
@@ -618,8 +377,6 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         as duplicates."""
         self.connections.forget_after_fork()
         self.stats = LayerStats()
-        self._known_members = {}
-        self._joined = {}
 
     @sync_aware_on_loop
     async def close(self) -> None:

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol, TypeVar
@@ -76,16 +76,16 @@ class NormalHost(Protocol):
         on_error: Callable[[BaseException], None] | None = None,
     ) -> T: ...
 
-    async def idempotent(
+    async def call_script(
         self,
         what: str,
         script: LuaScript,
         shard: int,
-        keys: list[str],
-        args: Callable[[], list[Any]],
+        keys: Sequence[Any],
+        args: Sequence[Any] | Callable[[], Sequence[Any]],
         *,
+        idempotent: bool = False,
         maybe_landed: bool = False,
-        extra: Callable[[], list[Any]] | None = None,
     ) -> Any: ...
 
 
@@ -192,12 +192,9 @@ class NormalChannels:
         if state.group_ready:
             return
         layer = self.layer
-
-        async def create() -> None:
-            client = layer.connections.client(state.shard)
-            await STREAM_JOIN_CONSUMERS(client, [state.key], [CONSUMER_GROUP, layer.key_ttl_ms])
-
-        await layer.with_retry(f"join the consumers of {channel!r}", create)
+        args = [CONSUMER_GROUP, layer.key_ttl_ms]
+        what = f"join the consumers of {channel!r}"
+        await layer.call_script(what, STREAM_JOIN_CONSUMERS, state.shard, [state.key], args)
         state.group_ready = True
 
     async def _read_new(self, channel: str, state: _Channel) -> None:
@@ -356,14 +353,14 @@ class NormalChannels:
         no longer than ``expiry`` (every key of the layer vanishes within it)."""
         layer = self.layer
         keep_ms = layer.delivered_keep_ms
-        ours = await layer.idempotent(
+        ours = await layer.call_script(
             f"acknowledge on {channel!r}",
             STREAM_ACK,
             state.shard,
             [state.key, stream_delivered_key(layer.prefix, channel)],
-            lambda: [CONSUMER_GROUP, layer.process_id, entry_id],
+            lambda: [CONSUMER_GROUP, layer.process_id, entry_id, tag, _now_ms(), keep_ms],
+            idempotent=True,
             maybe_landed=entry_id in state.unsure_acks,
-            extra=lambda: [tag, int(time.time() * 1000), keep_ms],
         )
         return bool(ours)
 
@@ -392,3 +389,7 @@ def _group_gone(error: ResponseError) -> bool:
     """Whether a read failed because the stream or its consumer group no longer exists."""
     text = str(error)
     return "NOGROUP" in text or "no longer exists" in text
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -28,7 +28,7 @@ import asyncio
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -135,16 +135,16 @@ class HistoryHost(Protocol):
         on_error: Callable[[BaseException], None] | None = None,
     ) -> T: ...
 
-    async def idempotent(
+    async def call_script(
         self,
         what: str,
         script: LuaScript,
         shard: int,
-        keys: list[str],
-        args: Callable[[], list[Any]],
+        keys: Sequence[Any],
+        args: Sequence[Any] | Callable[[], Sequence[Any]],
         *,
+        idempotent: bool = False,
         maybe_landed: bool = False,
-        extra: Callable[[], list[Any]] | None = None,
     ) -> Any: ...
 
     async def append(
@@ -202,8 +202,13 @@ class GroupHistory:
             cutoff = time.time() - layer.group_expiry
             return [cutoff, payload, tag, *self._retention(length)]
 
-        reply = await layer.idempotent(
-            f"group_send to {group!r}", STREAM_GROUP_PUBLISH, self._shard(group), keys, args
+        reply = await layer.call_script(
+            f"group_send to {group!r}",
+            STREAM_GROUP_PUBLISH,
+            self._shard(group),
+            keys,
+            args,
+            idempotent=True,
         )
         epoch, entry_id, *members = (_text(v) for v in reply)
         return Published(f"{epoch}:{entry_id}", members)
@@ -236,13 +241,12 @@ class GroupHistory:
         layer = self.layer
         keys = [layer.group_key(group), *self._keys(group)]
 
-        async def call() -> Any:
-            args = [channel, time.time(), layer.group_expiry, since.epoch, since.entry_id]
-            args += self._retention(length)
-            client = layer.connections.client(self._shard(group))
-            return await STREAM_GROUP_JOIN(client, keys, args)
+        def args() -> list[Any]:
+            join = [channel, time.time(), layer.group_expiry, since.epoch, since.entry_id]
+            return join + self._retention(length)
 
-        return _parse_read(await layer.with_retry(f"group_add to {group!r}", call))
+        what, shard = f"group_add to {group!r}", self._shard(group)
+        return _parse_read(await layer.call_script(what, STREAM_GROUP_JOIN, shard, keys, args))
 
     def _replay_locally(self, group: str, channel: str, read: _Read) -> bool:
         """Queue the replay on a channel of this process; False if it did not all fit."""
@@ -310,13 +314,13 @@ class GroupHistory:
         layer = self.layer
         keys = self._keys(group)
 
-        async def call() -> Any:
-            epoch, entry_id = (since.epoch, since.entry_id) if since else ("", "0-0")
-            args = [epoch, entry_id, limit, *self._retention(length)]
-            client = layer.connections.client(self._shard(group))
-            return await STREAM_HISTORY(client, keys, args)
+        epoch, entry_id = (since.epoch, since.entry_id) if since else ("", "0-0")
 
-        read = _parse_read(await layer.with_retry(f"group_history of {group!r}", call))
+        def args() -> list[Any]:
+            return [epoch, entry_id, limit, *self._retention(length)]
+
+        what, shard = f"group_history of {group!r}", self._shard(group)
+        read = _parse_read(await layer.call_script(what, STREAM_HISTORY, shard, keys, args))
         page = HistoryPage(complete=read.complete, position=read.position_of(read.newest))
         for entry_id, fields in read.entries:
             message = layer.try_deserialize(fields.get(b"d", b""), f"history of {group!r}")

@@ -10,6 +10,13 @@ stores a message writes it before anything else (a trim, dropping expired group
 members) and undoes it if there was no room: a full Redis then refuses the
 send with ``OOM``. The reader's bookkeeping, which frees memory, must work on a
 full Redis: it trims first.
+
+The retry flag: a script that a call retries after a lost reply (a send, an
+acknowledgement) takes as its *last* argument ``'1'`` when an earlier attempt
+of the same call may have landed, ``'0'`` otherwise; it then looks for that
+attempt's effect (a dedup tag, an acknowledged entry) instead of repeating it.
+:meth:`~streamlayer.base.StreamlayerLayer.call_script` with ``idempotent=True``
+appends it.
 """
 
 from __future__ import annotations
@@ -165,16 +172,17 @@ CLASSIC_GROUP_SEND_KNOWN = LuaScript(
 -- KEYS[2..n+1]: channel sorted sets of the members the caller knows of
 -- ARGV[1]: drop members that joined at or before this time (now - group_expiry)
 -- ARGV[2]: SHA-1 of the members the keys were planned for, sorted, joined by newlines
--- ARGV[3]: '1' to check them ('0' on a retry, whose first attempt may have landed:
--- adding the same serialized message again changes nothing)
--- ARGV[4..]: as CLASSIC_GROUP_SEND (messages, capacities, send time, expiry cutoff, TTL)
+-- ARGV[3..]: as CLASSIC_GROUP_SEND (messages, capacities, send time, expiry cutoff, TTL)
+-- ARGV[#ARGV]: '1' when an earlier attempt of this call may have landed (its reply was
+-- lost): the members are not checked then, as adding the same serialized message
+-- again changes nothing
 -- Returns {full} when the members are as planned and the message was added;
 -- otherwise adds nothing and returns {-1, member...} for the caller to plan again.
-local changed = members_changed(KEYS[1], ARGV[1], ARGV[2], ARGV[3] == '1')
+local changed = members_changed(KEYS[1], ARGV[1], ARGV[2], ARGV[#ARGV] ~= '1')
 if changed then
     return changed
 end
-local full = add_all(1, 3, #KEYS - 1)
+local full = add_all(1, 2, #KEYS - 1)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
 return {full}
 """,
@@ -474,9 +482,9 @@ STREAM_ACK = LuaScript(
     """
 -- KEYS[1]: a normal channel's stream   KEYS[2]: its delivered tags (a sorted set)
 -- ARGV[1]: consumer group   ARGV[2]: consumer   ARGV[3]: entry id
--- ARGV[4]: '1' when this call retries an attempt whose reply was lost
--- ARGV[5]: the entry's dedup tag   ARGV[6]: now in ms
--- ARGV[7]: how long a retried send may still come (ms): tags are kept that long
+-- ARGV[4]: the entry's dedup tag   ARGV[5]: now in ms
+-- ARGV[6]: how long a retried send may still come (ms): tags are kept that long
+-- ARGV[7]: '1' when an earlier attempt of this call may have landed (its reply was lost)
 -- Acknowledges the entry and deletes it (a delivered message leaves no trace but its
 -- tag, which a retried send of it finds), if the consumer still owns it. Returns 1
 -- when the caller may deliver it, 0 when another consumer took it over (XAUTOCLAIM
@@ -488,7 +496,7 @@ if type(mine) == 'table' and mine.err then
     return 1
 end
 if #mine == 0 then
-    if ARGV[4] ~= '1' then
+    if ARGV[7] ~= '1' then
         return 0
     end
     -- A retry: not pending to anyone means our first attempt acknowledged it.
@@ -500,9 +508,9 @@ if #mine == 0 then
 end
 redis.call('XACK', KEYS[1], group, id)
 redis.call('XDEL', KEYS[1], id)
-if ARGV[5] ~= '' then
-    local now, keep = tonumber(ARGV[6]), tonumber(ARGV[7])
-    redis.call('ZADD', KEYS[2], now, ARGV[5])
+if ARGV[4] ~= '' then
+    local now, keep = tonumber(ARGV[5]), tonumber(ARGV[6])
+    redis.call('ZADD', KEYS[2], now, ARGV[4])
     redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - keep)
     redis.call('PEXPIRE', KEYS[2], keep)
 end

@@ -22,10 +22,9 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
-from .base import KnownMembers, StreamlayerLayer, known_send_outcome
 from .exceptions import LayerClosed
 from .history import POSITION_KEY, HistoryPage, Position
 from .inbox import Inbox
@@ -42,6 +41,7 @@ from .local import LocalChannels
 from .normal import NormalChannels
 from .replay import GroupHistory
 from .scripts import STREAM_GROUP_SEND, STREAM_GROUP_SEND_KNOWN, STREAM_SEND, LuaScript
+from .stored import KnownMembers, StoredLayer, known_send_outcome
 from .sync import sync_aware, sync_aware_on_loop
 
 __all__ = ["StreamsChannelLayer"]
@@ -54,7 +54,7 @@ _RETRY_SLACK = 5.0
 _PROCESS_MEMO = 100_000
 
 
-class StreamsChannelLayer(StreamlayerLayer):
+class StreamsChannelLayer(StoredLayer):
     """Channel layer on Redis Streams: nothing lost on a reconnect, one round trip per send."""
 
     supports_cluster = True
@@ -163,31 +163,9 @@ class StreamsChannelLayer(StreamlayerLayer):
                 attempts[0] += 1
             return [*args, self._min_id(), self.key_ttl_ms]
 
-        return await self.idempotent(what, script, shard, keys, tail, maybe_landed=maybe_landed)
-
-    async def idempotent(
-        self,
-        what: str,
-        script: LuaScript,
-        shard: int,
-        keys: list[str],
-        args: Callable[[], list[Any]],
-        *,
-        maybe_landed: bool = False,
-        extra: Callable[[], list[Any]] | None = None,
-    ) -> Any:
-        """Call a script whose last argument says whether an earlier attempt may have
-        landed without its reply ('1'): attempts after the first, or every attempt when
-        ``maybe_landed``. The script then looks for that attempt's effect instead of
-        repeating it, so a retried send is stored once and a retried ack counts once."""
-
-        async def call(retrying: bool) -> Any:
-            tail = extra() if extra is not None else []
-            return await self.connections.batcher(shard).call(
-                script, keys, [*args(), "1" if retrying else "0", *tail]
-            )
-
-        return await self.with_retry_flag(what, call, maybe_landed=maybe_landed)
+        return await self.call_script(
+            what, script, shard, keys, tail, idempotent=True, maybe_landed=maybe_landed
+        )
 
     # --- process-specific channels ------------------------------------------------------
 

@@ -396,7 +396,7 @@ async def test_a_retried_send_already_delivered_is_not_stored_again(
     first = await STREAM_SEND(client, [stream, done], [*args, "0"])
     [[_, [(entry_id, fields)]]] = await client.xreadgroup("g", "c", {stream: ">"})
     now = int(time.time() * 1000)
-    ack = ["g", "c", entry_id, "0", fields[b"i"], now, 15_000]
+    ack = ["g", "c", entry_id, fields[b"i"], now, 15_000, "0"]  # retry flag last
     assert await STREAM_ACK(client, [stream, done], ack) == 1
     assert await client.xlen(stream) == 0
     assert await STREAM_SEND(client, [stream, done], [*args, "1"]) == b"delivered"

@@ -32,7 +32,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from ..base import RESERVED_KEY, KnownMembers, StreamlayerLayer, known_send_outcome
+from ..base import RESERVED_KEY
 from ..cancellation import CancelGuard
 from ..exceptions import LayerClosed
 from ..keys import (
@@ -52,6 +52,7 @@ from ..scripts import (
     CLASSIC_RESTORE_BACKUP,
     CLASSIC_SEND,
 )
+from ..stored import KnownMembers, StoredLayer, known_send_outcome
 from ..sync import sync_aware, sync_aware_on_loop
 
 __all__ = ["RedisChannelLayer"]
@@ -168,7 +169,7 @@ class _InboxReader(BackgroundReader):
         return [result]
 
 
-class RedisChannelLayer(StreamlayerLayer):
+class RedisChannelLayer(StoredLayer):
     """Sorted-set channel layer; drop-in for ``channels_redis.core.RedisChannelLayer``."""
 
     default_random_prefix_length = 12  # sorted-set members must be unique
@@ -234,10 +235,7 @@ class RedisChannelLayer(StreamlayerLayer):
         data = self.serialize(message)  # serialized once: a retried send adds the same member
         now = time.time()
         args = [data, now, now - self.expiry, capacity, self.expiry_ttl]
-        stored = await self.with_retry(
-            f"send to {channel!r}",
-            lambda: CLASSIC_SEND(self.connections.client(shard), [key], args),
-        )
+        stored = await self.call_script(f"send to {channel!r}", CLASSIC_SEND, shard, [key], args)
         self.count_send(channel, bool(stored), capacity)
 
     # --- process-specific channels ------------------------------------------------------
@@ -381,12 +379,9 @@ class RedisChannelLayer(StreamlayerLayer):
         """Return what a crashed channels_redis receiver left in flight (once per channel)."""
         if (shard, key) in self._restored:
             return
-        moved = await self.with_retry(
-            f"restore {classic_backup_key(key)!r}",
-            lambda: CLASSIC_RESTORE_BACKUP(
-                self.connections.client(shard), [key, classic_backup_key(key)], []
-            ),
-        )
+        keys = [key, classic_backup_key(key)]
+        what = f"restore {classic_backup_key(key)!r}"
+        moved = await self.call_script(what, CLASSIC_RESTORE_BACKUP, shard, keys, [])
         if moved:
             logger.info("restored %d in-flight message(s) into %s", moved, key)
         self._restored.add((shard, key))
@@ -411,11 +406,15 @@ class RedisChannelLayer(StreamlayerLayer):
         tail += [now, now - self.expiry, self.expiry_ttl]
         shard = self.connections.shard_for(group)
 
-        async def call(retrying: bool) -> Any:
-            args = [now - self.group_expiry, known.digest, "0" if retrying else "1", *tail]
-            return await CLASSIC_GROUP_SEND_KNOWN(self.connections.client(shard), keys, args)
-
-        reply = await self.with_retry_flag(f"group_send to {group!r}", call)
+        args = [now - self.group_expiry, known.digest, *tail]
+        reply = await self.call_script(
+            f"group_send to {group!r}",
+            CLASSIC_GROUP_SEND_KNOWN,
+            shard,
+            keys,
+            args,
+            idempotent=True,
+        )
         return known_send_outcome(reply)
 
     async def send_to_members(
@@ -452,9 +451,8 @@ class RedisChannelLayer(StreamlayerLayer):
         args: list[Any] = [data for _, data, _ in batch]
         args += [capacity for _, _, capacity in batch]
         args += [now, now - self.expiry, self.expiry_ttl]
-        full = await self.with_retry(
-            f"group_send to {group!r}",
-            lambda: CLASSIC_GROUP_SEND(self.connections.client(shard), keys, args),
+        full = await self.call_script(
+            f"group_send to {group!r}", CLASSIC_GROUP_SEND, shard, keys, args
         )
         return int(full)
 
