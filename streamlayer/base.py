@@ -30,6 +30,7 @@ from .connections import ConnectionManager
 from .exceptions import ChannelFull
 from .history import HistoryPage, Position
 from .local import LocalChannels
+from .memo import Memo
 from .retry import retry_transient
 from .scripts import LuaScript
 from .serializers import MessageSerializer, registry
@@ -134,15 +135,22 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
             expiry=self.config.expiry,
         )
         self.connections = ConnectionManager(self.config.hosts)
-        self.stats = LayerStats()
         _LAYERS.add(self)
         #: Channel names already validated, for any use and for receive() (bounded).
-        self._valid_channels: set[str] = set()
-        self._capacities: dict[str, int] = {}
+        self._valid_channels: Memo[str, None] = Memo(NAME_CACHE)
+        self._capacities: Memo[str, int] = Memo(NAME_CACHE)
         #: Whether the log said that a notice skipped channels that did not ask for it.
         self._said_unasked = False
         #: Groups a replay was asked of though they keep no history (logged once each).
-        self._said_no_history: set[str] = set()
+        self._said_no_history: Memo[str, None] = Memo(NAME_CACHE)
+        self.start_process_state()
+
+    def start_process_state(self) -> None:
+        """Set up what belongs to this process alone: its counters here, and in each
+        layer its identity (inbox, consumer name, dedup tags), its local queues and
+        readers. Called by ``__init__`` and again in a forked child, so the two can
+        never disagree (each layer extends it, calling this first)."""
+        self.stats = LayerStats()
 
     def count(self, name: str, n: int = 1) -> None:
         """Add to one of :attr:`stats`' counters (the sink local queues count into; it
@@ -183,18 +191,14 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         if type(channel) is str and channel in self._valid_channels:
             return channel
         self.require_valid_channel_name(channel)
-        if len(self._valid_channels) >= NAME_CACHE:
-            self._valid_channels.clear()
-        self._valid_channels.add(channel)
+        self._valid_channels.remember(channel, None)
         return str(channel)
 
     def get_capacity(self, channel: str) -> int:
         """The capacity of ``channel`` (``channel_capacity`` patterns first), remembered."""
         capacity = self._capacities.get(channel)
         if capacity is None:
-            if len(self._capacities) >= NAME_CACHE:
-                self._capacities.clear()
-            capacity = self._capacities[channel] = int(super().get_capacity(channel))
+            capacity = self._capacities.remember(channel, int(super().get_capacity(channel)))
         return capacity
 
     def check_group(self, group: Any) -> str:
@@ -336,9 +340,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         pattern typo in ``group_history``, or a backend without history)."""
         if group in self._said_no_history:
             return
-        if len(self._said_no_history) >= NAME_CACHE:
-            self._said_no_history.clear()
-        self._said_no_history.add(group)
+        self._said_no_history.remember(group, None)
         logger.warning(
             "%s: group %r keeps no history, so its replay is reported incomplete (%s)",
             type(self).__name__,
@@ -376,7 +378,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         parent and child would read each other's messages and drop each other's sends
         as duplicates."""
         self.connections.forget_after_fork()
-        self.stats = LayerStats()
+        self.start_process_state()
 
     @sync_aware_on_loop
     async def close(self) -> None:

@@ -181,11 +181,11 @@ class Inbox:
             return
         deadline = sent / 1000 + layer.config.expiry
         group, position = group_position(fields)
+        if group is None:
+            layer.local.deliver_to(channels, message, deadline, counted=True)
+            return
         for channel in channels:
             copy = dict(message) if len(channels) > 1 else message
-            if group is None:
-                layer.local.deliver(channel, copy, deadline, counted=True)
-                continue
             copy[POSITION_KEY] = position_tag(group, position)
             if not layer.history.hold(channel, group, position, copy, deadline):
                 layer.local.deliver(channel, copy, deadline, counted=True)

@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 __all__ = ["LocalChannels"]
@@ -164,6 +164,18 @@ class LocalChannels:
         self._queued += 1
         if counted:
             self._add_counted(channel, 1)
+
+    def deliver_to(
+        self, channels: Sequence[str], message: Message, deadline: float, *, counted: bool = False
+    ) -> None:
+        """Deliver one decoded message to each of ``channels`` (a group's local
+        members): each gets its own copy when there are several, as a consumer may
+        change what it received."""
+        if len(channels) == 1:
+            self.deliver(channels[0], message, deadline, counted=counted)
+            return
+        for channel in channels:
+            self.deliver(channel, dict(message), deadline, counted=counted)
 
     async def get(self, channel: str) -> Message:
         """The next message of ``channel``, waiting for one if needed. Cancellation-safe.

@@ -21,6 +21,7 @@ from typing import Any
 
 from .base import NAME_CACHE, StreamlayerLayer
 from .local import LocalChannels
+from .memo import Memo
 from .scripts import GROUP_MEMBERS
 from .sync import sync_aware
 
@@ -63,19 +64,17 @@ class StoredLayer(StreamlayerLayer):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         #: Channel names already admitted to receive() (bounded).
-        self._receivable: set[str] = set()
-        #: Each group's members as this layer last read them (bounded; group_send).
-        self._known_members: dict[str, KnownMembers] = {}
+        self._receivable: Memo[str, None] = Memo(NAME_CACHE)
         #: Every key on one server (no shards, no Cluster): a group send may be one trip.
         self._one_server = self.connections.ring_size == 1 and not self.connections.is_cluster
+
+    def start_process_state(self) -> None:
+        super().start_process_state()
+        #: Each group's members as this layer last read them (bounded; group_send).
+        self._known_members: Memo[str, KnownMembers] = Memo(_KNOWN_GROUPS)
         #: The groups this layer's own channels joined: what it adds again when Redis
         #: comes back without them (see restore_memberships).
         self._joined: dict[str, set[str]] = {}
-
-    def after_fork(self) -> None:
-        super().after_fork()
-        self._known_members = {}
-        self._joined = {}
 
     # Not sync_aware: a receive blocks in Redis, and a sync client's blocking read
     # would hold the loop's thread, so no timeout or cancellation around it could act.
@@ -99,9 +98,7 @@ class StoredLayer(StreamlayerLayer):
         self.check_channel(channel)
         if "!" in channel:
             self._check_local(channel)
-        if len(self._receivable) >= NAME_CACHE:
-            self._receivable.clear()
-        self._receivable.add(channel)
+        self._receivable.remember(channel, None)
 
     def owns(self, channel: str) -> bool:
         """Whether ``channel`` was made by this layer's new_channel() (each layer's own)."""
@@ -259,9 +256,7 @@ class StoredLayer(StreamlayerLayer):
         self.count_group_send(group, len(members), full_count)
 
     def _remember_members(self, group: str, members: list[str]) -> None:
-        if len(self._known_members) >= _KNOWN_GROUPS:
-            self._known_members.clear()
-        self._known_members[group] = KnownMembers(members)
+        self._known_members.remember(group, KnownMembers(members))
 
     async def send_to_known(
         self, group: str, known: KnownMembers, message: dict[str, Any]

@@ -38,6 +38,7 @@ from .keys import (
     stream_inbox_state_key,
 )
 from .local import LocalChannels
+from .memo import Memo
 from .normal import NormalChannels
 from .replay import GroupHistory
 from .scripts import STREAM_GROUP_SEND, STREAM_GROUP_SEND_KNOWN, STREAM_SEND, LuaScript
@@ -66,6 +67,14 @@ class StreamsChannelLayer(StoredLayer):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
+        #: How long STREAM_ACK keeps a delivered tag: a retried send's window, within expiry.
+        window = min(self.config.retry_timeout + _RETRY_SLACK, self.config.expiry)
+        self.delivered_keep_ms = max(1000, math.ceil(window * 1000))
+
+    def start_process_state(self) -> None:
+        """A new identity (a forked child's too): inbox, consumer name, channel names,
+        dedup tags; and the process's queues, readers and history guards."""
+        super().start_process_state()
         #: 64 random bits name this layer instance: its inbox, its consumer name on
         #: normal channels, the middle of its channel names. Short on purpose: a
         #: group_send to local members carries every member's name.
@@ -73,22 +82,7 @@ class StreamsChannelLayer(StoredLayer):
         self._tag_numbers = itertools.count()
         self._channel_numbers = itertools.count(1)
         #: Destination of each process-specific channel seen in a group (bounded memo).
-        self._process_of: dict[str, str] = {}
-        self.local = LocalChannels(self.count)
-        self.inbox = Inbox(self)
-        self.normal = NormalChannels(self)
-        self.history = GroupHistory(self)
-        #: How long STREAM_ACK keeps a delivered tag: a retried send's window, within expiry.
-        window = min(self.config.retry_timeout + _RETRY_SLACK, self.config.expiry)
-        self.delivered_keep_ms = max(1000, math.ceil(window * 1000))
-
-    def after_fork(self) -> None:
-        """A new identity for the child: inbox, consumer name, channel names, dedup tags."""
-        super().after_fork()
-        self.process_id = secrets.token_hex(8)
-        self._tag_numbers = itertools.count()
-        self._channel_numbers = itertools.count(1)
-        self._process_of = {}
+        self._process_of: Memo[str, str] = Memo(_PROCESS_MEMO)
         self.local = LocalChannels(self.count)
         self.inbox = Inbox(self)
         self.normal = NormalChannels(self)
@@ -324,13 +318,11 @@ class StreamsChannelLayer(StoredLayer):
             records += record
 
         process_of = self._process_of
-        if len(process_of) > _PROCESS_MEMO:
-            process_of.clear()
         for channel in members:
             if "!" in channel:
                 process_id = process_of.get(channel)
                 if process_id is None:
-                    process_id = process_of[channel] = process_id_of(channel)
+                    process_id = process_of.remember(channel, process_id_of(channel))
                 inboxes.setdefault(process_id, []).append(channel)
             else:
                 key = stream_channel_key(self.prefix, channel)

@@ -174,8 +174,9 @@ class RedisChannelLayer(StoredLayer):
 
     default_random_prefix_length = 12  # sorted-set members must be unique
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+    def start_process_state(self) -> None:
+        """A new inbox for a forked child too (channels_redis would share the parent's)."""
+        super().start_process_state()
         self.client_prefix = uuid.uuid4().hex
         #: Messages of this process's specific channels, fetched but not yet received.
         self.local = LocalChannels(self.count)
@@ -189,18 +190,6 @@ class RedisChannelLayer(StoredLayer):
         self._restored: set[tuple[int, str]] = set()
         #: When an inbox reader of this layer last set its mark (monotonic; None: never).
         self.alive_written_at: float | None = None
-
-    def after_fork(self) -> None:
-        """A new inbox for the child (channels_redis would share the parent's)."""
-        super().after_fork()
-        self.client_prefix = uuid.uuid4().hex
-        self.local = LocalChannels(self.count)
-        self._readers = {}
-        self._parked = {}
-        self._fetches = set()
-        self._orphans = {}
-        self._restored = set()
-        self.alive_written_at = None
 
     @property
     def alive_ttl(self) -> int:
@@ -264,10 +253,7 @@ class RedisChannelLayer(StoredLayer):
             return
         target = message.pop(RESERVED_KEY, None)
         channels = [target] if isinstance(target, str) else list(target or ())
-        deadline = score + self.expiry
-        for channel in channels:
-            copy = dict(message) if len(channels) > 1 else message
-            self.local.deliver(channel, copy, deadline)
+        self.local.deliver_to(channels, message, score + self.expiry)
 
     # --- normal channels ----------------------------------------------------------------
 

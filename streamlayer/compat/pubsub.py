@@ -142,11 +142,8 @@ class _LoopPresence:
         message = self.layer.try_deserialize(data, f"Pub/Sub channel {name!r}")
         if message is None:
             return
-        deadline = time.time() + self.layer.config.expiry
         targets = sorted(members) if members is not None else [name]
-        for channel in targets:
-            copy = dict(message) if len(targets) > 1 else message
-            self.local.deliver(channel, copy, deadline)
+        self.local.deliver_to(targets, message, time.time() + self.layer.config.expiry)
 
     def on_connection_lost(self, shard: int) -> None:
         layer = self.layer
@@ -166,14 +163,10 @@ class RedisPubSubChannelLayer(StreamlayerLayer):
 
     extensions: ClassVar[list[str]] = ["groups", "flush"]
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+    def start_process_state(self) -> None:
+        """A forked child subscribes afresh: the parent's subscriptions are the parent's."""
+        super().start_process_state()
         self._presences: dict[asyncio.AbstractEventLoop, _LoopPresence] = {}
-
-    def after_fork(self) -> None:
-        """The child subscribes afresh: the parent's subscriptions are the parent's."""
-        super().after_fork()
-        self._presences = {}
 
     def _here(self) -> _LoopPresence:
         """This event loop's presence (each loop subscribes on its own connections)."""
