@@ -26,18 +26,14 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
 
+from .backends import BACKENDS as SHIPPED
+from .backends import backend_of
 from .config import LayerConfig
 
 __all__ = ["BACKENDS", "check_channel_layers", "check_layers"]
 
-#: Every layer class streamlayer ships, by BACKEND path.
-BACKENDS = (
-    "streamlayer.StreamsChannelLayer",
-    "streamlayer.compat.core.RedisChannelLayer",
-    "streamlayer.compat.pubsub.RedisPubSubChannelLayer",
-)
-#: The backends that keep group history and replay it.
-REPLAYING_BACKENDS = ("streamlayer.StreamsChannelLayer", "streamlayer.streams.StreamsChannelLayer")
+#: Every layer class streamlayer ships, by BACKEND path (see streamlayer.backends).
+BACKENDS = tuple(backend.path for backend in SHIPPED)
 #: daphne's websocket_connect_timeout: the longest an interface server waits by default.
 DEFAULT_INTERFACE_TIMEOUT = 20.0
 _MIN_KEY_BYTES = 32
@@ -61,7 +57,7 @@ def check_layers(
         if not backend.startswith("streamlayer."):
             continue
         where = f"CHANNEL_LAYERS[{alias!r}]"
-        if backend not in BACKENDS and backend not in REPLAYING_BACKENDS:
+        if backend_of(backend) is None:
             messages.append(_unknown_backend(where, backend))
             continue
         options = dict(entry.get("CONFIG", {}) or {})
@@ -94,7 +90,8 @@ def _check_config(
     interface_timeout: float,
 ) -> list[CheckMessage]:
     messages: list[CheckMessage] = []
-    if options.get("group_history") and backend not in REPLAYING_BACKENDS:
+    shipped = backend_of(backend)
+    if options.get("group_history") and not (shipped and shipped.replays):
         messages.append(
             Warning(
                 f"{where}: group_history is set, but {backend} keeps no group history: "

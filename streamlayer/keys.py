@@ -14,12 +14,16 @@ Redis during a migration:
 
 from __future__ import annotations
 
+#: What each Streams key kind is (the part between ``:s:`` and the braces).
+STREAM_KEY_KINDS = ("inbox", "state", "chan", "done", "group", "history", "hmeta")
+
 __all__ = [
     "classic_alive_key",
     "classic_backup_key",
     "classic_channel_key",
     "classic_group_key",
     "non_local_name",
+    "parse_stream_key",
     "process_id_of",
     "scan_pattern",
     "stream_channel_key",
@@ -118,3 +122,16 @@ def stream_history_key(prefix: str, group: str) -> str:
 def stream_history_meta_key(prefix: str, group: str) -> str:
     """Hash of a group's history: its epoch and the newest entry id ever trimmed."""
     return f"{prefix}:s:hmeta:{{{group}}}"
+
+
+def parse_stream_key(prefix: str, key: str) -> tuple[str, str] | None:
+    """The kind (one of :data:`STREAM_KEY_KINDS`) and the name (a process id, channel
+    or group) of a Streams key under ``prefix``; None for any other key. The inverse
+    of the ``stream_*_key`` functions above."""
+    head = f"{prefix}:s:"
+    if not key.startswith(head) or not key.endswith("}"):
+        return None
+    kind, brace, rest = key[len(head) :].partition(":{")
+    if not brace or kind not in STREAM_KEY_KINDS:
+        return None
+    return kind, rest[:-1]

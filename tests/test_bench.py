@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from streamlayer.bench import LAYERS
-from streamlayer.bench.scenarios import SCENARIOS
 from streamlayer.testing import RedisServer
+from streamlayer.tools.bench import LAYERS
+from streamlayer.tools.bench.scenarios import SCENARIOS
 
 
 def test_quick_bench_runs_every_layer_and_checks_every_message(

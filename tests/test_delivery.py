@@ -17,9 +17,9 @@ import pytest
 
 from streamlayer import ChannelFull, StreamsChannelLayer
 from streamlayer.base import StreamlayerLayer
-from streamlayer.bench.scenarios import Metrics, Sizes, stall_burst
 from streamlayer.compat import pubsub
 from streamlayer.testing import RedisServer
+from streamlayer.tools.bench.scenarios import Metrics, Sizes, stall_burst
 
 from .layers import LAYERS, PUBSUB, layer_class
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from streamlayer.demo import run_demo
 from streamlayer.testing import RedisServer
+from streamlayer.tools.demo import run_demo
 
 
 def test_demo_runs_and_checks_every_layer(

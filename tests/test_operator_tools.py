@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from streamlayer import StreamsChannelLayer
-from streamlayer.doctor import ServerReport, _check_version
 from streamlayer.keys import stream_channel_key
 from streamlayer.testing import ClusterSetup, RedisServer, SentinelSetup, free_port
+from streamlayer.tools.doctor import ServerReport, _check_version
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -290,7 +290,7 @@ async def test_inspect_covers_every_master_of_a_cluster(cluster_setup: ClusterSe
 def acl_server() -> Iterator[RedisServer]:
     """Users: "limited" lacks XAUTOCLAIM and SUBSCRIBE; "exact" has what the docs'
     ACL SETUSER line for all three layers gives, nothing more."""
-    from streamlayer.permissions import LAYERS, acl_setuser
+    from streamlayer.tools.permissions import LAYERS, acl_setuser
 
     server = RedisServer().start()
     try:
@@ -368,7 +368,7 @@ async def test_the_documented_acl_line_is_enough(acl_server: RedisServer, path: 
 
 def test_the_docs_give_the_acl_lines_the_code_makes() -> None:
     """docs/operations.rst shows each layer's ACL SETUSER line as doctor prints it."""
-    from streamlayer.permissions import LAYERS, acl_setuser
+    from streamlayer.tools.permissions import LAYERS, acl_setuser
 
     docs = (Path(__file__).resolve().parent.parent / "docs" / "operations.rst").read_text()
     for layer in LAYERS:

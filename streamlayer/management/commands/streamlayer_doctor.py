@@ -7,7 +7,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from ...cli import main
+from ...tools.cli import main
 
 
 class Command(BaseCommand):  # type: ignore[misc]

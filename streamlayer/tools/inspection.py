@@ -9,18 +9,16 @@ each group and its history is, and how much memory the layer uses.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
-from .keys import scan_pattern, stream_group_key
+from ..keys import parse_stream_key, scan_pattern, stream_group_key
 
 __all__ = ["LayerSnapshot", "inspect_layer"]
 
-_KEY = re.compile(r":s:(?P<kind>inbox|state|chan|done|group|history|hmeta):\{(?P<name>.*)\}$")
 _SCAN_COUNT = 1000
 
 
@@ -63,10 +61,11 @@ def inspect_layer(client: redis.Redis, prefix: str, source: str = "") -> LayerSn
     found: dict[str, dict[str, str]] = {}
     for raw in client.scan_iter(match=scan_pattern(f"{prefix}:s:"), count=_SCAN_COUNT):
         key = raw.decode() if isinstance(raw, bytes) else str(raw)
-        match = _KEY.search(key)
-        if match is None or not key.startswith(f"{prefix}:s:"):
+        parsed = parse_stream_key(prefix, key)
+        if parsed is None:
             continue
-        found.setdefault(match["kind"], {})[match["name"]] = key
+        kind, name = parsed
+        found.setdefault(kind, {})[name] = key
         snapshot.keys += 1
         snapshot.memory_bytes += int(client.memory_usage(key) or 0)
     states = found.get("state", {})

@@ -1,7 +1,7 @@
 """Terminal output of the operator commands (``doctor``, ``inspect``), with rich.
 
-Kept apart from what the commands find (:mod:`streamlayer.doctor`,
-:mod:`streamlayer.inspection`), which return plain data that ``--json`` prints as is.
+Kept apart from what the commands find (:mod:`streamlayer.tools.doctor`,
+:mod:`streamlayer.tools.inspection`), which return plain data that ``--json`` prints as is.
 """
 
 from __future__ import annotations

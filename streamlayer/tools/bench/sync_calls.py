@@ -43,7 +43,7 @@ def sync_calls(
     """``count`` calls of ``async_to_sync(layer.group_send)`` from this thread; the
     first opens what the others reuse and is not timed."""
     group = f"bench-sync-{time.monotonic_ns()}"
-    command = [sys.executable, "-m", "streamlayer.bench.worker", "members", path, url, group]
+    command = [sys.executable, "-m", "streamlayer.tools.bench.worker", "members", path, url, group]
     member = subprocess.Popen(
         [*command, "1", str(count)], stdout=subprocess.PIPE, text=True, bufsize=1
     )

@@ -1,9 +1,9 @@
 """``python -m streamlayer bench``: every layer side by side on one Redis.
 
-Each layer runs every scenario of :mod:`streamlayer.bench.scenarios` in an OS
+Each layer runs every scenario of :mod:`streamlayer.tools.bench.scenarios` in an OS
 process of its own, one layer after another, against the same redis-server
 (a throwaway one it starts, or ``--hosts``); bare redis-py runs the floor
-(:mod:`streamlayer.bench.raw`). Every scenario checks its messages (none
+(:mod:`streamlayer.tools.bench.raw`). Every scenario checks its messages (none
 lost, none duplicated, order kept per sender) before it reports a number.
 The report gives each figure and its ratio to the references the targets are
 stated against: channels_redis of the same kind and the raw floor.
@@ -24,7 +24,8 @@ import redis
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..testing import RedisServer
+from ...backends import BACKENDS
+from ...testing import RedisServer
 from .report import print_report, write_plot
 from .scenarios import Sizes
 
@@ -33,9 +34,7 @@ __all__ = ["LAYERS", "run_bench"]
 #: name -> (class path, whether it broadcasts like Pub/Sub). channels_redis rows
 #: need the ``bench`` extra; "raw redis-py" is the floor.
 LAYERS: dict[str, tuple[str, bool]] = {
-    "Streams": ("streamlayer.StreamsChannelLayer", False),
-    "compat.core": ("streamlayer.compat.core.RedisChannelLayer", False),
-    "compat.pubsub": ("streamlayer.compat.pubsub.RedisPubSubChannelLayer", True),
+    **{backend.name: (backend.path, backend.pubsub) for backend in BACKENDS},
     "channels_redis core": ("channels_redis.core.RedisChannelLayer", False),
     "channels_redis pubsub": ("channels_redis.pubsub.RedisPubSubChannelLayer", True),
     "raw redis-py": ("raw", False),
@@ -57,7 +56,7 @@ def _installed(path: str) -> bool:
 
 
 def _run_one(path: str, url: str, sizes: Sizes, broadcast: bool, memory: bool) -> dict[str, Any]:
-    command = [sys.executable, "-m", "streamlayer.bench.worker", "run", path, url]
+    command = [sys.executable, "-m", "streamlayer.tools.bench.worker", "run", path, url]
     command += ["--sizes", json.dumps(asdict(sizes))]
     if broadcast:
         command.append("--broadcast")

@@ -22,19 +22,18 @@ from urllib.parse import urlsplit
 import redis
 from redis.asyncio.connection import Connection as AsyncConnection
 
-from .testing import RedisServer
+from ..backends import BACKENDS
+from ..testing import RedisServer
 
 #: name -> (class path, the row its ratios are against). The incumbents come last.
 LAYERS = {
-    "streamlayer Streams": ("streamlayer.StreamsChannelLayer", "channels_redis core"),
-    "streamlayer compat.core": (
-        "streamlayer.compat.core.RedisChannelLayer",
-        "channels_redis core",
-    ),
-    "streamlayer compat.pubsub": (
-        "streamlayer.compat.pubsub.RedisPubSubChannelLayer",
-        "channels_redis pubsub",
-    ),
+    **{
+        f"streamlayer {b.name}": (
+            b.path,
+            "channels_redis pubsub" if b.pubsub else "channels_redis core",
+        )
+        for b in BACKENDS
+    },
     "channels_redis core": ("channels_redis.core.RedisChannelLayer", ""),
     "channels_redis pubsub": ("channels_redis.pubsub.RedisPubSubChannelLayer", ""),
 }

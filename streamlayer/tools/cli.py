@@ -126,7 +126,7 @@ def _doctor(
 
 
 def _doctor_settings(module: str) -> list[Any] | None:
-    """The reports of :func:`~streamlayer.doctor.diagnose_layers` on the Django
+    """The reports of :func:`~streamlayer.tools.doctor.diagnose_layers` on the Django
     settings ``module`` names, or None (said on stderr) when they cannot be read."""
     from .doctor import diagnose_layers
 
@@ -142,7 +142,7 @@ def _doctor_settings(module: str) -> list[Any] | None:
 
 def _read_settings(module: str) -> tuple[dict[str, Any], float | None] | None:
     """``CHANNEL_LAYERS`` and ``STREAMLAYER_INTERFACE_TIMEOUT`` of the project's
-    settings (see :mod:`streamlayer.project`), or None (said on stderr)."""
+    settings (see :mod:`streamlayer.tools.project`), or None (said on stderr)."""
     from .project import SettingsNotFound, locate_settings
 
     try:
@@ -192,8 +192,9 @@ def _inspect(urls: list[str], prefix: str, as_json: bool, settings_module: str |
 
 def _inspect_targets(module: str) -> list[tuple[str, Any, str]] | None:
     """Each host and prefix of the project's StreamsChannelLayer entries."""
-    from .config import ConfigError, LayerConfig
-    from .connections import create_sync_client
+    from ..backends import backend_of
+    from ..config import ConfigError, LayerConfig
+    from ..connections import create_sync_client
 
     read = _read_settings(module)
     if read is None:
@@ -201,8 +202,9 @@ def _inspect_targets(module: str) -> list[tuple[str, Any, str]] | None:
     targets: list[tuple[str, Any, str]] = []
     for alias, entry in read[0].items():
         backend = str(entry.get("BACKEND", ""))
-        if backend != "streamlayer.StreamsChannelLayer":
-            if backend.startswith("streamlayer."):
+        shipped = backend_of(backend)
+        if shipped is None or shipped.name != "Streams":
+            if shipped is not None:
                 print(f"CHANNEL_LAYERS[{alias!r}] ({backend}): inspect reads the Streams "
                       "layer's keys only", file=sys.stderr)  # fmt: skip
             continue

@@ -18,7 +18,8 @@ from typing import Any
 
 import redis
 
-from .keys import (
+from ..backends import BACKENDS
+from ..keys import (
     classic_alive_key,
     classic_backup_key,
     classic_channel_key,
@@ -35,11 +36,7 @@ from .keys import (
 __all__ = ["LAYERS", "CannotCheck", "acl_setuser", "missing_permissions", "probes"]
 
 #: The layers by the short names the operator tools use, and their BACKEND paths.
-LAYERS = {
-    "Streams": "streamlayer.StreamsChannelLayer",
-    "compat.core": "streamlayer.compat.core.RedisChannelLayer",
-    "compat.pubsub": "streamlayer.compat.pubsub.RedisPubSubChannelLayer",
-}
+LAYERS = {backend.name: backend.path for backend in BACKENDS}
 
 _SHA = "0" * 40
 _PROBE = "doctor"

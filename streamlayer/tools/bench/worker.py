@@ -1,5 +1,5 @@
 """One layer's benchmark run, in a process of its own (``python -m
-streamlayer.bench.worker``): the runner starts one per layer so that no layer
+streamlayer.tools.bench.worker``): the runner starts one per layer so that no layer
 pays for another's garbage, imports or connections. Prints one JSON object."""
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ async def _cross_process(path: str, url: str, count: int) -> Metrics | dict[str,
         channel = await layer.new_channel()
         receiving = asyncio.ensure_future(layer.receive(channel))  # subscribes (Pub/Sub)
         await asyncio.sleep(0.2)  # let a Pub/Sub subscription settle before the sender starts
-        command = [sys.executable, "-m", "streamlayer.bench.worker", "send", path, url]
+        command = [sys.executable, "-m", "streamlayer.tools.bench.worker", "send", path, url]
         sender = await asyncio.create_subprocess_exec(*command, channel, str(count))
         try:
             first = await asyncio.wait_for(receiving, 60)
@@ -117,7 +117,7 @@ async def _fanout_spread(
     per_process = max(1, members // SPREAD_PROCESSES)
     group = f"bench-spread-{time.monotonic_ns()}"
     layer = make_layer(path, url, "bench-spread", capacity=100_000)
-    command = [sys.executable, "-m", "streamlayer.bench.worker", "members", path, url, group]
+    command = [sys.executable, "-m", "streamlayer.tools.bench.worker", "members", path, url, group]
     command += [str(per_process), str(sizes.fanout_sends)]
     children = [
         await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
@@ -260,7 +260,15 @@ def _sync_calls_apart(path: str, url: str, count: int, broadcast: bool) -> Any:
     """The sync callers' scenario in a fresh process: asgiref makes an event loop
     per call, so Python's garbage collector runs often, and each run would scan
     whatever the earlier scenarios left on this process's heap."""
-    command = [sys.executable, "-m", "streamlayer.bench.worker", "sync", path, url, str(count)]
+    command = [
+        sys.executable,
+        "-m",
+        "streamlayer.tools.bench.worker",
+        "sync",
+        path,
+        url,
+        str(count),
+    ]
     done = subprocess.run(
         [*command, *(["--broadcast"] if broadcast else [])],
         capture_output=True,
@@ -273,7 +281,7 @@ def _sync_calls_apart(path: str, url: str, count: int, broadcast: bool) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m streamlayer.bench.worker")
+    parser = argparse.ArgumentParser(prog="python -m streamlayer.tools.bench.worker")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run every scenario for one layer")
     run.add_argument("path", help="layer class path, or 'raw' for bare redis-py")

@@ -26,8 +26,9 @@ from typing import Any
 import redis
 from django.core.checks import ERROR
 
-from .config import HostSpec, LayerConfig
-from .connections import create_sync_client
+from ..backends import backend_of
+from ..config import HostSpec, LayerConfig
+from ..connections import create_sync_client
 from .permissions import LAYERS, CannotCheck, acl_setuser, missing_permissions
 
 __all__ = [
@@ -132,7 +133,7 @@ def diagnose_layers(
 ) -> list[ServerReport]:
     """A report on each streamlayer entry's configuration, then on each of its hosts
     (a host several entries share is checked once)."""
-    from .checks import DEFAULT_INTERFACE_TIMEOUT, check_layers
+    from ..checks import DEFAULT_INTERFACE_TIMEOUT, check_layers
 
     timeout = DEFAULT_INTERFACE_TIMEOUT if interface_timeout is None else interface_timeout
     reports: list[ServerReport] = []
@@ -155,7 +156,8 @@ def diagnose_layers(
         report.add("config", "ok", f"{backend}: the layer accepts this CONFIG")
         config = LayerConfig.from_options(dict(entry.get("CONFIG", {}) or {}))
         entries.append((report, config))
-        layer = next((name for name, path in LAYERS.items() if path == backend), None)
+        shipped = backend_of(backend)
+        layer = shipped.name if shipped is not None else None
         for host in config.hosts:
             scope = scopes.setdefault(host.describe(), [])
             if layer is not None and (layer, config.prefix) not in scope:
@@ -295,7 +297,7 @@ def _check_commands(client: redis.Redis, report: ServerReport) -> None:
 
 def _check_permissions(client: redis.Redis, report: ServerReport, scope: Scope) -> None:
     """What the connected user may not do of what each layer in ``scope`` needs (see
-    :mod:`streamlayer.permissions`: asked of Redis, nothing run)."""
+    :mod:`streamlayer.tools.permissions`: asked of Redis, nothing run)."""
     for layer, prefix in scope:
         check = f"permissions ({layer})"
         try:
