@@ -351,7 +351,20 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
     def why_no_history(self, group: str) -> str:
         return "replay needs streamlayer.StreamsChannelLayer with group_history"
 
-    def tell(
+    def notify_lost(self, local: LocalChannels, channels: Iterable[str]) -> None:
+        """A reader of this process lost Redis: count it, and send ``on_disconnect`` to
+        those of ``channels`` (live channels of ``local``) that asked for notices."""
+        self.stats.count("reconnects")
+        if self.config.on_disconnect:
+            self._tell(local, self.config.on_disconnect, channels)
+
+    def notify_back(self, local: LocalChannels, channels: Iterable[str], recovered: bool) -> None:
+        """The reader is back: ``on_reconnect`` with ``recovered`` (whether nothing can
+        have been lost) to those of ``channels`` that asked."""
+        if self.config.on_reconnect:
+            self._tell(local, self.config.on_reconnect, channels, recovered=recovered)
+
+    def _tell(
         self, local: LocalChannels, kind: str, candidates: Iterable[str], **extra: Any
     ) -> None:
         """Send the notice ``kind`` to those ``candidates`` that asked for notices; say

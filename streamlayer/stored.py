@@ -204,9 +204,7 @@ class StoredLayer(StreamlayerLayer):
 
     def connection_lost(self) -> None:
         """This process's reader lost Redis: tell the live local channels that asked."""
-        self.stats.count("reconnects")
-        if self.config.on_disconnect:
-            self.tell(self.local, self.config.on_disconnect, self._live())
+        self.notify_lost(self.local, self._live())
 
     async def connection_back(self, recovered: bool, data_lost: bool | None = None) -> None:
         """This process's reader is back; ``recovered`` says whether nothing can have
@@ -224,8 +222,7 @@ class StoredLayer(StreamlayerLayer):
             )
         else:
             logger.warning("%s: reconnected (recovered=%s)", type(self).__name__, recovered)
-        if self.config.on_reconnect:
-            self.tell(self.local, self.config.on_reconnect, self._live(), recovered=recovered)
+        self.notify_back(self.local, self._live(), recovered)
 
     def _live(self) -> set[str]:
         return self.local.live_channels(self.config.expiry)

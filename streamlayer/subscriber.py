@@ -44,8 +44,8 @@ class SubscriberOwner(Protocol):
     """What a subscriber tells its layer."""
 
     def on_published(self, name: str, data: bytes) -> None: ...
-    def on_connection_lost(self, shard: int) -> None: ...
-    def on_connection_back(self, shard: int) -> None: ...
+    def connection_lost(self, shard: int) -> None: ...
+    def connection_back(self, shard: int) -> None: ...
 
 
 class ConnectionDead(ConnectionError):
@@ -140,14 +140,14 @@ class Subscriber:
                 await self._reconnect()
                 if lost:
                     lost = False
-                    self.owner.on_connection_back(self.shard)
+                    self.owner.connection_back(self.shard)
                 try:
                     await self._listen(guard)
                 except TRANSIENT_ERRORS as exc:
                     logger.warning("Pub/Sub connection of shard %d lost: %s", self.shard, exc)
                     await self._drop_connection()
                     lost = True
-                    self.owner.on_connection_lost(self.shard)
+                    self.owner.connection_lost(self.shard)
         except LayerClosed:
             pass  # the event loop is winding down: its connections are being closed
         finally:

@@ -31,8 +31,6 @@ from streamlayer.testing import DaphneServers, RedisServer
 websockets = pytest.importorskip("websockets")
 pytest.importorskip("daphne")
 
-pytestmark = pytest.mark.faults
-
 QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart" / "mysite"
 _WAIT = 20.0
 BACKENDS = {
@@ -237,6 +235,7 @@ def replay_frames() -> list[list[dict[str, Any]]]:
     return []
 
 
+@pytest.mark.faults
 async def test_plain_and_replay_consumers_survive_killed_connections_and_an_empty_restart(
     servers: DaphneServers,
     plain_redis: RedisServer,

@@ -38,6 +38,10 @@ class Tour:
     ws_bases: list[str]
     restart_redis: Callable[[], None] | None = None
     steps: list[Step] = field(default_factory=list)
+    #: The open tabs ("a", "b", and "back" once tab 2 returns), and the last message
+    #: tab 2 saw before it went away (where it resumes from).
+    _tabs: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    _last_seen: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def url(self, process: int, since: str | None = None) -> str:
         url = f"{self.ws_bases[process]}ws/chat/{ROOM}/"
@@ -56,62 +60,66 @@ class Tour:
         """Every step in order; stops at the first failure (later steps need it)."""
         a = await websockets.connect(self.url(0))
         b = await websockets.connect(self.url(1))
-        back = None
+        self._tabs = {"a": a, "b": b}
         try:
-            seen: dict[str, Any] = {}
-
-            async def cross() -> str:
-                await say(b, "hello from process 2", "tab 2")
-                _expect(await texts(a, 1), ["hello from process 2"])
-                _expect(await texts(b, 1), ["hello from process 2"])
-                return "tab 2's message reached tab 1 through Redis"
-
-            async def in_order() -> str:
-                sent = [f"message {i}" for i in range(20)]
-                for text in sent:
-                    await say(a, text, "tab 1")
-                heard = await hear(b, 20)
-                _expect([m["text"] for m in heard], sent)
-                await texts(a, 20)
-                seen.update(heard[-1])
-                return "20 messages from tab 1 arrived at tab 2, in order"
-
-            async def offline() -> str:
-                await b.close()
-                missed = [f"while tab 2 was away {i}" for i in range(3)]
-                for text in missed:
-                    await say(a, text, "tab 1")
-                _expect(await texts(a, 3), missed)
-                if self.restart_redis is None:
-                    return "tab 1 said 3 more (Redis is not ours: no restart)"
-                await asyncio.to_thread(self.restart_redis)
-                after = [f"after the restart {i}" for i in range(2)]
-                for text in after:
-                    await say(a, text, "tab 1")
-                _expect(await texts(a, 2), after)
-                return "tab 1 said 3 more, Redis restarted, tab 1 said 2 more"
-
-            async def comes_back() -> str:
-                nonlocal back
-                back = await websockets.connect(self.url(0, since=seen["position"]))
-                count = 5 if self.restart_redis else 3
-                replayed = await texts(back, count)
-                _expect(replayed[:3], [f"while tab 2 was away {i}" for i in range(3)])
-                _expect(replayed[3:], [f"after the restart {i}" for i in range(count - 3)])
-                await say(a, "welcome back", "tab 1")
-                _expect(await texts(back, 1), ["welcome back"])
-                return f"the {count} missed messages came first, in order, then live ones"
-
             return (
-                await self.check("two tabs on two processes", cross)
-                and await self.check("order across processes", in_order)
-                and await self.check("tab 2 offline, chat goes on", offline)
-                and await self.check("tab 2 back on process 1 (?since=)", comes_back)
+                await self.check("two tabs on two processes", self._cross)
+                and await self.check("order across processes", self._in_order)
+                and await self.check("tab 2 offline, chat goes on", self._offline)
+                and await self.check("tab 2 back on process 1 (?since=)", self._comes_back)
             )
         finally:
-            for socket in (a, b, back):
-                if socket is not None:
-                    await socket.close()
+            for socket in self._tabs.values():
+                await socket.close()
+
+    # --- the steps: each returns what it showed, or raises -----------------------------
+
+    async def _cross(self) -> str:
+        a, b = self._tabs["a"], self._tabs["b"]
+        await say(b, "hello from process 2", "tab 2")
+        _expect(await texts(a, 1), ["hello from process 2"])
+        _expect(await texts(b, 1), ["hello from process 2"])
+        return "tab 2's message reached tab 1 through Redis"
+
+    async def _in_order(self) -> str:
+        a, b = self._tabs["a"], self._tabs["b"]
+        sent = [f"message {i}" for i in range(20)]
+        for text in sent:
+            await say(a, text, "tab 1")
+        heard = await hear(b, 20)
+        _expect([m["text"] for m in heard], sent)
+        await texts(a, 20)
+        self._last_seen = heard[-1]
+        return "20 messages from tab 1 arrived at tab 2, in order"
+
+    async def _offline(self) -> str:
+        a = self._tabs["a"]
+        await self._tabs["b"].close()
+        missed = [f"while tab 2 was away {i}" for i in range(3)]
+        for text in missed:
+            await say(a, text, "tab 1")
+        _expect(await texts(a, 3), missed)
+        if self.restart_redis is None:
+            return "tab 1 said 3 more (Redis is not ours: no restart)"
+        await asyncio.to_thread(self.restart_redis)
+        after = [f"after the restart {i}" for i in range(2)]
+        for text in after:
+            await say(a, text, "tab 1")
+        _expect(await texts(a, 2), after)
+        return "tab 1 said 3 more, Redis restarted, tab 1 said 2 more"
+
+    async def _comes_back(self) -> str:
+        a = self._tabs["a"]
+        back = self._tabs["back"] = await websockets.connect(
+            self.url(0, since=self._last_seen["position"])
+        )
+        count = 5 if self.restart_redis else 3
+        replayed = await texts(back, count)
+        _expect(replayed[:3], [f"while tab 2 was away {i}" for i in range(3)])
+        _expect(replayed[3:], [f"after the restart {i}" for i in range(count - 3)])
+        await say(a, "welcome back", "tab 1")
+        _expect(await texts(back, 1), ["welcome back"])
+        return f"the {count} missed messages came first, in order, then live ones"
 
 
 def _expect(got: list[str], wanted: list[str]) -> None:

@@ -145,17 +145,12 @@ class _LoopPresence:
         targets = sorted(members) if members is not None else [name]
         self.local.deliver_to(targets, message, time.time() + self.layer.config.expiry)
 
-    def on_connection_lost(self, shard: int) -> None:
-        layer = self.layer
-        layer.stats.count("reconnects")
-        if layer.config.on_disconnect:
-            layer.tell(self.local, layer.config.on_disconnect, self.channels)
+    def connection_lost(self, shard: int) -> None:
+        self.layer.notify_lost(self.local, self.channels)
 
-    def on_connection_back(self, shard: int) -> None:
+    def connection_back(self, shard: int) -> None:
         logger.warning("Pub/Sub of shard %d reconnected; messages meanwhile are lost", shard)
-        layer = self.layer
-        if layer.config.on_reconnect:
-            layer.tell(self.local, layer.config.on_reconnect, self.channels, recovered=False)
+        self.layer.notify_back(self.local, self.channels, recovered=False)
 
 
 class RedisPubSubChannelLayer(StreamlayerLayer):

@@ -263,6 +263,34 @@ STALL_MS = 2000
 _MEMBER_WORK = 0.003
 
 
+async def _until_delivered(
+    everything: asyncio.Event, progress: dict[str, float], settle: bool
+) -> None:
+    """Until every delivery arrived (bounded), or with ``settle`` until the members
+    went quiet for a whole second (the rest is not coming)."""
+    if not settle:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(everything.wait(), _WAIT)
+        return
+    count: float = -1
+    for _ in range(int(_WAIT)):
+        if everything.is_set() or count == (count := progress["total"]):
+            return
+        await asyncio.sleep(1.0)
+
+
+def _burst_lost(channel: str, seen: list[tuple[int, int]], senders: int, each: int) -> int:
+    """How many of the ``senders`` x ``each`` messages ``channel`` missed; duplicates
+    or a sender's messages out of order raise BenchError."""
+    if len(seen) != len(set(seen)):
+        raise BenchError(f"burst: {channel} got {len(seen) - len(set(seen))} duplicates")
+    for s in range(senders):
+        mine = [n for sender, n in seen if sender == s]
+        if mine != sorted(mine):
+            raise BenchError(f"burst: {channel} got sender {s}'s messages out of order")
+    return senders * each - len(seen)
+
+
 async def stall_burst(
     layer: Any, sizes: Sizes, pause: Callable[[int], None], settle: bool = False
 ) -> Metrics:
@@ -316,27 +344,12 @@ async def stall_burst(
     await asyncio.to_thread(pause, STALL_MS)
     stall_ended = time.perf_counter() + STALL_MS / 1000
     await _wait(sending)
-    if not settle:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(everything.wait(), _WAIT)
-    else:
-        count: float = -1
-        for _ in range(int(_WAIT)):  # quiet for a whole second: the rest is not coming
-            if everything.is_set() or count == (count := progress["total"]):
-                break
-            await asyncio.sleep(1.0)
+    await _until_delivered(everything, progress, settle)
     for reader in readers:
         reader.cancel()
     await asyncio.gather(*readers, return_exceptions=True)
-    lost = 0
-    for channel, seen in got.items():
-        if len(seen) != len(set(seen)):
-            raise BenchError(f"burst: {channel} got {len(seen) - len(set(seen))} duplicates")
-        for s in range(sizes.burst_senders):
-            mine = [n for sender_, n in seen if sender_ == s]
-            if mine != sorted(mine):
-                raise BenchError(f"burst: {channel} got sender {s}'s messages out of order")
-        lost += sizes.burst_senders * per_sender - len(seen)
+    lost = sum(_burst_lost(channel, seen, sizes.burst_senders, per_sender)
+               for channel, seen in got.items())  # fmt: skip
     return {
         "lost": lost,
         "duplicated": 0,
