@@ -10,7 +10,7 @@ loops found closed are dropped, so nothing is reused across loops or leaked.
 
 Calls from sync code (``async_to_sync(layer.send)``) are the exception: they
 use one synchronous, thread-safe redis-py client per host instead, shared by
-every calling thread (:class:`SyncBackedClient`; when and why in
+every calling thread (:class:`SyncCallerClient`; when and why in
 :mod:`streamlayer.sync`).
 
 The shard choice for a key is the same CRC-based consistent hash that
@@ -26,7 +26,7 @@ import contextlib
 import logging
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 import redis
@@ -46,8 +46,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .batching import ShardBatcher
 from .config import HostSpec
 from .exceptions import LayerClosed
-from .scripts import LuaScript
-from .sync import SEND_FIRST_HERE, SYNC_IO, pause_after_send
+from .sync import SYNC_IO, SyncCallerClient
 
 __all__ = ["ConnectionManager", "consistent_hash", "create_pool"]
 
@@ -190,116 +189,6 @@ def create_sync_client(spec: HostSpec) -> Any:
     return redis.Redis(connection_pool=redis.ConnectionPool(**kwargs))
 
 
-class SyncBackedClient:
-    """What the layers call on a ``redis.asyncio`` client, done by a synchronous one.
-
-    Only for a sync caller's call, which runs on a loop serving that call alone
-    (see :mod:`streamlayer.sync`): blocking on the socket holds up nothing else,
-    and the connection comes from a pool every thread shares instead of one bound
-    to a loop that is about to close. It is also the script runner
-    :meth:`ConnectionManager.batcher` hands out there: one call at a time, nothing
-    to coalesce.
-    """
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        #: A plain client's pool lends connections we can send on and read from apart;
-        #: a cluster client routes each command itself.
-        self._pool: Any = (
-            None if isinstance(client, redis.RedisCluster) else client.connection_pool
-        )
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        command = getattr(self.client, name)
-
-        async def run(*args: Any, **kwargs: Any) -> Any:
-            await _leave_callers_thread()
-            return command(*args, **kwargs)
-
-        setattr(self, name, run)  # found directly from now on
-        return run
-
-    async def evalsha(self, *args: Any) -> Any:
-        return await self._maybe_sent_here("EVALSHA", self.client.evalsha, args)
-
-    async def publish(self, *args: Any) -> Any:
-        return await self._maybe_sent_here("PUBLISH", self.client.publish, args)
-
-    async def _maybe_sent_here(
-        self, command: str, method: Callable[..., Any], args: tuple[Any, ...]
-    ) -> Any:
-        """A sync caller's first command, if this is it, is sent from the caller's
-        thread and its reply read once asgiref's loop resumes the call (see
-        :mod:`streamlayer.sync`); both commands answer with plain values (no response
-        callback to apply). Any failure waits for the loop too: the retries sleep
-        there. Otherwise the command runs as any other."""
-        if not SEND_FIRST_HERE.get() or self._pool is None:
-            await _leave_callers_thread()
-            return method(*args)
-        SEND_FIRST_HERE.set(False)
-        connection = None
-        failure: Exception | None = None
-        try:
-            try:
-                connection = self._pool.get_connection()
-                connection.send_command(command, *args)
-            except Exception as exc:
-                failure = exc
-            await pause_after_send()
-            if failure is not None:
-                raise failure
-            return connection.read_response()  # type: ignore[union-attr]
-        except redis.ResponseError:
-            raise  # the server answered: the connection is fine
-        except BaseException:
-            if connection is not None:
-                connection.disconnect()  # a reply may still be on its way: never reuse it
-            raise
-        finally:
-            if connection is not None:
-                self._pool.release(connection)
-
-    async def scan_iter(self, **kwargs: Any) -> AsyncIterator[bytes]:
-        """The keys SCAN finds, as redis.asyncio's ``scan_iter`` yields them (flush)."""
-        await _leave_callers_thread()
-        for key in self.client.scan_iter(**kwargs):
-            yield key
-
-    def pipeline(self, transaction: bool = True) -> _SyncBackedPipeline:
-        return _SyncBackedPipeline(self.client.pipeline(transaction=transaction))
-
-    async def call(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        return await script(cast(aioredis.Redis, self), keys, args)
-
-    def close(self) -> None:
-        self.client.close()
-
-
-async def _leave_callers_thread() -> None:
-    """Before any other command of a sync caller's call: if the call still runs in the
-    caller's thread, let asgiref's loop take it over first."""
-    if SEND_FIRST_HERE.get():
-        SEND_FIRST_HERE.set(False)
-        await pause_after_send()
-
-
-class _SyncBackedPipeline:
-    """A synchronous pipeline whose ``execute`` is awaited, as the asyncio one's is."""
-
-    def __init__(self, pipeline: Any) -> None:
-        self._pipeline = pipeline
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._pipeline, name)  # queueing commands is synchronous in both
-
-    async def execute(self, raise_on_error: bool = True) -> list[Any]:
-        await _leave_callers_thread()
-        try:
-            return cast(list[Any], self._pipeline.execute(raise_on_error=raise_on_error))
-        finally:
-            self._pipeline.reset()
-
-
 class _LoopClients:
     """The clients of one event loop; closed by its guard task when the loop winds down."""
 
@@ -398,7 +287,7 @@ class ConnectionManager:
         self.hosts = tuple(hosts)
         self._loops: dict[asyncio.AbstractEventLoop, _LoopClients] = {}
         #: Per host: the client sync callers' calls share (made on first use).
-        self._sync_clients: dict[int, SyncBackedClient] = {}
+        self._sync_clients: dict[int, SyncCallerClient] = {}
         self._sync_lock = threading.Lock()
 
     @property
@@ -424,14 +313,14 @@ class ConnectionManager:
             return cast(aioredis.Redis, self.sync_client(index))
         return self._loop_clients().client(index)
 
-    def sync_client(self, index: int) -> SyncBackedClient:
+    def sync_client(self, index: int) -> SyncCallerClient:
         """The synchronous client of shard ``index`` every sync caller shares."""
         client = self._sync_clients.get(index)
         if client is None:
             with self._sync_lock:
                 client = self._sync_clients.get(index)
                 if client is None:
-                    client = SyncBackedClient(create_sync_client(self.hosts[index]))
+                    client = SyncCallerClient(create_sync_client(self.hosts[index]))
                     self._sync_clients[index] = client
                     _WITH_SYNC_CLIENTS.add(self)
         return client

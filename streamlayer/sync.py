@@ -54,10 +54,14 @@ import os
 import sys
 import threading
 import types
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Sequence
 from typing import Any, TypeVar, cast
 
+import redis
 from asgiref.sync import AsyncToSync, SyncToAsync, markcoroutinefunction
+from redis import asyncio as aioredis
+
+from .scripts import LuaScript
 
 try:  # asgiref 3.10+
     from asgiref.sync import AsyncSingleThreadContext
@@ -67,6 +71,8 @@ except ImportError:  # pragma: no cover - older asgiref: a thread per call, as b
 __all__ = [
     "SEND_FIRST_HERE",
     "SYNC_IO",
+    "SyncCallerClient",
+    "SyncCallerPipeline",
     "background_context",
     "pause_after_send",
     "sync_aware",
@@ -312,3 +318,130 @@ def _resume(
                 yielded = context.run(coro.throw, error)
         except StopIteration as stop:
             return cast(T, stop.value)
+
+
+# -- the client a sync caller's call uses ----------------------------------------------
+
+
+class SyncCallerClient:
+    """The commands the layers send during a sync caller's call, done by a synchronous,
+    thread-safe redis-py client: exactly these, declared one by one (a command a layer
+    starts to use there must be added here, on purpose).
+
+    Only for a sync caller's call, which runs on a loop serving that call alone:
+    blocking on the socket holds up nothing else, and the connection comes from a
+    pool every thread shares instead of one bound to a loop that is about to close.
+    It is also the script runner :meth:`ConnectionManager.batcher` hands out there:
+    one call at a time, nothing to coalesce.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        #: A plain client's pool lends connections we can send on and read from apart;
+        #: a cluster client routes each command itself.
+        self._pool: Any = (
+            None if isinstance(client, redis.RedisCluster) else client.connection_pool
+        )
+
+    # --- what the first command of a call may be: sent from the caller's thread ------
+
+    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        return await self._maybe_sent_here(
+            "EVALSHA", self.client.evalsha, (sha, numkeys, *keys_and_args)
+        )
+
+    async def publish(self, channel: str, message: bytes) -> Any:
+        return await self._maybe_sent_here("PUBLISH", self.client.publish, (channel, message))
+
+    # --- the others ----------------------------------------------------------------------
+
+    async def script_load(self, source: str) -> Any:
+        await _leave_callers_thread()
+        return self.client.script_load(source)
+
+    async def zrem(self, key: str, *members: str) -> Any:
+        await _leave_callers_thread()
+        return self.client.zrem(key, *members)
+
+    async def unlink(self, *keys: Any) -> Any:
+        await _leave_callers_thread()
+        return self.client.unlink(*keys)
+
+    async def scan_iter(self, **kwargs: Any) -> AsyncIterator[bytes]:
+        """The keys SCAN finds, as redis.asyncio's ``scan_iter`` yields them (flush)."""
+        await _leave_callers_thread()
+        for key in self.client.scan_iter(**kwargs):
+            yield key
+
+    def pipeline(self, transaction: bool = True) -> SyncCallerPipeline:
+        return SyncCallerPipeline(self.client.pipeline(transaction=transaction))
+
+    async def call(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """Run ``script`` (the batcher's interface: here, no batching)."""
+        return await script(cast(aioredis.Redis, self), keys, args)
+
+    def close(self) -> None:
+        self.client.close()
+
+    async def _maybe_sent_here(
+        self, command: str, method: Callable[..., Any], args: tuple[Any, ...]
+    ) -> Any:
+        """A sync caller's first command, if this is it, is sent from the caller's
+        thread and its reply read once asgiref's loop resumes the call; both commands
+        answer with plain values (no response callback to apply). Any failure waits
+        for the loop too: the retries sleep there. Otherwise the command runs as any
+        other."""
+        if not SEND_FIRST_HERE.get() or self._pool is None:
+            await _leave_callers_thread()
+            return method(*args)
+        SEND_FIRST_HERE.set(False)
+        connection = None
+        failure: Exception | None = None
+        try:
+            try:
+                connection = self._pool.get_connection()
+                connection.send_command(command, *args)
+            except Exception as exc:
+                failure = exc
+            await pause_after_send()
+            if failure is not None:
+                raise failure
+            return connection.read_response()  # type: ignore[union-attr]
+        except redis.ResponseError:
+            raise  # the server answered: the connection is fine
+        except BaseException:
+            if connection is not None:
+                connection.disconnect()  # a reply may still be on its way: never reuse it
+            raise
+        finally:
+            if connection is not None:
+                self._pool.release(connection)
+
+
+class SyncCallerPipeline:
+    """The pipeline a sync caller's call queues (group_add: ZADD and EXPIRE per group),
+    whose ``execute`` is awaited as the asyncio one's is."""
+
+    def __init__(self, pipeline: Any) -> None:
+        self._pipeline = pipeline
+
+    def zadd(self, key: str, mapping: dict[str, float]) -> None:
+        self._pipeline.zadd(key, mapping)
+
+    def expire(self, key: str, seconds: int) -> None:
+        self._pipeline.expire(key, seconds)
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        await _leave_callers_thread()
+        try:
+            return cast(list[Any], self._pipeline.execute(raise_on_error=raise_on_error))
+        finally:
+            self._pipeline.reset()
+
+
+async def _leave_callers_thread() -> None:
+    """Before any other command of a sync caller's call: if the call still runs in the
+    caller's thread, let asgiref's loop take it over first."""
+    if SEND_FIRST_HERE.get():
+        SEND_FIRST_HERE.set(False)
+        await pause_after_send()
