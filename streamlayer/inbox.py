@@ -27,17 +27,15 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
 from redis.exceptions import NoScriptError
 
-from .config import LayerConfig
-from .connections import ConnectionManager
 from .entries import Entry, as_bytes, group_position, next_stream_id, sent_ms, stream_entries
 from .history import POSITION_KEY, position_tag
+from .host import LayerHost
 from .keys import stream_inbox_key, stream_inbox_state_key
 from .local import LocalChannels
 from .reader import BLOCK_SECONDS, BackgroundReader, reusable_task
@@ -65,14 +63,11 @@ class _Holder(Protocol):
     ) -> bool: ...
 
 
-class InboxHost(Protocol):
-    """What the inbox needs of its layer: where it reads, the local queues it feeds,
-    decoding, counting, retries, and where a reconnect is reported."""
+class InboxHost(LayerHost, Protocol):
+    """What the inbox needs of its layer beyond any helper's: the local queues it
+    feeds, the history that holds back messages of a join in flight, and where a
+    reconnect is reported."""
 
-    prefix: str
-    process_id: str
-    config: LayerConfig
-    connections: ConnectionManager
     local: LocalChannels
 
     @property
@@ -80,17 +75,6 @@ class InboxHost(Protocol):
 
     @property
     def key_ttl_ms(self) -> int: ...
-
-    def count(self, name: str, n: int = 1) -> None: ...
-
-    def try_deserialize(self, data: bytes, where: str) -> dict[str, Any] | None: ...
-
-    async def with_retry(
-        self,
-        what: str,
-        call: Callable[[], Awaitable[T]],
-        on_error: Callable[[BaseException], None] | None = None,
-    ) -> T: ...
 
     def connection_lost(self) -> None: ...
 

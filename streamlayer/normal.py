@@ -23,7 +23,6 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol, TypeVar
@@ -32,13 +31,12 @@ from redis.exceptions import ResponseError
 
 from .base import RESERVED_KEY
 from .cancellation import CancelGuard
-from .config import LayerConfig
-from .connections import ConnectionManager
 from .entries import Entry, as_bytes, group_position, sent_ms, stream_entries
 from .history import POSITION_KEY, position_tag
+from .host import LayerHost
 from .keys import stream_channel_key, stream_delivered_key
 from .reader import BLOCK_SECONDS, reusable_task
-from .scripts import STREAM_ACK, STREAM_FORGET_CONSUMER, STREAM_JOIN_CONSUMERS, LuaScript
+from .scripts import STREAM_ACK, STREAM_FORGET_CONSUMER, STREAM_JOIN_CONSUMERS
 
 __all__ = ["CONSUMER_GROUP", "NormalChannels"]
 
@@ -51,42 +49,14 @@ CONSUMER_GROUP = "streamlayer"
 _CLAIM_BATCH = 16
 
 
-class NormalHost(Protocol):
-    """What the normal channels need of their layer."""
-
-    process_id: str
-    prefix: str
-    config: LayerConfig
-    connections: ConnectionManager
+class NormalHost(LayerHost, Protocol):
+    """What the normal channels need of their layer beyond any helper's."""
 
     @property
     def key_ttl_ms(self) -> int: ...
 
     @property
     def delivered_keep_ms(self) -> int: ...
-
-    def count(self, name: str, n: int = 1) -> None: ...
-
-    def try_deserialize(self, data: bytes, where: str) -> dict[str, Any] | None: ...
-
-    async def with_retry(
-        self,
-        what: str,
-        call: Callable[[], Awaitable[T]],
-        on_error: Callable[[BaseException], None] | None = None,
-    ) -> T: ...
-
-    async def call_script(
-        self,
-        what: str,
-        script: LuaScript,
-        shard: int,
-        keys: Sequence[Any],
-        args: Sequence[Any] | Callable[[], Sequence[Any]],
-        *,
-        idempotent: bool = False,
-        maybe_landed: bool = False,
-    ) -> Any: ...
 
 
 @dataclass

@@ -28,13 +28,11 @@ import asyncio
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from .config import LayerConfig
-from .connections import ConnectionManager
 from .history import POSITION_KEY, HistoryPage, Position, position_tag
+from .host import LayerHost
 from .keys import process_id_of, stream_history_key, stream_history_meta_key
 from .local import LocalChannels
 from .scripts import (
@@ -102,50 +100,23 @@ def _parse_read(reply: list[Any]) -> _Read:
     return _Read(_text(epoch), bool(int(complete)), _text(newest), entries)
 
 
-class HistoryHost(Protocol):
-    """What the history needs of its layer: naming, encoding, script calls with
-    retries, the local queues a replay for this process goes to, and where a replay
+class HistoryHost(LayerHost, Protocol):
+    """What the history needs of its layer beyond any helper's: group naming,
+    encoding, the local queues a replay for this process goes to, and where a replay
     for another channel is appended."""
 
-    prefix: str
-    process_id: str
     group_expiry: int
-    config: LayerConfig
-    connections: ConnectionManager
     local: LocalChannels
 
     def group_key(self, group: str) -> str: ...
 
     def serialize(self, message: Message) -> bytes: ...
 
-    def try_deserialize(self, data: bytes, where: str) -> Message | None: ...
-
     def new_tag(self) -> str: ...
 
     def get_capacity(self, channel: str) -> int: ...
 
     def destination(self, channel: str) -> tuple[str, str, int]: ...
-
-    def count(self, name: str, n: int = 1) -> None: ...
-
-    async def with_retry(
-        self,
-        what: str,
-        call: Callable[[], Awaitable[T]],
-        on_error: Callable[[BaseException], None] | None = None,
-    ) -> T: ...
-
-    async def call_script(
-        self,
-        what: str,
-        script: LuaScript,
-        shard: int,
-        keys: Sequence[Any],
-        args: Sequence[Any] | Callable[[], Sequence[Any]],
-        *,
-        idempotent: bool = False,
-        maybe_landed: bool = False,
-    ) -> Any: ...
 
     async def append(
         self,
