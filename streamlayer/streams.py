@@ -22,7 +22,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
 from .exceptions import LayerClosed
@@ -170,8 +170,10 @@ class StreamsChannelLayer(StoredLayer):
         self.local.touch(channel)
         self.inbox.serve(channel)
 
-    async def _receive_normal(self, channel: str) -> dict[str, Any]:
-        return await self.normal.receive(channel)
+    def _receive_normal(self, channel: str) -> Coroutine[Any, Any, dict[str, Any]]:
+        # The normal channels' own coroutine, not one awaiting it: a worker's receive
+        # resumes one frame fewer per message.
+        return self.normal.receive(channel)
 
     # --- groups ---------------------------------------------------------------------------
 
