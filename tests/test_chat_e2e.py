@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -17,6 +16,8 @@ from typing import Any
 import pytest
 
 from streamlayer.testing import RedisServer
+
+from .browser import CHROMIUM, chromium_page
 
 websockets = pytest.importorskip("websockets")
 pytest.importorskip("daphne")
@@ -127,9 +128,6 @@ async def test_redis_restarting_mid_conversation_loses_nothing(
     assert (await texts(a, 10))[-5:] == got
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 @pytest.mark.skipif(
     CHROMIUM is None,
     reason="headless Chromium is not installed (Debian: apt-get install chromium)",
@@ -142,20 +140,16 @@ async def test_the_page_replays_in_a_real_browser(chat: Any, tmp_path: Path) -> 
         for text in ("alpha-one", "bravo-two", "charlie-three"):
             await say(a, text)
         first, *_ = await hear(a, 3)
-    page = f"{chat.urls[1]}lobby/?since={first['position']}"
-    browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
-    browser += ["--virtual-time-budget=10000"]
-    dumped = await asyncio.to_thread(
-        subprocess.run, [*browser, "--dump-dom", page], capture_output=True, text=True, timeout=90
-    )
-    log = dumped.stdout.partition('id="log"')[2]
-    assert "bravo-two" in log and "charlie-three" in log, dumped.stdout[-2000:]
+    async with chromium_page(tmp_path / "profile") as page:
+        await page.open(f"{chat.urls[1]}lobby/?since={first['position']}")
+        log = await asyncio.wait_for(
+            page.text_once_it_holds("log", "bravo-two", "charlie-three"), _WAIT
+        )
+        picture = await page.screenshot()
     assert "alpha-one" not in log  # it came before the position the page was opened at
     assert log.index("bravo-two") < log.index("charlie-three")
-    picture = tmp_path / "chat.png"
-    shot = [*browser, f"--screenshot={picture}", "--window-size=900,700", page]
-    await asyncio.to_thread(subprocess.run, shot, capture_output=True, timeout=90)
-    assert picture.stat().st_size > 5_000
+    assert len(picture) > 5_000
+    await asyncio.to_thread((tmp_path / "chat.png").write_bytes, picture)
 
 
 def test_the_readme_main_command_runs_its_checked_tour() -> None:
