@@ -26,6 +26,7 @@ from redis.asyncio.connection import AbstractConnection
 from .cancellation import CancelGuard
 from .connections import ConnectionManager
 from .exceptions import LayerClosed, RedisAccessDenied, RedisUnavailable
+from .redispy import open_own_connection, read_push
 from .retry import ACCESS_ERRORS, TRANSIENT_ERRORS, access_denied, retry_forever
 from .sync import background_context
 
@@ -181,9 +182,7 @@ class Subscriber:
     async def _connect(self) -> None:
         await self._drop_connection()
         pool = self.connections.client(self.shard).connection_pool
-        conn: AbstractConnection = pool.make_connection()  # type: ignore[no-untyped-call]
-        self._conn = conn
-        await conn.connect()  # type: ignore[no-untyped-call]
+        self._conn = conn = await open_own_connection(pool)
         # From here subscribe() sends its own SUBSCRIBE: none falls between the two.
         self._ready = True
         names = sorted(self.wanted)
@@ -212,9 +211,7 @@ class Subscriber:
         unanswered = 0
         while True:
             try:
-                response = await conn.read_response(
-                    timeout=self.heartbeat, disconnect_on_error=False, push_request=True
-                )
+                response = await read_push(conn, self.heartbeat)
             except ACCESS_ERRORS as exc:  # a SUBSCRIBE the ACL user may not send
                 self._deny(access_denied(f"subscribe on shard {self.shard}", exc))
                 self.denied = None  # the connection is fine: other subscribes may pass

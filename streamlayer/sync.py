@@ -61,6 +61,7 @@ import redis
 from asgiref.sync import AsyncToSync, SyncToAsync, markcoroutinefunction
 from redis import asyncio as aioredis
 
+from .redispy import lend_sync_connection
 from .scripts import LuaScript
 
 try:  # asgiref 3.10+
@@ -399,7 +400,7 @@ class SyncCallerClient:
         failure: Exception | None = None
         try:
             try:
-                connection = self._pool.get_connection()
+                connection = lend_sync_connection(self._pool, command)
                 connection.send_command(command, *args)
             except Exception as exc:
                 failure = exc

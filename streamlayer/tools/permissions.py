@@ -32,6 +32,7 @@ from ..keys import (
     stream_inbox_key,
     stream_inbox_state_key,
 )
+from ..redispy import lend_sync_connection
 
 __all__ = ["LAYERS", "CannotCheck", "acl_setuser", "missing_permissions", "probes"]
 
@@ -163,7 +164,7 @@ def missing_permissions(client: redis.Redis, layer: str, prefix: str) -> list[st
 def _queued(client: redis.Redis, lines: list[tuple[str, ...]]) -> list[str]:
     """Queue every command line in a MULTI, then DISCARD: the ones Redis refused."""
     refused: list[str] = []
-    connection: Any = client.connection_pool.get_connection()
+    connection: Any = lend_sync_connection(client.connection_pool, "MULTI")
     try:
         connection.send_command("MULTI")
         connection.read_response()
