@@ -93,6 +93,60 @@ class LayerStats:
         return self.as_dict()
 
 
+class ScriptCall:
+    """One script call, attempted as often as the retry policy says.
+
+    ``args`` may be a function, to compute them afresh at each attempt (expiry
+    cutoffs, TTLs). An ``idempotent`` script takes the retry flag as its last
+    argument (see :mod:`streamlayer.scripts`): '1' on every attempt after the first,
+    or on every attempt when ``maybe_landed`` (an earlier call may have landed), so a
+    retried send is stored once and a retried acknowledgement counts once.
+    :attr:`attempts` tells a caller whether its reply followed an attempt that may
+    have landed (the one-trip group send needs to know).
+    """
+
+    __slots__ = (
+        "_args",
+        "_connections",
+        "_idempotent",
+        "_keys",
+        "_maybe_landed",
+        "_script",
+        "_shard",
+        "attempts",
+    )
+
+    def __init__(
+        self,
+        connections: ConnectionManager,
+        shard: int,
+        script: LuaScript,
+        keys: Sequence[Any],
+        args: Sequence[Any] | Callable[[], Sequence[Any]],
+        idempotent: bool,
+        maybe_landed: bool,
+    ) -> None:
+        self._connections = connections
+        self._shard = shard
+        self._script = script
+        self._keys = keys
+        self._args = args
+        self._idempotent = idempotent
+        self._maybe_landed = maybe_landed
+        #: Attempts made so far.
+        self.attempts = 0
+
+    async def __call__(self) -> Any:
+        args = self._args
+        values = list(args() if callable(args) else args)
+        if self._idempotent:
+            values.append("1" if self.attempts or self._maybe_landed else "0")
+        self.attempts += 1
+        # The shard's batcher of this attempt's loop turn (a retry may find a new one).
+        batcher = self._connections.batcher(self._shard)
+        return await batcher.call(self._script, self._keys, values)
+
+
 class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
     """Base class of the three streamlayer backends."""
 
@@ -262,6 +316,20 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
             call, give_up_after=self.config.retry_timeout, what=what, on_retry=count
         )
 
+    def script_call(
+        self,
+        script: LuaScript,
+        shard: int,
+        keys: Sequence[Any],
+        args: Sequence[Any] | Callable[[], Sequence[Any]],
+        *,
+        idempotent: bool = False,
+        maybe_landed: bool = False,
+    ) -> ScriptCall:
+        """One call of ``script`` on ``shard``, to run under :meth:`with_retry`; it
+        counts its attempts (see :class:`ScriptCall`)."""
+        return ScriptCall(self.connections, shard, script, keys, args, idempotent, maybe_landed)
+
     async def call_script(
         self,
         what: str,
@@ -274,24 +342,11 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         maybe_landed: bool = False,
     ) -> Any:
         """Call ``script`` on ``shard`` under the retry policy, through the shard's
-        batcher (calls made together travel in one pipeline). ``args`` may be a
-        function, to compute them afresh at each attempt (expiry cutoffs, TTLs).
-
-        An ``idempotent`` script takes the retry flag as its last argument (see
-        :mod:`streamlayer.scripts`): '1' on every attempt after the first, or on every
-        attempt when ``maybe_landed`` (an earlier call may have landed), so a retried
-        send is stored once and a retried acknowledgement counts once."""
-        attempts = 1 if maybe_landed else 0
-
-        async def attempt() -> Any:
-            nonlocal attempts
-            values = list(args() if callable(args) else args)
-            if idempotent:
-                values.append("1" if attempts else "0")
-            attempts += 1
-            return await self.connections.batcher(shard).call(script, keys, values)
-
-        return await self.with_retry(what, attempt)
+        batcher (calls made together travel in one pipeline); see :class:`ScriptCall`."""
+        call = self.script_call(
+            script, shard, keys, args, idempotent=idempotent, maybe_landed=maybe_landed
+        )
+        return await self.with_retry(what, call)
 
     @sync_aware
     async def group_add(

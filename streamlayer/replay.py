@@ -127,7 +127,6 @@ class HistoryHost(LayerHost, Protocol):
         args: list[Any],
         *,
         maybe_landed: bool = False,
-        attempts: list[int] | None = None,
     ) -> Any: ...
 
 

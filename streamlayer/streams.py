@@ -22,7 +22,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from .exceptions import LayerClosed
@@ -146,20 +146,22 @@ class StreamsChannelLayer(StoredLayer):
         args: list[Any],
         *,
         maybe_landed: bool = False,
-        attempts: list[int] | None = None,
     ) -> Any:
-        """Call an appending script (STREAM_SEND, STREAM_GROUP_SEND): its arguments end
-        with the expiry cutoff and key TTL of the moment of each attempt. ``attempts``
-        (a one-item list) is told how many attempts it took."""
-
-        def tail() -> list[Any]:
-            if attempts is not None:
-                attempts[0] += 1
-            return [*args, self._min_id(), self.key_ttl_ms]
-
+        """Call an appending script (STREAM_SEND, STREAM_GROUP_SEND, STREAM_REPLAY)."""
         return await self.call_script(
-            what, script, shard, keys, tail, idempotent=True, maybe_landed=maybe_landed
+            what,
+            script,
+            shard,
+            keys,
+            self._appending(args),
+            idempotent=True,
+            maybe_landed=maybe_landed,
         )
+
+    def _appending(self, args: list[Any]) -> Callable[[], list[Any]]:
+        """An appending script's arguments end with the expiry cutoff and key TTL of
+        the moment of each attempt."""
+        return lambda: [*args, self._min_id(), self.key_ttl_ms]
 
     # --- process-specific channels ------------------------------------------------------
 
@@ -256,12 +258,11 @@ class StreamsChannelLayer(StoredLayer):
         args += [group, ""]
         shard = self.connections.shard_for(group)
         what = f"group_send to {group!r}"
-        attempts = [0]
-        reply = await self.append(
-            what, STREAM_GROUP_SEND_KNOWN, shard, keys, args, attempts=attempts
+        call = self.script_call(
+            STREAM_GROUP_SEND_KNOWN, shard, keys, self._appending(args), idempotent=True
         )
-        outcome = known_send_outcome(reply)
-        if isinstance(outcome, list) and attempts[0] > 1:
+        outcome = known_send_outcome(await self.with_retry(what, call))
+        if isinstance(outcome, list) and call.attempts > 1:
             return _Replan(outcome, tags)
         return outcome
 
