@@ -1,13 +1,18 @@
-"""Each Lua script on its own, against a real server, and the key-naming helpers."""
+"""Each Lua script on its own, against a real server (every script in
+``streamlayer.scripts`` has a test here: the last test checks it), and the
+key-naming helpers."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
+from streamlayer import scripts
 from streamlayer.keys import (
     classic_backup_key,
     classic_channel_key,
@@ -17,12 +22,22 @@ from streamlayer.keys import (
 )
 from streamlayer.scripts import (
     CLASSIC_GROUP_SEND,
+    CLASSIC_GROUP_SEND_KNOWN,
     CLASSIC_RESTORE_BACKUP,
     CLASSIC_SEND,
     GROUP_MEMBERS,
+    STREAM_ACK,
     STREAM_FORGET_CONSUMER,
+    STREAM_GROUP_JOIN,
     STREAM_GROUP_PUBLISH,
+    STREAM_GROUP_SEND,
+    STREAM_GROUP_SEND_KNOWN,
     STREAM_HISTORY,
+    STREAM_INBOX_ADVANCE,
+    STREAM_JOIN_CONSUMERS,
+    STREAM_REPLAY,
+    STREAM_SEND,
+    LuaScript,
 )
 from streamlayer.testing import RedisServer
 
@@ -132,3 +147,249 @@ async def test_group_publish_caps_history_and_remembers_the_newest_trimmed(clien
         )
         assert reply[0] == b"e1" and reply[1] == complete and reply[2] == ids[4]
         assert [entry[0] for entry in reply[3]] == ids[2:]
+
+
+# --- helpers for the Streams scripts --------------------------------------------------
+
+
+def _digest(*members: str) -> str:
+    """What the one-trip group sends compare: SHA-1 of the sorted names, one a line."""
+    return hashlib.sha1("\n".join(sorted(members)).encode()).hexdigest()
+
+
+def _minid(seconds_ago: float = 60) -> str:
+    return f"{int((time.time() - seconds_ago) * 1000)}-0"
+
+
+async def _fields(client: Redis, stream: str) -> list[dict[bytes, bytes]]:
+    return [fields for _id, fields in await client.xrange(stream)]
+
+
+# --- compat.core's one-trip group send -------------------------------------------------
+
+
+async def test_classic_group_send_known_adds_only_for_the_planned_members(client: Redis) -> None:
+    now = time.time()
+    await client.zadd("g", {"a": now, "b": now, "gone": now - 100})
+    tail = [b"msg", 5, now, now - 60, 60]
+    changed = await CLASSIC_GROUP_SEND_KNOWN(
+        client, ["g", "a"], [now - 50, _digest("a"), *tail, "0"]
+    )
+    assert changed[0] == -1 and sorted(changed[1:]) == [b"a", b"b"]
+    assert await client.exists("a") == 0  # nothing added when the members changed
+    planned = [now - 50, _digest("a", "b"), b"m-a", b"m-b", 5, 5, now, now - 60, 60, "0"]
+    assert await CLASSIC_GROUP_SEND_KNOWN(client, ["g", "a", "b"], planned) == [0]
+    assert await client.zrange("a", 0, -1) == [b"m-a"] and await client.zrange("b", 0, -1) == [
+        b"m-b"
+    ]
+    assert await client.zscore("g", "gone") is None  # expired members dropped after the send
+    # A retry (its first attempt may have landed) does not check: the same members
+    # get the same serialized message again, which a sorted set holds once.
+    retried = [now - 50, _digest("someone else"), b"m-a", 5, now, now - 60, 60, "1"]
+    assert await CLASSIC_GROUP_SEND_KNOWN(client, ["g", "a"], retried) == [0]
+    assert await client.zcard("a") == 1
+
+
+# --- the Streams layer's appends -------------------------------------------------------
+
+
+async def test_stream_send_refuses_at_capacity_and_sets_the_ttl(client: Redis) -> None:
+    for stream, side, channel in [("s", "d", ""), ("inbox", "state", "x.p!1")]:
+        for n in range(2):
+            args = [b"m", f"t{n}", 2, channel, _minid(), 60_000, "0"]
+            assert await STREAM_SEND(client, [stream, side], args) is not None
+        refused = await STREAM_SEND(
+            client, [stream, side], [b"m", "t9", 2, channel, _minid(), 60_000, "0"]
+        )
+        assert refused is None, f"{stream}: a third message past capacity 2 was stored"
+        assert await client.xlen(stream) == 2
+        assert 0 < await client.pttl(stream) <= 60_000
+    # An inbox counts per channel: another channel of the same process still has room.
+    assert await STREAM_SEND(
+        client, ["inbox", "state"], [b"m", "t5", 2, "x.p!2", _minid(), 60_000, "0"]
+    )
+    assert [f.get(b"c") for f in await _fields(client, "inbox")] == [b"x.p!1", b"x.p!1", b"x.p!2"]
+
+
+async def test_stream_send_trims_expired_entries_of_a_normal_channel(client: Redis) -> None:
+    await client.xadd("s", {"d": b"old", "i": "t0"}, id=f"{int((time.time() - 120) * 1000)}-0")
+    assert await STREAM_SEND(client, ["s", "d"], [b"new", "t1", 1, "", _minid(60), 60_000, "0"])
+    assert [f[b"d"] for f in await _fields(client, "s")] == [b"new"]
+
+
+async def test_a_retried_send_is_stored_once(client: Redis) -> None:
+    """The script's retry path finds the entry a lost reply hid, on a normal channel's
+    stream and on a process inbox."""
+    for stream, side, channel in [("s", "d", ""), ("inbox", "state", "x.p!1")]:
+        args = [b"payload", "tag-1", 10, channel, _minid(), 60_000]
+        first = await STREAM_SEND(client, [stream, side], [*args, "0"])
+        again = await STREAM_SEND(client, [stream, side], [*args, "1"])
+        assert first == again
+        assert await client.xlen(stream) == 1
+        args = [b"payload", "tag-2", 10, channel, _minid(), 60_000, "1"]
+        await STREAM_SEND(client, [stream, side], args)
+        assert await client.xlen(stream) == 2
+
+
+async def test_a_retried_send_already_delivered_is_not_stored_again(client: Redis) -> None:
+    """On a normal channel the first attempt can land, be received, acknowledged and
+    deleted before the retry (after a lost reply) runs: the retry finds the tag the
+    acknowledgement kept, and stores nothing."""
+    stream, done = "chan", "done"
+    args = [b"payload", "tag-1", 10, "", _minid(), 60_000]
+    await client.xgroup_create(stream, "g", id="0", mkstream=True)
+    first = await STREAM_SEND(client, [stream, done], [*args, "0"])
+    [[_, [(entry_id, fields)]]] = await client.xreadgroup("g", "c", {stream: ">"})
+    now = int(time.time() * 1000)
+    ack = ["g", "c", entry_id, fields[b"i"], now, 15_000, "0"]  # retry flag last
+    assert await STREAM_ACK(client, [stream, done], ack) == 1
+    assert await client.xlen(stream) == 0
+    assert await STREAM_SEND(client, [stream, done], [*args, "1"]) == b"delivered"
+    assert await client.xlen(stream) == 0, "the retry stored a second copy"
+    assert first != b"delivered"
+    # Without the record, the same retry would store it again.
+    assert await STREAM_SEND(client, [stream, "none"], [*args, "1"]) not in (None, b"delivered")
+    assert await client.xlen(stream) == 1
+
+
+def _group_tail(position: str = "", retry: str = "0") -> list[object]:
+    return ["room", position, _minid(), 60_000, retry]
+
+
+async def test_stream_group_send_appends_to_each_destination_and_counts_the_full(
+    client: Redis,
+) -> None:
+    keys = ["s1", "d1", "full", "d2", "inbox", "state"]
+    await client.xadd("full", {"d": b"x", "i": "old"})
+    records = [
+        *[b"to-s1", "t1", "", 5],
+        *[b"to-full", "t2", "", 1],
+        *[b"to-inbox", "t3", "x.p!1,x.p!2", 5],
+    ]
+    assert await STREAM_GROUP_SEND(client, keys, [*records, *_group_tail("e:1-0")]) == 1
+    [entry] = await _fields(client, "s1")
+    assert entry[b"d"] == b"to-s1" and entry[b"g"] == b"room" and entry[b"p"] == b"e:1-0"
+    assert await client.xlen("full") == 1
+    [entry] = await _fields(client, "inbox")
+    assert entry[b"c"] == b"x.p!1,x.p!2"
+    # Retried: found by its tags, stored nowhere twice.
+    assert await STREAM_GROUP_SEND(client, keys, [*records, *_group_tail("e:1-0", "1")]) == 1
+    assert (await client.xlen("s1"), await client.xlen("inbox")) == (1, 1)
+
+
+async def test_stream_group_send_known_appends_only_for_the_planned_members(
+    client: Redis,
+) -> None:
+    now = time.time()
+    await client.zadd("g", {"a": now, "b": now, "gone": now - 100})
+    record = [b"m", "t1", "", 5]
+    changed = await STREAM_GROUP_SEND_KNOWN(
+        client, ["g", "a", "da"], [now - 50, _digest("a"), *record, *_group_tail()]
+    )
+    assert changed[0] == -1 and sorted(changed[1:]) == [b"a", b"b"]
+    assert await client.exists("a") == 0
+    keys = ["g", "a", "da", "b", "db"]
+    planned = [now - 50, _digest("a", "b"), *record, b"m", "t2", "", 5, *_group_tail()]
+    assert await STREAM_GROUP_SEND_KNOWN(client, keys, planned) == [0]
+    assert (await client.xlen("a"), await client.xlen("b")) == (1, 1)
+    assert await client.zscore("g", "gone") is None
+    # A retry checks the members too (its first attempt may not have landed), and
+    # the tags keep what did land from being stored twice.
+    retried = [now - 50, _digest("a", "b"), *record, b"m", "t2", "", 5, *_group_tail(retry="1")]
+    assert await STREAM_GROUP_SEND_KNOWN(client, keys, retried) == [0]
+    assert (await client.xlen("a"), await client.xlen("b")) == (1, 1)
+
+
+async def test_stream_replay_appends_in_order_with_positions(client: Redis) -> None:
+    messages = [b"one", "r1", "e:1-0", b"two", "r2", "e:2-0", b"three", "r3", "e:3-0"]
+    tail = [_minid(), 60_000, "0"]
+    assert await STREAM_REPLAY(client, ["s", "d"], ["room", 2, "", *messages, *tail]) == 1
+    entries = await _fields(client, "s")
+    assert [(f[b"d"], f[b"p"]) for f in entries] == [(b"one", b"e:1-0"), (b"two", b"e:2-0")]
+    assert (
+        await STREAM_REPLAY(client, ["inbox", "st"], ["room", 5, "x.p!1", *messages, *tail]) == 0
+    )
+    assert [f[b"c"] for f in await _fields(client, "inbox")] == [b"x.p!1"] * 3
+
+
+# --- the Streams layer's readers -------------------------------------------------------
+
+
+async def test_stream_ack_acknowledges_what_its_consumer_still_owns(client: Redis) -> None:
+    await client.xgroup_create("s", "g", id="0", mkstream=True)
+    mine = await client.xadd("s", {"d": b"a", "i": "t1"})
+    theirs = await client.xadd("s", {"d": b"b", "i": "t2"})
+    await client.xreadgroup("g", "me", {"s": ">"}, count=1)
+    await client.xreadgroup("g", "other", {"s": ">"}, count=1)
+    now = int(time.time() * 1000)
+
+    def ack(entry: bytes, tag: str, retry: str) -> list[object]:
+        return ["g", "me", entry, tag, now, 15_000, retry]
+
+    assert await STREAM_ACK(client, ["s", "done"], ack(theirs, "t2", "0")) == 0
+    assert await STREAM_ACK(client, ["s", "done"], ack(mine, "t1", "0")) == 1
+    assert [entry for entry, _ in await client.xrange("s")] == [theirs]  # acknowledged, deleted
+    assert await client.zscore("done", "t1") is not None  # the tag a retried send finds
+    assert 0 < await client.pttl("done") <= 15_000
+    # Not pending to anyone: a retry knows its first attempt acknowledged it; a first
+    # attempt must not deliver it (another consumer did).
+    assert await STREAM_ACK(client, ["s", "done"], ack(mine, "t1", "1")) == 1
+    assert await STREAM_ACK(client, ["s", "done"], ack(mine, "t1", "0")) == 0
+    # Still pending to another consumer: not ours, retry or not.
+    assert await STREAM_ACK(client, ["s", "done"], ack(theirs, "t2", "1")) == 0
+    # The stream gone (Redis lost it after the read): nobody else can have it.
+    assert await STREAM_ACK(client, ["lost", "done"], ack(mine, "t1", "0")) == 1
+
+
+async def test_stream_join_consumers_creates_the_group_once(client: Redis) -> None:
+    assert await STREAM_JOIN_CONSUMERS(client, ["s"], ["g", 60_000]) == 1
+    await client.xadd("s", {"d": b"x"})
+    await client.xreadgroup("g", "c", {"s": ">"})
+    assert await STREAM_JOIN_CONSUMERS(client, ["s"], ["g", 60_000]) == 1  # BUSYGROUP: kept
+    [group] = await client.xinfo_groups("s")
+    assert group["name"] == b"g" and group["pending"] == 1
+    assert 0 < await client.pttl("s") <= 60_000
+
+
+async def test_stream_inbox_advance_records_trims_and_reports(client: Redis) -> None:
+    ids = [await client.xadd("inbox", {"d": b"m", "c": "x.p!1"}) for _ in range(3)]
+    await client.hset("state", mapping={"x.p!2": 4})
+    args = [ids[1], 60_000, ids[2], 7, "x.p!1,7,x.p!2,0"]
+    assert await STREAM_INBOX_ADVANCE(client, ["state", "inbox"], args) is None  # no cursor yet
+    assert [entry for entry, _ in await client.xrange("inbox")] == [ids[2]]  # below ids[2] gone
+    state = await client.hgetall("state")
+    assert state == {b"@": ids[1], b"^": b"7", b"x.p!1": b"7"}  # a 0 report deletes the field
+    assert 0 < await client.pttl("state") <= 60_000
+    again = [ids[2], 60_000, "", 0, "x.p!1,0"]
+    assert await STREAM_INBOX_ADVANCE(client, ["state", "inbox"], again) == ids[1]
+    assert await client.xlen("inbox") == 1  # '' trims nothing
+    assert await client.hgetall("state") == {b"@": ids[2], b"^": b"0"}
+
+
+async def test_stream_group_join_joins_and_reads_after_the_position(client: Redis) -> None:
+    keys = ["g:{j}", "h:{j}", "m:{j}"]
+    ids = []
+    for n in range(3):
+        reply = await STREAM_GROUP_PUBLISH(
+            client, keys, _publish_args(b"p%d" % n, f"t{n}", "0", 10)
+        )
+        ids.append(reply[1])
+    now = time.time()
+    args = ["chan", now, 60, "e1", ids[0], 10, "1-0", 60_000, "e2"]
+    epoch, complete, newest, entries = await STREAM_GROUP_JOIN(client, keys, args)
+    assert (epoch, complete, newest) == (b"e1", 1, ids[2])
+    assert [entry[0] for entry in entries] == ids[1:]
+    assert await client.zscore("g:{j}", "chan") == pytest.approx(now)
+    # From another epoch (Redis lost the history the position came from): everything
+    # retained, marked incomplete.
+    args = ["chan", now, 60, "older", ids[0], 10, "1-0", 60_000, "e2"]
+    _epoch, complete, _newest, entries = await STREAM_GROUP_JOIN(client, keys, args)
+    assert complete == 0 and [entry[0] for entry in entries] == ids
+
+
+def test_every_script_has_a_test_here() -> None:
+    """Each LuaScript constant of streamlayer.scripts is called by a test in this file."""
+    names = [name for name, value in vars(scripts).items() if isinstance(value, LuaScript)]
+    source = Path(__file__).read_text()
+    untested = [name for name in names if f"await {name}(" not in source]
+    assert len(names) >= 16 and not untested, f"no script-level test calls {untested}"

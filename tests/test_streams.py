@@ -18,7 +18,6 @@ import pytest
 
 from streamlayer import StreamsChannelLayer
 from streamlayer.keys import stream_inbox_key
-from streamlayer.scripts import STREAM_ACK, STREAM_SEND
 from streamlayer.testing import RedisServer, SentinelSetup
 
 pytestmark = pytest.mark.faults
@@ -359,53 +358,6 @@ async def test_keys_vanish_after_flush_and_after_their_ttl(fresh_server: RedisSe
     with fresh_server.client() as client:
         assert client.keys("ttl:*") == []
     await layer.close()
-
-
-async def test_a_retried_send_is_stored_once(fresh_server: RedisServer) -> None:
-    """The script's retry path finds the entry a lost reply hid, on a normal channel's
-    stream and on a process inbox."""
-    from redis.asyncio import Redis
-
-    client = Redis(host="127.0.0.1", port=fresh_server.port)
-    minid = f"{int((time.time() - 60) * 1000)}-0"
-    for stream, side, channel in [("s", "d", ""), ("inbox", "state", "x.p!1")]:
-        args = [b"payload", "tag-1", 10, channel, minid, 60_000]
-        first = await STREAM_SEND(client, [stream, side], [*args, "0"])
-        again = await STREAM_SEND(client, [stream, side], [*args, "1"])
-        assert first == again
-        assert await client.xlen(stream) == 1
-        args = [b"payload", "tag-2", 10, channel, minid, 60_000, "1"]
-        await STREAM_SEND(client, [stream, side], args)
-        assert await client.xlen(stream) == 2
-    await client.aclose()
-
-
-async def test_a_retried_send_already_delivered_is_not_stored_again(
-    fresh_server: RedisServer,
-) -> None:
-    """On a normal channel the first attempt can land, be received, acknowledged and
-    deleted before the retry (after a lost reply) runs: the retry finds the tag the
-    acknowledgement kept, and stores nothing."""
-    from redis.asyncio import Redis
-
-    client = Redis(host="127.0.0.1", port=fresh_server.port)
-    stream, done = "chan", "done"
-    minid = f"{int((time.time() - 60) * 1000)}-0"
-    args = [b"payload", "tag-1", 10, "", minid, 60_000]
-    await client.xgroup_create(stream, "g", id="0", mkstream=True)
-    first = await STREAM_SEND(client, [stream, done], [*args, "0"])
-    [[_, [(entry_id, fields)]]] = await client.xreadgroup("g", "c", {stream: ">"})
-    now = int(time.time() * 1000)
-    ack = ["g", "c", entry_id, fields[b"i"], now, 15_000, "0"]  # retry flag last
-    assert await STREAM_ACK(client, [stream, done], ack) == 1
-    assert await client.xlen(stream) == 0
-    assert await STREAM_SEND(client, [stream, done], [*args, "1"]) == b"delivered"
-    assert await client.xlen(stream) == 0, "the retry stored a second copy"
-    assert first != b"delivered"
-    # Without the record, the same retry would store it again.
-    assert await STREAM_SEND(client, [stream, "none"], [*args, "1"]) not in (None, b"delivered")
-    assert await client.xlen(stream) == 1
-    await client.aclose()
 
 
 CROSS_PROCESS = textwrap.dedent(
