@@ -414,6 +414,15 @@ class SentinelSetup:
         _wait_until(lambda: self.current_master_port() != old, 30, "the failover")
         return self.current_master_port()
 
+    def kill_master(self) -> int:
+        """SIGKILL the master and wait for the sentinel to promote the replica; returns
+        the new master's port."""
+        old = self.current_master_port()
+        self.master.kill()
+        promoted = lambda: self.current_master_port() != old  # noqa: E731
+        _wait_until(promoted, 60, "the sentinel to promote the replica")
+        return self.current_master_port()
+
     def cleanup(self) -> None:
         for server in (self.sentinel, self.replica, self.master):
             if server is not None:

@@ -18,6 +18,8 @@ from streamlayer.compat.core import RedisChannelLayer
 from streamlayer.connections import consistent_hash
 from streamlayer.testing import RedisServer, SentinelSetup, free_port
 
+from .layers import layer_class
+
 
 def incumbent_hash(value: str, ring_size: int) -> int:
     """channels_redis' ring, restated here as the oracle."""
@@ -272,5 +274,22 @@ async def test_layer_recovers_if_its_connection_guard_is_cancelled(
     await layer.send("guarded", {"type": "two"})
     assert (await asyncio.wait_for(layer.receive("guarded"), 5))["type"] == "one"
     assert (await asyncio.wait_for(layer.receive("guarded"), 5))["type"] == "two"
+    await layer.flush()
+    await layer.close()
+
+
+async def test_idle_receive_just_waits(fresh_server: RedisServer, layer_path: str) -> None:
+    """Blocking reads stay inside the socket timeout: a quiet channel is not an error."""
+    layer = layer_class(layer_path)(hosts=[{"address": fresh_server.url, "socket_timeout": 0.5}])
+    specific = await layer.new_channel()
+    normal = asyncio.ensure_future(layer.receive("quiet"))
+    local = asyncio.ensure_future(layer.receive(specific))
+    await asyncio.sleep(2.0)  # four socket timeouts of silence: time itself is under test
+    assert not normal.done() and not local.done()
+    await layer.send("quiet", {"type": "q"})
+    await layer.send(specific, {"type": "q"})
+    assert await asyncio.wait_for(normal, 5) == {"type": "q"}
+    assert await asyncio.wait_for(local, 5) == {"type": "q"}
+    assert layer.stats.retries == 0
     await layer.flush()
     await layer.close()

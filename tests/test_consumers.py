@@ -1,119 +1,223 @@
-"""As a user would: real Channels WebSocket consumers in one group, their layer's
-Redis connections killed and the server paused, and not one socket closed."""
+"""ReplayConsumerMixin as an app uses it: a real Channels WebSocket consumer, a client
+that goes away and comes back with its last position, trimmed history, and Redis
+restarting empty mid-conversation."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import importlib.util
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import django
 import pytest
 from django.conf import settings
 
+from streamlayer import StreamsChannelLayer
+from streamlayer.consumers import ReplayConsumerMixin
 from streamlayer.testing import RedisServer
 
-from .layers import layer_class
+from .layers import LAYERS, layer_class
 
 if not settings.configured:
     settings.configure(CHANNEL_LAYERS={}, INSTALLED_APPS=["channels"])
     django.setup()
 
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.generic.websocket import AsyncJsonWebsocketConsumer, AsyncWebsocketConsumer
 from channels.layers import channel_layers
 from channels.testing import WebsocketCommunicator
 
-pytestmark = pytest.mark.faults
-
-CLIENTS = 20
-ALIAS = "streamlayer-consumers"
+ALIAS = "streamlayer-replay"
 
 
-class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
+class RoomConsumer(ReplayConsumerMixin, AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     channel_layer_alias = ALIAS
-    groups = ["lobby"]
+    replay_groups = ["room"]
+
+    async def connect(self) -> None:
+        await self.accept()
+        await self.join_replay_groups()
 
     async def chat_message(self, event: dict[str, Any]) -> None:
-        await self.send_json({"text": event["text"]})
+        await self.send_json({"text": event["text"], "position": self.position_of(event)})
+
+    async def replay_incomplete(self, group: str) -> None:
+        page = await self.load_history(group)
+        await self.send_json({"reload": [m["text"] for m in page.messages]})
+
+
+class PlainRoomConsumer(ReplayConsumerMixin, AsyncWebsocketConsumer):  # type: ignore[misc]
+    """The same with text frames: ``<position> <text>``."""
+
+    channel_layer_alias = ALIAS
+    replay_groups = ["room"]
+
+    async def connect(self) -> None:
+        await self.accept()
+        await self.join_replay_groups()
+
+    async def chat_message(self, event: dict[str, Any]) -> None:
+        await self.send(text_data=f"{self.position_of(event)} {event['text']}")
+
+
+Say = Callable[[str], Any]
 
 
 @pytest.fixture
-def fresh_server() -> Iterator[RedisServer]:
-    """With an append-only file, so group membership survives a restart."""
-    server = RedisServer(persistence=True).start()
-    yield server
-    server.cleanup()
-
-
-@pytest.fixture(
-    params=["streamlayer.compat.core.RedisChannelLayer", "streamlayer.StreamsChannelLayer"]
-)
-def layer_cls(request: pytest.FixtureRequest) -> Any:
-    return layer_class(request.param)
-
-
-@pytest.fixture
-async def sockets(
-    fresh_server: RedisServer, layer_cls: Any
-) -> AsyncIterator[list[WebsocketCommunicator]]:
-    """One 'server process' (a layer) with CLIENTS connected WebSockets."""
-    layer = layer_cls(hosts=[fresh_server.url], prefix="consumers")
+async def app(fresh_server: RedisServer) -> AsyncIterator[tuple[StreamsChannelLayer, Say]]:
+    """The consumers' server process (a layer), and another process that talks."""
+    options: dict[str, Any] = {
+        "hosts": [fresh_server.url],
+        "prefix": "replay",
+        "group_history": 5,
+        "on_disconnect": "redis.disconnect",
+        "on_reconnect": "redis.reconnect",
+    }
+    layer, other = StreamsChannelLayer(**options), StreamsChannelLayer(**options)
     channel_layers.set(ALIAS, layer)
-    communicators = [WebsocketCommunicator(ChatConsumer.as_asgi(), "/ws/") for _ in range(CLIENTS)]
-    for communicator in communicators:
-        connected, _ = await communicator.connect()
-        assert connected
-    yield communicators
-    for communicator in communicators:
-        await communicator.disconnect()
-    await layer.flush()
+
+    async def say(text: str) -> None:
+        await other.group_send("room", {"type": "chat.message", "text": text})
+
+    yield layer, say
     await layer.close()
+    await other.close()
     channel_layers.backends.pop(ALIAS, None)
 
 
-async def everyone_gets(sockets: list[WebsocketCommunicator], text: str) -> None:
-    for communicator in sockets:
-        assert await communicator.receive_json_from(timeout=15) == {"text": text}
+async def connect(since: str | None = None) -> WebsocketCommunicator:
+    path = "/ws/room/" + (f"?since={since}" if since else "")
+    communicator = WebsocketCommunicator(RoomConsumer.as_asgi(), path)
+    connected, _ = await communicator.connect()
+    assert connected
+    return communicator
 
 
-@pytest.fixture
-async def chat(
-    sockets: list[WebsocketCommunicator], fresh_server: RedisServer, layer_cls: Any
-) -> AsyncIterator[Callable[[str], Awaitable[None]]]:
-    """Another server process saying something to the lobby; checked once it works."""
-    other_process = layer_cls(hosts=[fresh_server.url], prefix="consumers")
+async def texts(communicator: WebsocketCommunicator, count: int) -> list[dict[str, Any]]:
+    return [await communicator.receive_json_from(timeout=15) for _ in range(count)]
 
-    async def say(text: str) -> None:
-        await other_process.group_send("lobby", {"type": "chat.message", "text": text})
 
+async def test_a_client_coming_back_gets_what_it_missed_in_order(app: Any) -> None:
+    _layer, say = app
+    tab = await connect()
+    await say("one")
+    await say("two")
+    got = await texts(tab, 2)
+    assert [m["text"] for m in got] == ["one", "two"]
+    await tab.disconnect()
+
+    await say("three")  # the tab is asleep
+    await say("four")
+    tab = await connect(since=got[-1]["position"])
+    await say("five")
+    assert [m["text"] for m in await texts(tab, 3)] == ["three", "four", "five"]
+    assert await tab.receive_nothing(timeout=0.2)
+    await tab.disconnect()
+
+
+async def test_a_client_away_too_long_is_told_to_reload(app: Any) -> None:
+    _layer, say = app
+    tab = await connect()
+    await say("first")
+    (first,) = await texts(tab, 1)
+    await tab.disconnect()
+    for n in range(7):  # more than the 5 the group retains
+        await say(f"m{n}")
+    tab = await connect(since=first["position"])
+    # The backlog replaces the client's view; the replayed copies are not sent again.
+    assert await tab.receive_json_from(timeout=15) == {"reload": ["m2", "m3", "m4", "m5", "m6"]}
+    await say("live")
+    assert (await tab.receive_json_from(timeout=15))["text"] == "live"
+    await tab.disconnect()
+
+
+async def test_a_malformed_position_joins_and_asks_for_a_reload(app: Any) -> None:
+    _layer, say = app
+    await say("earlier")
+    tab = await connect(since="not-a-position")
+    assert await tab.receive_json_from(timeout=15) == {"reload": ["earlier"]}
+    await say("live")
+    assert (await tab.receive_json_from(timeout=15))["text"] == "live"
+    await tab.disconnect()
+
+
+async def test_redis_restarting_empty_mid_conversation(
+    app: Any, fresh_server: RedisServer
+) -> None:
+    """Redis comes back without data: the membership, the inbox and the history are
+    gone. The consumer hears recovered=False, re-joins from its last position, and
+    the client gets what was sent meanwhile exactly once."""
+    _layer, say = app
+    tab = await connect()
     await say("before")
-    await everyone_gets(sockets, "before")
-    yield say
-    await other_process.close()
+    assert (await tab.receive_json_from(timeout=15))["text"] == "before"
+
+    await asyncio.to_thread(fresh_server.restart)
+    await say("meanwhile")  # nobody is a member now: it lives in the new history only
+    received: list[dict[str, Any]] = []
+    while not any("meanwhile" in (m.get("text"), *m.get("reload", ())) for m in received):
+        received.append(await tab.receive_json_from(timeout=15))  # bounded by its timeout
+    await say("after")
+    received.append(await tab.receive_json_from(timeout=15))
+    chat = [m["text"] for m in received if "text" in m]
+    # "meanwhile" reaches the client once: replayed, or inside a reload.
+    reloads = [m["reload"] for m in received if "reload" in m]
+    assert chat + [t for r in reloads for t in r] in (
+        ["meanwhile", "after"],
+        ["after", "meanwhile"],
+    )
+    assert await tab.receive_nothing(timeout=0.2)
+    await tab.disconnect()
 
 
-async def test_killed_connections_close_no_socket(
-    sockets: list[WebsocketCommunicator], fresh_server: RedisServer, chat: Any
+async def test_plain_websocket_consumer(app: Any) -> None:
+    _layer, say = app
+    tab = WebsocketCommunicator(PlainRoomConsumer.as_asgi(), "/ws/plain/")
+    assert (await tab.connect())[0]
+    await say("one")
+    position, text = (await tab.receive_from(timeout=15)).split(" ", 1)
+    assert text == "one"
+    await tab.disconnect()
+    await say("two")
+    tab = WebsocketCommunicator(PlainRoomConsumer.as_asgi(), f"/ws/plain/?since={position}")
+    assert (await tab.connect())[0]
+    assert (await tab.receive_from(timeout=15)).split(" ", 1)[1] == "two"
+    await tab.disconnect()
+
+
+def _quickstart_consumer() -> type:
+    """The docs' replay consumer (examples/quickstart/mysite/consumers.py), on ALIAS."""
+    path = Path(__file__).resolve().parent.parent / "examples/quickstart/mysite/consumers.py"
+    spec = importlib.util.spec_from_file_location("quickstart_consumers", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return type("QuickstartReplay", (module.ReplayChatConsumer,), {"channel_layer_alias": ALIAS})
+
+
+@pytest.mark.parametrize("path", LAYERS)
+@pytest.mark.parametrize("group_history", [{"room-*": 5}, {"chat-*": 5}])
+async def test_the_docs_recipe_runs_unchanged_on_every_backend(
+    fresh_server: RedisServer, path: str, group_history: dict[str, int]
 ) -> None:
-    for round_ in range(3):
-        assert fresh_server.kill_clients() >= 1
-        await chat(f"after {round_}")
-        await everyone_gets(sockets, f"after {round_}")
-
-
-async def test_paused_server_closes_no_socket(
-    sockets: list[WebsocketCommunicator], fresh_server: RedisServer, chat: Any
-) -> None:
-    fresh_server.pause(2000)
-    await chat("paused")
-    await everyone_gets(sockets, "paused")
-
-
-async def test_restarted_server_closes_no_socket(
-    sockets: list[WebsocketCommunicator], fresh_server: RedisServer, chat: Any
-) -> None:
-    fresh_server.stop()
-    sending = asyncio.ensure_future(chat("across"))
-    await asyncio.to_thread(fresh_server.start)
-    await asyncio.wait_for(sending, 15)
-    await everyone_gets(sockets, "across")
+    """A tab coming back with a position its group cannot replay from (a backend
+    without history, or a group no pattern matches): the recipe answers "reload
+    nothing" instead of raising, the socket stays open, live messages flow."""
+    layer = layer_class(path)(hosts=[fresh_server.url], prefix="docs", group_history=group_history)
+    channel_layers.set(ALIAS, layer)
+    consumer = _quickstart_consumer()
+    try:
+        route = {"url_route": {"kwargs": {"room_name": "lobby"}}}
+        tab = WebsocketCommunicator(consumer.as_asgi(), "/ws/replay/lobby/?since=abc:1-0")
+        tab.scope.update(route)
+        assert (await tab.connect())[0]
+        # Nothing retained to show instead (no history here, or a foreign epoch).
+        assert await tab.receive_json_from(timeout=15) == {"reload": []}
+        await tab.send_json_to({"text": "live"})  # the sending side of the recipe
+        assert (await tab.receive_json_from(timeout=15))["text"] == "live"
+        await tab.disconnect()
+    finally:
+        await layer.flush()
+        await layer.close()
+        channel_layers.backends.pop(ALIAS, None)

@@ -133,23 +133,6 @@ async def test_retry_gives_up_after_retry_timeout(
 
 
 @pytest.mark.parametrize("layer_path", FAULT_LAYERS)
-async def test_idle_receive_just_waits(fresh_server: RedisServer, layer_path: str) -> None:
-    """Blocking reads stay inside the socket timeout: a quiet channel is not an error."""
-    layer = layer_class(layer_path)(hosts=[{"address": fresh_server.url, "socket_timeout": 0.5}])
-    specific = await layer.new_channel()
-    normal = asyncio.ensure_future(layer.receive("quiet"))
-    local = asyncio.ensure_future(layer.receive(specific))
-    await asyncio.sleep(2.0)  # four socket timeouts of silence: time itself is under test
-    assert not normal.done() and not local.done()
-    await layer.send("quiet", {"type": "q"})
-    await layer.send(specific, {"type": "q"})
-    assert await asyncio.wait_for(normal, 5) == {"type": "q"}
-    assert await asyncio.wait_for(local, 5) == {"type": "q"}
-    assert layer.stats.retries == 0
-    await layer.flush()
-    await layer.close()
-
-
 # --- the same faults under sync callers (async_to_sync from plain threads) --------------
 
 

@@ -19,8 +19,6 @@ from streamlayer.testing import RedisServer
 
 from .layers import layer_class
 
-pytestmark = pytest.mark.faults
-
 STORED = ["streamlayer.StreamsChannelLayer", "streamlayer.compat.core.RedisChannelLayer"]
 _LIMIT = 2 * 1024 * 1024
 _BODY = "x" * 20_000
