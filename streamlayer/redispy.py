@@ -6,7 +6,9 @@ release. Kept in one module so that an upgrade is checked here, and so that CI's
 on the oldest redis-py ``pyproject.toml`` allows (``.ci/run``) covers each use:
 
 - :func:`make_writes_lean`: a connection class whose writes are bounded by
-  ``asyncio.timeout`` instead of redis-py's ``wait_for`` (a task per command).
+  ``asyncio.timeout`` instead of redis-py's ``wait_for`` (a task per command),
+  for redis-py's own connection classes (a user's class writing its own way is
+  left alone).
 - :func:`open_own_connection` and :func:`read_push`: the Pub/Sub subscriber's own
   connection, outside the pool's lending, read with a heartbeat timeout without
   redis-py closing it on a timeout.
@@ -88,8 +90,13 @@ def lean_connection_class(cls: type[Any]) -> type[Any]:
 
 
 def make_writes_lean(pool: aioredis.ConnectionPool) -> None:
-    """Have ``pool`` make connections with :class:`_LeanWrites` from now on."""
-    pool.connection_class = lean_connection_class(pool.connection_class)
+    """Have ``pool`` make connections with :class:`_LeanWrites` from now on, unless its
+    connection class writes its own way: a ``connection_class`` given in ``hosts``
+    that overrides ``send_packed_command`` (to count or trace writes, say) keeps
+    every write going through its override."""
+    cls = pool.connection_class
+    if cls.send_packed_command is AbstractConnection.send_packed_command:
+        pool.connection_class = lean_connection_class(cls)
 
 
 async def open_own_connection(pool: aioredis.ConnectionPool) -> AbstractConnection:

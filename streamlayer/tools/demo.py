@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import math
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,7 @@ from redis.asyncio.connection import Connection as AsyncConnection
 
 from ..backends import BACKENDS
 from ..testing import RedisServer
+from .bench.scenarios import Sizes, fanout, normal_channel, p2p_sequential
 
 #: name -> (class path, the row its ratios are against). The incumbents come last.
 LAYERS = {
@@ -77,70 +77,6 @@ class CountingConnection(AsyncConnection):
         await super().send_packed_command(command, check_health)
 
 
-async def _p2p(layer: Any, count: int) -> float:
-    """One sender awaiting each send, one receiver; checks order and completeness."""
-    channel = await layer.new_channel()
-    received: list[int] = []
-
-    async def receiver() -> None:
-        while len(received) < count:
-            received.append((await layer.receive(channel))["i"])
-
-    reading = asyncio.ensure_future(receiver())
-    started = time.perf_counter()
-    for i in range(count):
-        await layer.send(channel, {"type": "demo.message", "i": i, "body": "x" * 200})
-    await asyncio.wait_for(reading, 60)
-    elapsed = time.perf_counter() - started
-    if received != list(range(count)):
-        raise RuntimeError("p2p: messages were lost, duplicated or reordered")
-    return count / elapsed
-
-
-async def _worker(layer: Any, count: int) -> float:
-    """A normal channel (as ``runworker`` uses): one sender, two receiving workers;
-    checks that every message went to exactly one worker, in order per worker."""
-    taken: list[list[int]] = [[], []]
-
-    async def worker(mine: list[int]) -> None:
-        while len(taken[0]) + len(taken[1]) < count:
-            mine.append((await layer.receive("demo-work"))["i"])
-
-    workers = [asyncio.ensure_future(worker(mine)) for mine in taken]
-    started = time.perf_counter()
-    for i in range(count):
-        await layer.send("demo-work", {"type": "demo.job", "i": i, "body": "x" * 200})
-    done, pending = await asyncio.wait(workers, timeout=60, return_when=asyncio.FIRST_COMPLETED)
-    elapsed = time.perf_counter() - started
-    for task in pending:  # the other worker waits for a message that will not come
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    if not done or sorted(taken[0] + taken[1]) != list(range(count)):
-        raise RuntimeError("worker: messages were lost or duplicated")
-    if any(mine != sorted(mine) for mine in taken):
-        raise RuntimeError("worker: a worker saw messages out of order")
-    return count / elapsed
-
-
-async def _fanout(layer: Any, members: int, sends: int) -> float:
-    channels = [await layer.new_channel() for _ in range(members)]
-    for channel in channels:
-        await layer.group_add("demo-room", channel)
-
-    async def member(channel: str) -> list[int]:
-        return [(await layer.receive(channel))["n"] for _ in range(sends)]
-
-    readers = [asyncio.ensure_future(member(c)) for c in channels]
-    started = time.perf_counter()
-    for n in range(sends):
-        await layer.group_send("demo-room", {"type": "demo.fanout", "n": n})
-    results = await asyncio.wait_for(asyncio.gather(*readers), 60)
-    elapsed = time.perf_counter() - started
-    if any(r != list(range(sends)) for r in results):
-        raise RuntimeError("fan-out: a member missed or reordered a message")
-    return members * sends / elapsed
-
-
 async def _round_trips(layer: Any, url: str) -> tuple[float, float]:
     """Round trips per send and per group_send (a group of 10 channels in 2 processes)."""
     parts = urlsplit(url)
@@ -177,14 +113,22 @@ async def _round_trips(layer: Any, url: str) -> tuple[float, float]:
 async def _measure(name: str, baseline: str, cls: type, url: str, count: int) -> Result:
     layer = cls(hosts=[url], prefix=f"demo{abs(hash(name)) % 10_000}", capacity=count + 10)
     per_send, per_group_send = await _round_trips(layer, url)
-    p2p = await _p2p(layer, count)
+    # The benchmark's own scenarios, smaller: each checks every message arrived once,
+    # in order (a BenchError says what went wrong otherwise).
+    sizes = Sizes(
+        sequential=count,
+        worker_messages=count // 2,
+        fanout_members=(50,),
+        fanout_sends=max(20, count // 20),
+    )
+    p2p = (await p2p_sequential(layer, sizes))["per_second"]
     broadcast = any(word in cls.__module__ for word in _BROADCAST)
-    worker = float("nan") if broadcast else await _worker(layer, count // 2)
-    fanout = await _fanout(layer, members=50, sends=max(20, count // 20))
+    worker = float("nan") if broadcast else (await normal_channel(layer, sizes))["per_second"]
+    fanout_rate = (await fanout(layer, sizes))["members_50_per_second"]
     await layer.flush()
     if hasattr(layer, "close"):
         await layer.close()
-    return Result(name, baseline, per_send, per_group_send, p2p, worker, fanout)
+    return Result(name, baseline, per_send, per_group_send, p2p, worker, fanout_rate)
 
 
 def _table(results: Sequence[Result]) -> str:
