@@ -19,7 +19,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
@@ -350,7 +350,11 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
 
     @sync_aware
     async def group_add(
-        self, group: str, channel: str, since: str | Position | None = None
+        self,
+        group: str,
+        channel: str,
+        since: str | Position | None = None,
+        presence: Mapping[str, Any] | None = None,
     ) -> bool | None:
         """Add ``channel`` to ``group`` (membership lasts ``group_expiry`` seconds).
 
@@ -358,16 +362,63 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         :meth:`StreamsChannelLayer.group_add`). A layer or group that keeps no history
         joins all the same and answers False, incomplete, as it cannot replay: the
         documented replay recipe runs unchanged on every backend. Without ``since``
-        the answer is None."""
+        the answer is None.
+
+        ``presence`` (a small dict: user id, name, device) joins with presence, which
+        :meth:`presence` lists until the channel leaves the group, its membership
+        expires or its process stops refreshing it (``presence_timeout``); see
+        :mod:`streamlayer.presence`."""
         self.check_group(group)
         self.check_channel(channel)
         if since is not None:
             Position.parse(since)  # a malformed one is refused on every backend alike
-        await self.join_group(group, channel)
+        if presence is None:
+            await self.join_group(group, channel)
+        else:
+            await self.join_with_presence(group, channel, presence)
         if since is None:
             return None
         self.say_no_history(group)
         return False
+
+    async def join_with_presence(
+        self, group: str, channel: str, presence: Mapping[str, Any]
+    ) -> None:
+        """Join ``group`` with presence (the stored layers'; see :meth:`read_group`)."""
+        raise NotImplementedError(self.why_no_members("keep presence"))
+
+    @sync_aware
+    async def group_channels(self, group: str) -> list[str]:
+        """The live member channels of ``group``: joined within ``group_expiry``, and
+        for members with presence, still refreshed by their process. One round trip."""
+        self.check_group(group)
+        return await self.read_group(group, "channels")  # type: ignore[no-any-return]
+
+    @sync_aware
+    async def group_size(self, group: str) -> int:
+        """How many members :meth:`group_channels` would list, without reading them."""
+        self.check_group(group)
+        return int(await self.read_group(group, "size"))
+
+    @sync_aware
+    async def presence(self, group: str) -> list[dict[str, Any]]:
+        """The members of ``group`` present with info, oldest first: each
+        ``{"channel": ..., "info": {...}, "joined": <unix time>}``. A user with two tabs
+        is two entries (:func:`streamlayer.presence.by_info` groups them)."""
+        self.check_group(group)
+        return await self.read_group(group, "presence")  # type: ignore[no-any-return]
+
+    async def read_group(self, group: str, what: str) -> Any:
+        """``group``'s 'size', 'channels' or 'presence' (the stored layers'): a layer
+        that knows no members raises NotImplementedError saying why."""
+        raise NotImplementedError(self.why_no_members(f"tell a group's {what}"))
+
+    def why_no_members(self, what: str) -> str:
+        return (
+            f"{type(self).__name__} cannot {what}: Redis Pub/Sub knows subscribers, not "
+            "group members; use streamlayer.StreamsChannelLayer or "
+            "streamlayer.compat.core.RedisChannelLayer"
+        )
 
     @sync_aware
     async def group_history(

@@ -10,6 +10,8 @@ report a broken layer configuration before the first message is lost to it:
 * ``streamlayer.E002``: a ``BACKEND`` under ``streamlayer.`` that does not exist;
 * ``streamlayer.W003``: ``group_history`` on a backend that cannot replay (accepted
   there, so switching ``BACKEND`` stays a one-line change: replay is off);
+* ``streamlayer.W004``: ``presence_events`` on the Pub/Sub backend, which keeps no
+  presence (accepted, no effect);
 * ``streamlayer.W001``: an encryption key shorter than 32 bytes;
 * ``streamlayer.W002``: ``expiry`` shorter than the interface server's timeouts
   (``STREAMLAYER_INTERFACE_TIMEOUT``, default 20 s: daphne's
@@ -99,6 +101,17 @@ def _check_config(
                 hint="replay needs BACKEND 'streamlayer.StreamsChannelLayer'",
                 obj=alias,
                 id="streamlayer.W003",
+            )
+        )
+    if shipped is not None and shipped.pubsub and config.presence_events:
+        messages.append(
+            Warning(
+                f"{where}: presence_events is set, but {backend} keeps no presence "
+                "(Redis Pub/Sub knows subscribers, not group members)",
+                hint="presence needs BACKEND 'streamlayer.StreamsChannelLayer' or "
+                "'streamlayer.compat.core.RedisChannelLayer'",
+                obj=alias,
+                id="streamlayer.W004",
             )
         )
     for index, key in enumerate(config.symmetric_encryption_keys):

@@ -13,10 +13,10 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 __all__ = ["DEFAULT_HOST", "ConfigError", "HostSpec", "LayerConfig"]
@@ -92,6 +92,12 @@ class LayerConfig:
     #: Retained messages per group: (pattern, count) pairs, first match wins, else 0.
     group_history: tuple[tuple[re.Pattern[str], int], ...] = ()
     group_history_expiry: float = 86400
+    #: Seconds a member's presence outlives its process's last refresh (a process
+    #: refreshes its members' presence every third of it).
+    presence_timeout: float = 30
+    #: Whether a group's members hear presence.join / presence.leave: (pattern, on)
+    #: pairs, first match wins, else off.
+    presence_events: tuple[tuple[re.Pattern[str], bool], ...] = ()
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> LayerConfig:
@@ -122,6 +128,14 @@ class LayerConfig:
             if pattern.match(channel):
                 return capacity
         return self.capacity
+
+    def presence_events_for(self, group: str) -> bool:
+        """Whether ``group``'s members are told when a member with presence joins or
+        leaves (``presence_events``)."""
+        for pattern, on in self.presence_events:
+            if pattern.match(group):
+                return on
+        return False
 
     def history_for(self, group: str) -> int:
         """How many recent messages ``group`` retains for replay (0: no history)."""
@@ -285,10 +299,13 @@ def _positive_int(key: str, what: str) -> Any:
     return check
 
 
+_V = TypeVar("_V")
+
+
 def _patterns(
-    key: str, value: Any, check: Any, what: str
-) -> tuple[tuple[re.Pattern[str], int], ...]:
-    """A dict of glob string (or compiled regex) -> count, in its order."""
+    key: str, value: Any, check: Callable[[Any], _V], what: str
+) -> tuple[tuple[re.Pattern[str], _V], ...]:
+    """A dict of glob string (or compiled regex) -> value, in its order."""
     if not isinstance(value, Mapping):
         raise TypeError(f"{key} must be a dict of pattern -> {what}, got {type(value).__name__}")
     compiled = []
@@ -331,6 +348,22 @@ def _group_history(value: Any) -> tuple[tuple[re.Pattern[str], int], ...]:
         count = check(value)
         return ((re.compile(".*", re.DOTALL), count),) if count else ()
     return _patterns("group_history", value, check, "message count")
+
+
+def _presence_events(value: Any) -> tuple[tuple[re.Pattern[str], bool], ...]:
+    """A bool applies to every group; a dict maps group name patterns to bools."""
+
+    def check(on: Any) -> bool:
+        if not isinstance(on, bool):
+            raise TypeError(f"presence_events must be True or False, got {on!r}")
+        return on
+
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        on = check(value)
+        return ((re.compile(".*", re.DOTALL), True),) if on else ()
+    return _patterns("presence_events", value, check, "True or False")
 
 
 def _encryption_keys(value: Any) -> tuple[str | bytes, ...]:
@@ -398,6 +431,8 @@ _VALIDATORS: dict[str, Any] = {
     "claim_after": lambda value: None if value is None else _positive_number("claim_after")(value),
     "group_history": _group_history,
     "group_history_expiry": _positive_number("group_history_expiry"),
+    "presence_timeout": _positive_number("presence_timeout"),
+    "presence_events": _presence_events,
 }
 
 

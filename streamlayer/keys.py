@@ -10,18 +10,35 @@ Redis during a migration:
 * the in-flight backup of a channel: ``<channel key>$inflight``;
 * a group: ``<prefix>:group:<group>``, a sorted set of channel names scored by
   join time.
+
+Beside it, streamlayer's own (channels_redis reads neither): a group's presence,
+``<prefix>:presence:<group>`` (a hash: member channel -> its info and join time)
+and ``<prefix>:plive:<group>`` (a sorted set: member channel -> the time its
+presence ends unless its process refreshes it).
 """
 
 from __future__ import annotations
 
 #: What each Streams key kind is (the part between ``:s:`` and the braces).
-STREAM_KEY_KINDS = ("inbox", "state", "chan", "done", "group", "history", "hmeta")
+STREAM_KEY_KINDS = (
+    "inbox",
+    "state",
+    "chan",
+    "done",
+    "group",
+    "history",
+    "hmeta",
+    "presence",
+    "plive",
+)
 
 __all__ = [
     "classic_alive_key",
     "classic_backup_key",
     "classic_channel_key",
     "classic_group_key",
+    "classic_presence_key",
+    "classic_presence_live_key",
     "non_local_name",
     "parse_stream_key",
     "process_id_of",
@@ -33,6 +50,8 @@ __all__ = [
     "stream_history_meta_key",
     "stream_inbox_key",
     "stream_inbox_state_key",
+    "stream_presence_key",
+    "stream_presence_live_key",
 ]
 
 
@@ -62,6 +81,17 @@ def classic_alive_key(prefix: str, inbox: str) -> str:
 def classic_group_key(prefix: str, group: str) -> str:
     """Sorted set of a group's member channels, scored by the time they joined."""
     return f"{prefix}:group:{group}"
+
+
+def classic_presence_key(prefix: str, group: str) -> str:
+    """Hash of a group's members with presence: channel -> its info and join time."""
+    return f"{prefix}:presence:{group}"
+
+
+def classic_presence_live_key(prefix: str, group: str) -> str:
+    """Sorted set: a member with presence -> when its presence ends unless refreshed
+    (a negative score: when a sweep ended it, kept so its process can tell on return)."""
+    return f"{prefix}:plive:{group}"
 
 
 def scan_pattern(prefix: str) -> str:
@@ -122,6 +152,16 @@ def stream_history_key(prefix: str, group: str) -> str:
 def stream_history_meta_key(prefix: str, group: str) -> str:
     """Hash of a group's history: its epoch and the newest entry id ever trimmed."""
     return f"{prefix}:s:hmeta:{{{group}}}"
+
+
+def stream_presence_key(prefix: str, group: str) -> str:
+    """Hash of a group's members with presence (same slot as its membership)."""
+    return f"{prefix}:s:presence:{{{group}}}"
+
+
+def stream_presence_live_key(prefix: str, group: str) -> str:
+    """Sorted set of when each member's presence ends unless refreshed (same slot)."""
+    return f"{prefix}:s:plive:{{{group}}}"
 
 
 def parse_stream_key(prefix: str, key: str) -> tuple[str, str] | None:

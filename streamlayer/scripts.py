@@ -35,6 +35,10 @@ __all__ = [
     "CLASSIC_RESTORE_BACKUP",
     "CLASSIC_SEND",
     "GROUP_MEMBERS",
+    "PRESENCE_JOIN",
+    "PRESENCE_LEAVE",
+    "PRESENCE_READ",
+    "PRESENCE_REFRESH",
     "STREAM_ACK",
     "STREAM_FORGET_CONSUMER",
     "STREAM_GROUP_JOIN",
@@ -795,5 +799,190 @@ for i = 4, #ARGV - 3, 3 do
     end
 end
 return full
+""",
+)
+
+
+# --- presence --------------------------------------------------------------------------
+#
+# A group's presence sits beside its membership, on the same slot (Streams) or shard
+# (compat.core), in two keys besides the members' sorted set (KEYS[1] of every script
+# here): a hash, member channel -> its presence record (the serialized info and join
+# time; '' after a sweep ended it), and a sorted set of deadlines, member channel -> when
+# its presence ends unless its process refreshes it. A negative deadline is a
+# tombstone, minus the time it was set: the presence was swept (record '') or the
+# channel discarded (no record), kept so that the channel's process, if it is still
+# there, tells which when it next refreshes (a swept member comes back; a discarded
+# one is forgotten). Tombstones go after group_expiry.
+
+PRESENCE_JOIN = LuaScript(
+    "presence_join",
+    """
+-- KEYS[1]: the group's members   KEYS[2]: its presence records   KEYS[3]: their deadlines
+-- ARGV[1]: channel   ARGV[2]: now (the join time)   ARGV[3]: the keys' TTL in seconds
+-- ARGV[4]: the channel's presence record   ARGV[5]: when its presence ends unless
+-- refreshed
+-- Joins the group with presence in one step. Returns 1 when the channel had no
+-- presence in the group (a join to tell the members of), 0 when it had (its record is
+-- replaced).
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+local before = redis.call('HGET', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
+for i = 1, 3 do
+    redis.call('EXPIRE', KEYS[i], ARGV[3])
+end
+if before and before ~= '' then
+    return 0
+end
+return 1
+""",
+)
+
+PRESENCE_LEAVE = LuaScript(
+    "presence_leave",
+    """
+-- KEYS: as PRESENCE_JOIN   ARGV[1]: channel   ARGV[2]: now
+-- Removes the channel from the group (group_discard) and ends its presence. Returns
+-- its presence record, or false when it had none. A channel that had presence leaves
+-- a tombstone: its process, if another one discarded it, forgets it instead of
+-- restoring it.
+redis.call('ZREM', KEYS[1], ARGV[1])
+local record = redis.call('HGET', KEYS[2], ARGV[1])
+if not record then
+    return false
+end
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], -tonumber(ARGV[2]), ARGV[1])
+if record == '' then
+    return false
+end
+return record
+""",
+)
+
+PRESENCE_READ = LuaScript(
+    "presence_read",
+    """
+-- KEYS: as PRESENCE_JOIN
+-- ARGV[1]: 'size', 'channels' or 'presence'
+-- ARGV[2]: members that joined at or before this time have expired (now - group_expiry)
+-- ARGV[3]: now: a presence whose deadline passed has ended (its process stopped
+-- refreshing it), and the membership with it, even before a sweep removes them
+-- Writes nothing. 'size': how many live members; 'channels': their names; 'presence':
+-- {channel, record, ...} for the live members with presence.
+local cutoff, now = tonumber(ARGV[2]), tonumber(ARGV[3])
+local ended = {}
+for _, channel in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '(0', now)) do
+    ended[channel] = true
+end
+if ARGV[1] == 'size' then
+    local size = redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[2], '+inf')
+    for channel in pairs(ended) do
+        local joined = redis.call('ZSCORE', KEYS[1], channel)
+        if joined and tonumber(joined) > cutoff then
+            size = size - 1
+        end
+    end
+    return size
+end
+local live = {}
+local reply = {}
+for _, channel in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[2], '+inf')) do
+    if not ended[channel] then
+        live[channel] = true
+        reply[#reply + 1] = channel
+    end
+end
+if ARGV[1] == 'channels' then
+    return reply
+end
+reply = {}
+local records = redis.call('HGETALL', KEYS[2])
+for i = 1, #records, 2 do
+    if live[records[i]] and records[i + 1] ~= '' then
+        reply[#reply + 1] = records[i]
+        reply[#reply + 1] = records[i + 1]
+    end
+end
+return reply
+""",
+)
+
+PRESENCE_REFRESH = LuaScript(
+    "presence_refresh",
+    """
+-- KEYS: as PRESENCE_JOIN
+-- ARGV[1]: now   ARGV[2]: the new deadline of this process's members' presence
+-- ARGV[3]: members that joined at or before this time have expired (now - group_expiry)
+-- ARGV[4]: the keys' TTL in seconds
+-- ARGV[5..]: this process's live members with presence, each followed by its record
+-- One process's refresh of one group, and a sweep of the others. For each of this
+-- process's members:
+--   still a member: its presence goes on (deadline moved; its record put back if Redis
+--     lost it);
+--   swept (its process was away longer than presence_timeout) or lost with Redis's
+--     data: it is alive, so it comes back, membership and presence: 'back';
+--   discarded by another process: forgotten, nobody to tell: 'gone';
+--   its membership expired (group_expiry) or removed without its presence: its
+--     presence ends: 'left' (with its record, to tell the members) and 'gone'.
+-- Then every other member whose presence ended (deadline passed) is swept: removed from
+-- the group, its presence ended, a tombstone kept: 'swept' (with records).
+-- Returns {back, left (channel, record...), gone, swept (channel, record...)}.
+local now, deadline, cutoff = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local back, left, gone, swept = {}, {}, {}, {}
+for i = 5, #ARGV, 2 do
+    local channel, record = ARGV[i], ARGV[i + 1]
+    local joined = tonumber(redis.call('ZSCORE', KEYS[1], channel))
+    local held = redis.call('HGET', KEYS[2], channel)
+    local ends = tonumber(redis.call('ZSCORE', KEYS[3], channel))
+    if joined and joined > cutoff then
+        if not held or held == '' then
+            redis.call('HSET', KEYS[2], channel, record)
+            back[#back + 1] = channel
+        end
+        redis.call('ZADD', KEYS[3], deadline, channel)
+    elseif held == '' or (not joined and not held and not ends) then
+        redis.call('ZADD', KEYS[1], now, channel)
+        redis.call('HSET', KEYS[2], channel, record)
+        redis.call('ZADD', KEYS[3], deadline, channel)
+        back[#back + 1] = channel
+    else
+        if held then
+            left[#left + 1] = channel
+            left[#left + 1] = held
+            redis.call('HDEL', KEYS[2], channel)
+        end
+        redis.call('ZREM', KEYS[1], channel)
+        redis.call('ZREM', KEYS[3], channel)
+        gone[#gone + 1] = channel
+    end
+end
+for _, channel in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '(0', now)) do
+    local held = redis.call('HGET', KEYS[2], channel)
+    redis.call('ZREM', KEYS[1], channel)
+    redis.call('HSET', KEYS[2], channel, '')
+    redis.call('ZADD', KEYS[3], -now, channel)
+    if held and held ~= '' then
+        swept[#swept + 1] = channel
+        swept[#swept + 1] = held
+    end
+end
+-- Tombstones set before the cutoff (scores between -cutoff and 0) are older than a
+-- membership's life: their channels cannot come back.
+local oldest = '(' .. (-cutoff)
+local old = redis.call('ZRANGEBYSCORE', KEYS[3], oldest, '(0')
+for _, channel in ipairs(old) do
+    redis.call('HDEL', KEYS[2], channel)
+end
+if #old > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], oldest, '(0')
+end
+if #back > 0 then
+    for i = 1, 3 do
+        redis.call('EXPIRE', KEYS[i], ARGV[4])
+    end
+end
+return {back, left, gone, swept}
 """,
 )

@@ -16,12 +16,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
 from .base import NAME_CACHE, StreamlayerLayer
 from .local import LocalChannels
 from .memo import Memo
+from .presence import PresenceBook
 from .scripts import GROUP_MEMBERS
 from .sync import sync_aware
 
@@ -75,6 +77,8 @@ class StoredLayer(StreamlayerLayer):
         #: The groups this layer's own channels joined: what it adds again when Redis
         #: comes back without them (see restore_memberships).
         self._joined: dict[str, set[str]] = {}
+        #: Presence of this process's members, and the task refreshing it.
+        self.presence_book = PresenceBook(self)
 
     # Not sync_aware: a receive blocks in Redis, and a sync client's blocking read
     # would hold the loop's thread, so no timeout or cancellation around it could act.
@@ -135,15 +139,35 @@ class StoredLayer(StreamlayerLayer):
 
     @sync_aware
     async def group_discard(self, group: str, channel: str) -> None:
-        """Remove ``channel`` from ``group``; a channel that is not a member is ignored."""
+        """Remove ``channel`` from ``group``; a channel that is not a member is ignored.
+        Its presence in the group ends with it (``presence.leave`` when
+        ``presence_events`` is on for the group)."""
         self.check_group(group)
         self.check_channel(channel)
-        key, shard = self.group_key(group), self.connections.shard_for(group)
-        await self.with_retry(
-            f"group_discard from {group!r}",
-            lambda: self.connections.client(shard).zrem(key, channel),
-        )
         self.note_membership(group, channel, joined=False)
+        await self.presence_book.leave(group, channel)
+
+    # --- presence: see streamlayer.presence -----------------------------------------
+
+    def presence_keys(self, group: str) -> list[str]:
+        """The group's members, presence records and presence deadlines (each layer
+        names its own; one slot)."""
+        raise NotImplementedError
+
+    async def join_with_presence(
+        self, group: str, channel: str, presence: Mapping[str, Any]
+    ) -> None:
+        record = self.presence_book.record(channel, presence)
+        await self.presence_book.join(group, channel, record)
+        self.note_membership(group, channel, joined=True)
+
+    async def read_group(self, group: str, what: str) -> Any:
+        answer = await self.presence_book.read(group, what)
+        if what == "size":
+            return int(answer)
+        if what == "channels":
+            return decode_members(answer)
+        return self.presence_book.entries(group, answer)
 
     # --- healing: what the layer restores when Redis comes back without its data ----
 
@@ -215,6 +239,7 @@ class StoredLayer(StreamlayerLayer):
             data_lost = not recovered
         if data_lost:
             restored = await self.restore_memberships()
+            await self.presence_book.refresh()  # and their presence
             logger.warning(
                 "%s: Redis lost its data; %d group membership(s) of this process restored",
                 type(self).__name__,

@@ -22,7 +22,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
 from .exceptions import LayerClosed
@@ -36,6 +36,8 @@ from .keys import (
     stream_group_key,
     stream_inbox_key,
     stream_inbox_state_key,
+    stream_presence_key,
+    stream_presence_live_key,
 )
 from .local import LocalChannels
 from .memo import Memo
@@ -182,21 +184,37 @@ class StreamsChannelLayer(StoredLayer):
     def group_key(self, group: str) -> str:
         return stream_group_key(self.prefix, group)
 
+    def presence_keys(self, group: str) -> list[str]:
+        prefix = self.prefix
+        return [
+            stream_group_key(prefix, group),
+            stream_presence_key(prefix, group),
+            stream_presence_live_key(prefix, group),
+        ]
+
     @sync_aware
     async def group_add(
-        self, group: str, channel: str, since: str | Position | None = None
+        self,
+        group: str,
+        channel: str,
+        since: str | Position | None = None,
+        presence: Mapping[str, Any] | None = None,
     ) -> bool | None:
         """Add ``channel`` to ``group``. With ``since`` (a position a message of the
         group carried under ``"__position__"``), first replay to ``channel`` every
         retained message after it, in order, then live ones: returns True when the
-        replay is complete, False when some messages after ``since`` are gone."""
+        replay is complete, False when some messages after ``since`` are gone.
+        ``presence``: see :meth:`StreamlayerLayer.group_add`."""
         if since is None or not self.history.length_for(self.check_group(group)):
             # No replay asked, or nothing retained to replay (answered incomplete).
-            return await super().group_add(group, channel, since)
+            return await super().group_add(group, channel, since, presence)
         position = Position.parse(since)
         self.check_channel(channel)
+        record = None if presence is None else self.presence_book.record(channel, presence)
         complete = await self.history.join(group, channel, position)
         self.note_membership(group, channel, joined=True)
+        if record is not None:
+            await self.presence_book.join(group, channel, record)
         return complete
 
     @sync_aware
@@ -355,6 +373,7 @@ class StreamsChannelLayer(StoredLayer):
         self.local.clear()
         self.normal.clear()
         self.inbox.reset()
+        self.presence_book.clear()
         await self.delete_matching(scan_pattern(f"{self.prefix}:s:"))
         await self.connections.close(sync_clients=False)
 
@@ -378,6 +397,7 @@ class StreamsChannelLayer(StoredLayer):
         loop = asyncio.get_running_loop()
         await self.inbox.stop(loop)
         await self.normal.stop_fetches(loop)
+        await self.presence_book.stop(loop)
 
 
 class _Replan(list[str]):

@@ -125,6 +125,10 @@ def test_channel_capacity_keeps_order_and_compiles_globs() -> None:
         ({"group_history": {"chat-*": 1.5}}, TypeError, r"group_history\['chat-\*'\]"),
         ({"group_history": [10]}, TypeError, "group_history must be a dict"),
         ({"group_history_expiry": 0}, ConfigError, "group_history_expiry must be greater"),
+        ({"presence_timeout": 0}, ConfigError, "presence_timeout must be greater"),
+        ({"presence_timeout": "30"}, TypeError, "presence_timeout must be a number"),
+        ({"presence_events": 1}, TypeError, "presence_events must be True or False"),
+        ({"presence_events": {"chat-*": "yes"}}, TypeError, r"presence_events\['chat-\*'\]"),
         ({"expirey": 10}, ConfigError, "'expirey' \\(did you mean 'expiry'\\?\\)"),
     ],
 )
@@ -186,3 +190,13 @@ def test_unknown_serializer_format_is_clear() -> None:
 
     with pytest.raises(SerializerDoesNotExist, match="'yaml'"):
         RedisChannelLayer(serializer_format="yaml")
+
+
+def test_presence_events_forms() -> None:
+    assert build().presence_events_for("any") is False
+    assert build(presence_events=True).presence_events_for("any") is True
+    assert build(presence_events=False).presence_events_for("any") is False
+    patterns = build(presence_events={"chat-*": True, "*": False})
+    assert patterns.presence_events_for("chat-1") is True
+    assert patterns.presence_events_for("news") is False
+    assert build().presence_timeout == 30

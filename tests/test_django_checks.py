@@ -18,6 +18,7 @@ from streamlayer.checks import check_layers
 
 STREAMS = "streamlayer.StreamsChannelLayer"
 CORE = "streamlayer.compat.core.RedisChannelLayer"
+PUBSUB = "streamlayer.compat.pubsub.RedisPubSubChannelLayer"
 
 
 def ids(layers: dict[str, Any], **kwargs: Any) -> list[str]:
@@ -93,6 +94,8 @@ CHANNEL_LAYERS = {{"default": {{"BACKEND": BACKEND, "CONFIG": {config}}}}}
         (STREAMS, {"hosts": ("localhost", 6379)}, 20, 1, "hosts=[('localhost', 6379)]"),
         # The compat switch of a project with replay configured still starts.
         (CORE, {"group_history": {"chat-*": 100}}, 20, 0, "streamlayer.W003"),
+        (PUBSUB, {"presence_events": True}, 20, 0, "streamlayer.W004"),
+        (CORE, {"presence_events": {"chat-*": True}}, 20, 0, "System check identified no"),
     ],
 )
 def test_manage_py_check_runs_them(

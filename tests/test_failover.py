@@ -65,7 +65,8 @@ def _on_the_same_master(topology: Topology, key: str, name_key: Callable[[str], 
 
 async def test_master_killed_mid_stream(topology: Topology, record_property: Any) -> None:
     """SIGKILL the master holding a process's inbox, a normal channel and a group's
-    history while messages flow to all three."""
+    history while messages flow: group_send to a process-specific member, send to
+    another process-specific channel and to the normal channel."""
     layer = StreamsChannelLayer(
         hosts=topology.hosts,
         prefix=PREFIX,
@@ -76,13 +77,13 @@ async def test_master_killed_mid_stream(topology: Topology, record_property: Any
         on_reconnect="redis.reconnect",
     )
     try:
-        specific = await layer.new_channel()
+        specific, direct = await layer.new_channel(), await layer.new_channel()
         layer.want_notices(specific)
         inbox = stream_inbox_key(PREFIX, layer.process_id)
         normal = _on_the_same_master(topology, inbox, lambda n: stream_channel_key(PREFIX, n))
         group = _on_the_same_master(topology, inbox, lambda n: stream_history_key(PREFIX, n))
         await layer.group_add(group, specific)
-        received: dict[str, list[int]] = {specific: [], normal: []}
+        received: dict[str, list[int]] = {specific: [], direct: [], normal: []}
         notices: list[dict[str, Any]] = []
         positions: list[str] = []
         confirmed_after_failover: list[int] = []
@@ -109,6 +110,7 @@ async def test_master_killed_mid_stream(topology: Topology, record_property: Any
             if i == KILL_AT:
                 killing = asyncio.ensure_future(kill_master())
             await layer.group_send(group, {"type": "n", "i": i})
+            await layer.send(direct, {"type": "n", "i": i})
             await layer.send(normal, {"type": "n", "i": i})
             if promoted.is_set():
                 confirmed_after_failover.append(i)
@@ -125,12 +127,13 @@ async def test_master_killed_mid_stream(topology: Topology, record_property: Any
         await asyncio.gather(*readers, return_exceptions=True)
 
         for channel, got in received.items():
-            kind = "specific" if channel == specific else "normal"
+            kind = {specific: "group member", direct: "specific", normal: "normal"}[channel]
             lost = sorted(set(range(TOTAL)) - set(got))
             duplicated = len(got) - len(set(got))
-            record_property(f"{kind}_delivered", len(set(got)))
-            record_property(f"{kind}_lost", lost)
-            record_property(f"{kind}_duplicated", duplicated)
+            key = kind.replace(" ", "_")
+            record_property(f"{key}_delivered", len(set(got)))
+            record_property(f"{key}_lost", lost)
+            record_property(f"{key}_duplicated", duplicated)
             print(f"{kind}: delivered {len(set(got))}/{TOTAL}, lost {lost}, dup {duplicated}")
             assert duplicated == 0
             assert got == sorted(got), "reordered"

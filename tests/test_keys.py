@@ -20,6 +20,8 @@ from streamlayer import keys
         (keys.stream_group_key, "group"),
         (keys.stream_history_key, "history"),
         (keys.stream_history_meta_key, "hmeta"),
+        (keys.stream_presence_key, "presence"),
+        (keys.stream_presence_live_key, "plive"),
     ],
 )
 @pytest.mark.parametrize("name", ["jobs", "chat-42", "a{b}c", "x:{y}", "specific.1f!2"])
@@ -63,3 +65,32 @@ def test_process_id_of(channel: str, process: str) -> None:
 def test_process_id_of_a_normal_channel_is_refused() -> None:
     with pytest.raises(ValueError, match="not a process-specific channel"):
         keys.process_id_of("jobs")
+
+
+def test_every_kind_has_its_key_function() -> None:
+    """Each kind parse_stream_key knows is one a key function above makes."""
+    made = {keys.parse_stream_key("p", f("p", "x"))[0] for f in _KEY_FUNCTIONS}  # type: ignore[index]
+    assert made == set(keys.STREAM_KEY_KINDS)
+
+
+_KEY_FUNCTIONS = [
+    keys.stream_inbox_key,
+    keys.stream_inbox_state_key,
+    keys.stream_channel_key,
+    keys.stream_delivered_key,
+    keys.stream_group_key,
+    keys.stream_history_key,
+    keys.stream_history_meta_key,
+    keys.stream_presence_key,
+    keys.stream_presence_live_key,
+]
+
+
+def test_a_groups_presence_sits_beside_its_membership() -> None:
+    """Same hash slot (Streams), same shard by group name (compat.core), and no name a
+    channel could have (channel names hold no colon)."""
+    group = keys.stream_group_key("p", "room")
+    for key in (keys.stream_presence_key("p", "room"), keys.stream_presence_live_key("p", "room")):
+        assert key.endswith("{room}") and group.endswith("{room}")
+    assert keys.classic_presence_key("asgi", "room") == "asgi:presence:room"
+    assert keys.classic_presence_live_key("asgi", "room") == "asgi:plive:room"

@@ -26,6 +26,10 @@ from streamlayer.scripts import (
     CLASSIC_RESTORE_BACKUP,
     CLASSIC_SEND,
     GROUP_MEMBERS,
+    PRESENCE_JOIN,
+    PRESENCE_LEAVE,
+    PRESENCE_READ,
+    PRESENCE_REFRESH,
     STREAM_ACK,
     STREAM_FORGET_CONSUMER,
     STREAM_GROUP_JOIN,
@@ -387,9 +391,72 @@ async def test_stream_group_join_joins_and_reads_after_the_position(client: Redi
     assert complete == 0 and [entry[0] for entry in entries] == ids
 
 
+# --- presence --------------------------------------------------------------------------
+
+PKEYS = ["m", "p", "d"]  # members, presence records, deadlines
+
+
+async def test_presence_join_says_whether_the_presence_is_new(client: Redis) -> None:
+    now = time.time()
+    assert await PRESENCE_JOIN(client, PKEYS, ["tab", now, 60, b"r1", now + 30]) == 1
+    assert await PRESENCE_JOIN(client, PKEYS, ["tab", now, 60, b"r2", now + 30]) == 0
+    assert await client.hget("p", "tab") == b"r2"
+    assert await client.zscore("m", "tab") == pytest.approx(now)
+    assert await client.zscore("d", "tab") == pytest.approx(now + 30)
+    assert all([0 < await client.ttl(k) <= 60 for k in PKEYS])
+
+
+async def test_presence_leave_returns_the_record_and_leaves_a_tombstone(client: Redis) -> None:
+    now = time.time()
+    await PRESENCE_JOIN(client, PKEYS, ["tab", now, 60, b"rec", now + 30])
+    assert await PRESENCE_LEAVE(client, PKEYS, ["tab", now]) == b"rec"
+    assert await client.zscore("m", "tab") is None and await client.hget("p", "tab") is None
+    assert await client.zscore("d", "tab") == pytest.approx(-now)  # discarded: a tombstone
+    assert await PRESENCE_LEAVE(client, PKEYS, ["tab", now]) is None
+    await client.zadd("m", {"worker": now})  # a member without presence
+    assert await PRESENCE_LEAVE(client, PKEYS, ["worker", now]) is None
+    assert await client.zscore("d", "worker") is None
+
+
+async def test_presence_read_leaves_out_the_expired_and_the_ended(client: Redis) -> None:
+    now = time.time()
+    await client.zadd("m", {"w": now, "old": now - 120, "a": now, "dead": now})
+    await client.hset("p", mapping={"a": b"ra", "dead": b"rd", "old": b"ro"})
+    await client.zadd("d", {"a": now + 30, "dead": now - 1, "old": now + 30})
+    args = [now - 60, now]
+    assert await PRESENCE_READ(client, PKEYS, ["size", *args]) == 2
+    assert sorted(await PRESENCE_READ(client, PKEYS, ["channels", *args])) == [b"a", b"w"]
+    assert await PRESENCE_READ(client, PKEYS, ["presence", *args]) == [b"a", b"ra"]
+
+
+async def test_presence_refresh_keeps_restores_forgets_and_sweeps(client: Redis) -> None:
+    now = time.time()
+    cutoff = now - 60
+    await client.zadd("m", {"kept": now, "expired": now - 120, "dead": now})
+    await client.hset("p", mapping={"kept": b"rk", "expired": b"re", "dead": b"rd", "swept": b""})
+    await client.zadd("d", {"kept": now + 1, "dead": now - 1, "swept": -now, "kicked": -now})
+    await client.zadd("d", {"ancient": -(now - 120)})  # a tombstone from before the cutoff
+    await client.hset("p", "ancient", b"")
+    mine = ["kept", b"rk", "swept", b"rs", "kicked", b"rx", "expired", b"re", "lost", b"rl"]
+    reply = await PRESENCE_REFRESH(client, PKEYS, [now, now + 30, cutoff, 60, *mine])
+    back, left, gone, swept = reply
+    assert sorted(back) == [b"lost", b"swept"]  # swept while away, or lost with Redis's data
+    assert left == [b"expired", b"re"]  # its membership expired: the group is told
+    assert sorted(gone) == [b"expired", b"kicked"]  # discarded by another process
+    assert swept == [b"dead", b"rd"]  # another process's member, not refreshed
+    assert await client.zscore("d", "kept") == pytest.approx(now + 30)
+    assert await client.hget("p", "swept") == b"rs" and await client.zscore("m", "swept")
+    assert await client.zscore("m", "dead") is None and await client.hget("p", "dead") == b""
+    assert await client.zscore("d", "dead") == pytest.approx(-now)
+    assert await client.zscore("d", "kicked") is None
+    assert (
+        await client.zscore("d", "ancient") is None and await client.hget("p", "ancient") is None
+    )
+
+
 def test_every_script_has_a_test_here() -> None:
     """Each LuaScript constant of streamlayer.scripts is called by a test in this file."""
     names = [name for name, value in vars(scripts).items() if isinstance(value, LuaScript)]
     source = Path(__file__).read_text()
     untested = [name for name in names if f"await {name}(" not in source]
-    assert len(names) >= 16 and not untested, f"no script-level test calls {untested}"
+    assert len(names) >= 20 and not untested, f"no script-level test calls {untested}"

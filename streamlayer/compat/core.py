@@ -40,6 +40,8 @@ from ..keys import (
     classic_backup_key,
     classic_channel_key,
     classic_group_key,
+    classic_presence_key,
+    classic_presence_live_key,
     non_local_name,
     scan_pattern,
 )
@@ -377,6 +379,14 @@ class RedisChannelLayer(StoredLayer):
     def group_key(self, group: str) -> str:
         return classic_group_key(self.prefix, group)
 
+    def presence_keys(self, group: str) -> list[str]:
+        prefix = self.prefix
+        return [
+            classic_group_key(prefix, group),
+            classic_presence_key(prefix, group),
+            classic_presence_live_key(prefix, group),
+        ]
+
     async def send_to_known(
         self, group: str, known: KnownMembers, message: dict[str, Any]
     ) -> int | list[str]:
@@ -450,6 +460,7 @@ class RedisChannelLayer(StoredLayer):
         await self._stop_background(LayerClosed("the channel layer was flushed"))
         self._parked.clear()
         self.local.clear()
+        self.presence_book.clear()
         await self.delete_matching(scan_pattern(self.prefix))
         await self.connections.close(sync_clients=False)
 
@@ -464,6 +475,7 @@ class RedisChannelLayer(StoredLayer):
         self.local.fail(error)
         readers, self._readers = list(self._readers.values()), {}
         loop = asyncio.get_running_loop()
+        await self.presence_book.stop(loop)
         for reader in readers:
             if reader.loop is loop:
                 await reader.stop()
