@@ -25,6 +25,11 @@ The mixin also:
   gone for good (history trimmed, expired or lost), for the app to have the
   client reload (:meth:`~ReplayConsumerMixin.load_history` reads the backlog
   and drops the replayed copies of what it holds).
+
+:class:`PresenceConsumerMixin` joins groups with presence (who is here, with a
+little info from the connection's scope), answers a client's "who is here" and
+forwards the join and leave events of the group to clients that asked. It works
+with the replay mixin or on its own; see ``docs/presence.rst``.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from urllib.parse import parse_qs
 
 from .history import POSITION_KEY, HistoryPage, Position
 
-__all__ = ["NoticesMixin", "ReplayConsumerMixin"]
+__all__ = ["NoticesMixin", "PresenceConsumerMixin", "ReplayConsumerMixin"]
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +206,81 @@ class ReplayConsumerMixin(NoticesMixin):
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
         for group in self.replay_state.joined:
+            await self.channel_layer.group_discard(group, self.channel_name)
+        await super().websocket_disconnect(message)  # type: ignore[misc]
+
+
+class PresenceConsumerMixin:
+    """Join groups with presence; answer "who is here"; forward who comes and goes.
+
+    Mix it in before an ``AsyncJsonWebsocketConsumer``; call
+    :meth:`join_presence_groups` in ``connect()`` (after ``accept()``) and, first
+    thing in ``receive_json``, ``if await self.answer_presence_request(content):
+    return``. A client sending ``{"presence": "who"}`` gets ``{"presence": "here",
+    "group": ..., "members": [{"channel", "info", "joined"}...]}`` and from then on
+    ``{"presence": "join" | "leave", "group", "channel", "info"}`` as members come and
+    go (with ``presence_events`` on for the group); clients that never ask get no
+    presence frames. Leaving is group_discard on disconnect; a crashed process's
+    members leave by ``presence_timeout``.
+    """
+
+    #: Groups to join with presence (or override :meth:`get_presence_groups`).
+    presence_groups: ClassVar[list[str]] = []
+
+    # Provided by the consumer class this is mixed into.
+    channel_layer: Any
+    channel_name: str
+    scope: dict[str, Any]
+    _presence_joined: list[str] | None = None
+    _presence_watching: bool = False
+
+    async def get_presence_groups(self) -> list[str]:
+        """The groups this connection is present in (override to use the URL...)."""
+        return list(self.presence_groups)
+
+    def get_presence_info(self) -> dict[str, Any]:
+        """What others see of this connection: the authenticated user's id and name
+        (``AuthMiddlewareStack`` puts the user in the scope), else ``{"user": None}``.
+        Override to add a device, a display name...; keep it small."""
+        user = self.scope.get("user")
+        if user is not None and getattr(user, "is_authenticated", False):
+            return {"user": user.pk, "name": user.get_username()}
+        return {"user": None}
+
+    async def join_presence_groups(self) -> None:
+        """Join every presence group with this connection's info."""
+        info = self.get_presence_info()
+        joined = self._presence_joined = []
+        for group in await self.get_presence_groups():
+            await self.channel_layer.group_add(group, self.channel_name, presence=info)
+            joined.append(group)
+
+    async def answer_presence_request(self, content: Any) -> bool:
+        """Answer ``{"presence": "who"}`` (True: it was one; the client now watches)."""
+        if not isinstance(content, dict) or content.get("presence") != "who":
+            return False
+        self._presence_watching = True
+        for group in self._presence_joined or []:
+            members = await self.channel_layer.presence(group)
+            await self.send_json({"presence": "here", "group": group, "members": members})  # type: ignore[attr-defined]
+        return True
+
+    async def presence_join(self, event: dict[str, Any]) -> None:
+        await self.forward_presence(event)
+
+    async def presence_leave(self, event: dict[str, Any]) -> None:
+        await self.forward_presence(event)
+
+    async def forward_presence(self, event: dict[str, Any]) -> None:
+        """Send a join or leave to the client, if it asked who is here."""
+        if not self._presence_watching:
+            return
+        kind = str(event.get("type", "")).rpartition(".")[2]
+        frame = {key: event.get(key) for key in ("group", "channel", "info")}
+        await self.send_json({"presence": kind, **frame})  # type: ignore[attr-defined]
+
+    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        for group in self._presence_joined or []:
             await self.channel_layer.group_discard(group, self.channel_name)
         await super().websocket_disconnect(message)  # type: ignore[misc]
 

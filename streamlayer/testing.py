@@ -174,26 +174,38 @@ class DaphneServers:
         return [self.log_dir / f"process-{n}.log" for n in range(1, len(self.ports) + 1)]
 
     def start(self) -> DaphneServers:
-        logs: list[Path | None] = [*self.logs] or [None] * len(self.ports)
-        for port, log in zip(self.ports, logs, strict=True):
-            command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
-            output = None if log is None else log.open("ab")
-            try:
-                self.processes.append(
-                    subprocess.Popen(
-                        [*command, self.application],
-                        cwd=self.cwd,
-                        env=self.env,
-                        stdout=output,
-                        stderr=subprocess.STDOUT if output else None,
-                    )
-                )
-            finally:
-                if output is not None:
-                    output.close()  # the child holds its own copy
+        self.processes = [self._spawn(n) for n in range(len(self.ports))]
         for port, process in zip(self.ports, self.processes, strict=True):
             _wait_for_port(port, process)
         return self
+
+    def _spawn(self, index: int) -> subprocess.Popen[bytes]:
+        port = self.ports[index]
+        log = self.logs[index] if self.log_dir is not None else None
+        command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
+        output = None if log is None else log.open("ab")
+        try:
+            return subprocess.Popen(
+                [*command, self.application],
+                cwd=self.cwd,
+                env=self.env,
+                stdout=output,
+                stderr=subprocess.STDOUT if output else None,
+            )
+        finally:
+            if output is not None:
+                output.close()  # the child holds its own copy
+
+    def crash(self, index: int) -> None:
+        """SIGKILL process ``index``: it leaves as a crashed server does, saying nothing."""
+        process = self.processes[index]
+        process.kill()
+        process.wait()
+
+    def revive(self, index: int) -> None:
+        """Start process ``index`` again, on the same port."""
+        self.processes[index] = self._spawn(index)
+        _wait_for_port(self.ports[index], self.processes[index])
 
     def stop(self) -> None:
         for process in self.processes:

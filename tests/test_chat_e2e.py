@@ -159,7 +159,7 @@ def test_the_readme_main_command_runs_its_checked_tour() -> None:
         [sys.executable, str(RUN), "--check"], capture_output=True, text=True, timeout=90
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count(" ok ") == 4, done.stdout
+    assert done.stdout.count(" ok ") == 5, done.stdout
     assert "FAILED" not in done.stdout
     assert "reconnected (recovered=True)" in done.stdout
 

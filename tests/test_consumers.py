@@ -15,7 +15,7 @@ import pytest
 from django.conf import settings
 
 from streamlayer import StreamsChannelLayer
-from streamlayer.consumers import ReplayConsumerMixin
+from streamlayer.consumers import PresenceConsumerMixin, ReplayConsumerMixin
 from streamlayer.testing import RedisServer
 
 from .layers import LAYERS, layer_class
@@ -221,3 +221,66 @@ async def test_the_docs_recipe_runs_unchanged_on_every_backend(
         await layer.flush()
         await layer.close()
         channel_layers.backends.pop(ALIAS, None)
+
+
+# --- PresenceConsumerMixin -------------------------------------------------------------
+
+PRESENCE_ALIAS = "streamlayer-presence"
+
+
+class PresentConsumer(PresenceConsumerMixin, AsyncJsonWebsocketConsumer):  # type: ignore[misc]
+    channel_layer_alias = PRESENCE_ALIAS
+    presence_groups = ["lobby"]
+
+    def get_presence_info(self) -> dict[str, Any]:
+        return {"name": self.scope["path"].rsplit("/", 2)[-2]}
+
+    async def connect(self) -> None:
+        await self.accept()
+        await self.join_presence_groups()
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        if await self.answer_presence_request(content):
+            return
+        await self.send_json({"echo": content})
+
+
+@pytest.mark.parametrize("path", [p for p in LAYERS if "pubsub" not in p])
+async def test_presence_mixin_answers_who_and_forwards_comings_and_goings(
+    redis_server: RedisServer, path: str, prefix: str
+) -> None:
+    layer = layer_class(path)(hosts=[redis_server.url], prefix=prefix, presence_events=True)
+    channel_layers.set(PRESENCE_ALIAS, layer)
+    tabs: list[WebsocketCommunicator] = []
+    try:
+
+        async def tab(name: str) -> WebsocketCommunicator:
+            communicator = WebsocketCommunicator(PresentConsumer.as_asgi(), f"/ws/{name}/")
+            assert (await communicator.connect())[0]
+            tabs.append(communicator)
+            return communicator
+
+        ann = await tab("ann")
+        await ann.send_json_to({"presence": "who"})
+        here = await ann.receive_json_from(timeout=10)
+        assert (here["presence"], here["group"]) == ("here", "lobby")
+        assert [m["info"] for m in here["members"]] == [{"name": "ann"}]
+        bob = await tab("bob")
+        # Ann's own join may come first: she watches from her question on.
+        joined = await ann.receive_json_from(timeout=10)
+        if joined["info"] == {"name": "ann"}:
+            joined = await ann.receive_json_from(timeout=10)
+        assert (joined["presence"], joined["info"]) == ("join", {"name": "bob"})
+        # Bob never asked: he gets no presence frames, only what he asks for.
+        await bob.send_json_to({"hello": 1})
+        assert await bob.receive_json_from(timeout=10) == {"echo": {"hello": 1}}
+        await bob.disconnect()
+        left = await ann.receive_json_from(timeout=10)
+        assert (left["presence"], left["info"]) == ("leave", {"name": "bob"})
+        assert [p["info"] for p in await layer.presence("lobby")] == [{"name": "ann"}]
+    finally:
+        for communicator in tabs:
+            await communicator.disconnect()
+        await layer.flush()
+        await layer.close()
+        channel_layers.backends.pop(PRESENCE_ALIAS, None)

@@ -6,7 +6,8 @@ processes sharing it, so every message crosses processes.
     python examples/chat/run.py --hosts redis://127.0.0.1:6379
 
 It first walks through a scripted conversation (tour.py: two tabs on two
-processes, one offline while Redis restarts, back on the other process) and
+processes, one offline while Redis restarts, back on the other process, then
+process 2 SIGKILLed and its tab leaving the room's presence) and
 prints each checked step, then serves until Ctrl+C, which stops everything it
 started.
 """
@@ -105,7 +106,8 @@ def _tour(servers: ChatServers, server: object | None) -> bool:
             server.stop()  # type: ignore[attr-defined]
             server.start()  # type: ignore[attr-defined]
 
-    tour = Tour([u.replace("http://", "ws://") for u in servers.urls], restart)
+    bases = [u.replace("http://", "ws://") for u in servers.urls]
+    tour = Tour(bases, restart, servers.crash, servers.revive)
     ok = asyncio.run(tour.run())
     table = Table(title="A conversation through the chat, checked")
     for column in ("step", "result", "what happened", "s"):

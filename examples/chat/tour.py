@@ -1,6 +1,7 @@
 """A scripted conversation through the running chat, so the demo shows what it
 does on a machine without a browser: two tabs on two processes, one tab going
-offline while Redis restarts, and coming back on the other process.
+offline while Redis restarts, coming back on the other process, and a server
+process crashing: its tab leaves the room's presence within presence_timeout.
 
 Each step is checked; ``run.py`` prints them and exits non-zero (with
 ``--check``) when one fails. The tab clients are real WebSocket clients (the
@@ -20,6 +21,10 @@ import websockets
 
 ROOM = "tour"
 _WAIT = 15.0
+#: The chat's presence_timeout (settings.py), and how late a leave may come after it:
+#: one refresh period of the process that sweeps it, and slack for a busy machine.
+PRESENCE_TIMEOUT = 5.0
+_LEAVE_SLACK = PRESENCE_TIMEOUT / 3 + 3.0
 
 
 @dataclass
@@ -32,20 +37,25 @@ class Step:
 
 @dataclass
 class Tour:
-    """The chat's WebSocket URLs, one per process, and how to restart Redis (None
-    when the Redis is not ours to restart)."""
+    """The chat's WebSocket URLs, one per process, how to restart Redis (None when
+    the Redis is not ours to restart), and how to crash and revive a process."""
 
     ws_bases: list[str]
     restart_redis: Callable[[], None] | None = None
+    crash: Callable[[int], None] | None = None
+    revive: Callable[[int], None] | None = None
     steps: list[Step] = field(default_factory=list)
     #: The open tabs ("a", "b", and "back" once tab 2 returns), and the last message
     #: tab 2 saw before it went away (where it resumes from).
     _tabs: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     _last_seen: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
-    def url(self, process: int, since: str | None = None) -> str:
+    def url(self, process: int, since: str | None = None, name: str | None = None) -> str:
         url = f"{self.ws_bases[process]}ws/chat/{ROOM}/"
-        return url + (f"?since={since}" if since else "")
+        query = "&".join(
+            f"{key}={value}" for key, value in (("since", since), ("name", name)) if value
+        )
+        return url + (f"?{query}" if query else "")
 
     async def check(self, what: str, step: Callable[[], Awaitable[str]]) -> bool:
         started = time.perf_counter()
@@ -67,6 +77,7 @@ class Tour:
                 and await self.check("order across processes", self._in_order)
                 and await self.check("tab 2 offline, chat goes on", self._offline)
                 and await self.check("tab 2 back on process 1 (?since=)", self._comes_back)
+                and await self.check("process 2 crashes: its tab leaves", self._crash)
             )
         finally:
             for socket in self._tabs.values():
@@ -120,6 +131,41 @@ class Tour:
         await say(a, "welcome back", "tab 1")
         _expect(await texts(back, 1), ["welcome back"])
         return f"the {count} missed messages came first, in order, then live ones"
+
+    async def _crash(self) -> str:
+        if self.crash is None or self.revive is None:
+            return "the processes are not ours to crash: skipped"
+        a = self._tabs["a"]
+        carol = self._tabs["carol"] = await websockets.connect(self.url(1, name="carol"))
+        await a.send(json.dumps({"presence": "who"}))
+        here = await presence_frame(a, "here")
+        if "carol" not in [m["info"].get("name") for m in here["members"]]:
+            await presence_frame(a, "join", "carol")  # she joined after the answer
+        await asyncio.to_thread(self.crash, 1)
+        crashed = time.perf_counter()
+        await presence_frame(a, "leave", "carol", within=PRESENCE_TIMEOUT + _LEAVE_SLACK)
+        took = time.perf_counter() - crashed
+        await carol.close()  # its server is gone
+        del self._tabs["carol"]
+        await asyncio.to_thread(self.revive, 1)
+        return (
+            f"process 2 SIGKILLed: tab 1 saw carol leave {took:.1f} s later "
+            f"(presence_timeout {PRESENCE_TIMEOUT:g} s); process 2 started again"
+        )
+
+
+async def presence_frame(
+    socket: Any, kind: str, name: str | None = None, within: float = _WAIT
+) -> dict[str, Any]:
+    """The next presence frame of ``kind`` (for a member named ``name``), skipping
+    chat messages and other members' frames."""
+    async with asyncio.timeout(within):
+        while True:
+            frame = json.loads(await socket.recv())
+            if frame.get("presence") != kind:
+                continue
+            if name is None or (frame.get("info") or {}).get("name") == name:
+                return frame  # type: ignore[no-any-return]
 
 
 def _expect(got: list[str], wanted: list[str]) -> None:

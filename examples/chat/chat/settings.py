@@ -26,6 +26,11 @@ CHANNEL_LAYERS = {
             "group_history": {"room-*": 500},
             "group_history_expiry": 3600,
             "on_reconnect": "redis.reconnect",
+            # Who is in each room: a tab of a crashed server process leaves within
+            # 5 s (short, for the demo to show it; the default is 30 s), and the
+            # room's tabs hear who comes and goes.
+            "presence_timeout": 5,
+            "presence_events": {"room-*": True},
         },
     },
 }

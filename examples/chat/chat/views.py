@@ -1,5 +1,6 @@
-"""The page: a room's messages, a text box, and the WebSocket that survives
-disconnects (it reconnects with the position of the last message it showed)."""
+"""The page: a room's messages, who is online, a text box, and the WebSocket that
+survives disconnects (it reconnects with the position of the last message it
+showed, and asks again who is here)."""
 
 import time
 
@@ -15,10 +16,12 @@ PAGE = """<!doctype html>
  #log {{ border: 1px solid #ccc; height: 22em; overflow-y: auto; padding: .5em; }}
  #log p {{ margin: .2em 0; }} .author {{ color: #555; font-weight: bold; }}
  #state {{ font-size: .8em; color: #777; }} .gap {{ color: #a60; font-style: italic; }}
+ #online {{ font-size: .9em; color: #264; }}
 </style></head>
 <body>
 <h1>Room <code>{room}</code></h1>
 <p id="state">connecting...</p>
+<p id="online"></p>
 <div id="log"></div>
 <form id="say"><input id="author" value="guest" size="8">
 <input id="text" autocomplete="off" size="40" autofocus><button>Send</button></form>
@@ -29,7 +32,28 @@ const key = "chat-last-" + room;
 // Position of the last message shown: from a link (?since=...), or this tab's memory.
 let last = new URL(location.href).searchParams.get("since") || sessionStorage.getItem(key);
 const shown = new Set();
+const online = new Map();  // channel -> info, from the server's presence frames
 let socket = null;
+
+function showOnline() {{
+  const tabs = {{}};
+  for (const info of online.values()) {{
+    const name = (info && info.name) || "guest";
+    tabs[name] = (tabs[name] || 0) + 1;
+  }}
+  const names = Object.keys(tabs).sort().map(
+    (name) => tabs[name] > 1 ? name + " (" + tabs[name] + " tabs)" : name);
+  document.getElementById("online").textContent = "online: " + names.join(", ");
+}}
+
+function presence(data) {{
+  if (data.presence === "here") {{
+    online.clear();
+    data.members.forEach((m) => online.set(m.channel, m.info));
+  }} else if (data.presence === "join") online.set(data.channel, data.info);
+  else if (data.presence === "leave") online.delete(data.channel);
+  showOnline();
+}}
 
 function show(m) {{
   if (m.position && shown.has(m.position)) return;
@@ -53,11 +77,16 @@ function connect(delay = 500) {{
   const url = new URL("/ws/chat/" + room + "/", window.location.href);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
   if (last) url.searchParams.set("since", last);
+  url.searchParams.set("name", document.getElementById("author").value);
   socket = new WebSocket(url);
-  socket.onopen = () => {{ delay = 500; state.textContent = "connected to " + location.host; }};
+  socket.onopen = () => {{
+    delay = 500; state.textContent = "connected to " + location.host;
+    socket.send(JSON.stringify({{presence: "who"}}));
+  }};
   socket.onmessage = (event) => {{
     const data = JSON.parse(event.data);
-    if (!data.reload) show(data);
+    if (data.presence) presence(data);
+    else if (!data.reload) show(data);
     else if (data.reload.length) {{
       log.textContent = ""; shown.clear(); data.reload.forEach(show);
     }}

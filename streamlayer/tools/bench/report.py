@@ -48,6 +48,10 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("burst", "delivered_percent", "burst after a 2 s stall, defaults: delivered (%)", False),
     ("burst", "lost", "burst after a 2 s stall, defaults: deliveries lost", True),
     ("burst", "drain_s", "burst after a 2 s stall: seconds to drain after it", True),
+    ("membership", "group_size_ms", "group_size of a big group (ms)", True),
+    ("membership", "group_channels_ms", "group_channels of a big group (ms)", True),
+    ("membership", "presence_ms", "presence of a big group (ms)", True),
+    ("membership", "group_send_ms", "group_send to that group (ms, until it returns)", True),
     ("memory", "redis_bytes_per_message", "Redis bytes per backlogged message", True),
     ("memory", "client_bytes_per_idle_channel", "client bytes per idle channel", True),
 ]

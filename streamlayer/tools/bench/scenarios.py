@@ -45,6 +45,9 @@ class Sizes:
     burst_members: int = 20
     burst_senders: int = 40
     burst_seconds: float = 6.0
+    #: Members of the group whose size, channels and presence are read.
+    membership_members: int = 10_000
+    membership_rounds: int = 5
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -63,6 +66,8 @@ class Sizes:
             burst_members=10,
             burst_senders=20,
             burst_seconds=4.0,
+            membership_members=1000,
+            membership_rounds=3,
         )
 
 
@@ -77,6 +82,8 @@ class Scenario:
     run: Callable[[Any, Sizes], Awaitable[Metrics]]
     #: Broadcast layers (Pub/Sub) have no one-of-N worker channel.
     needs_worker_channels: bool = False
+    #: Only layers that know a group's members (streamlayer's stored ones).
+    needs_membership: bool = False
 
 
 async def close_layer(layer: Any, flush: bool = True) -> None:
@@ -358,6 +365,46 @@ async def stall_burst(
     }
 
 
+async def membership(layer: Any, sizes: Sizes) -> Metrics:
+    """A group of ``membership_members`` channels joined with presence: how long
+    group_size, group_channels and presence take, beside a group_send to the same
+    group (median of ``membership_rounds`` calls each, in ms; the send until its
+    call returns)."""
+    group = f"bench-members-{time.monotonic_ns()}"
+    count = sizes.membership_members
+    channels = [await layer.new_channel() for _ in range(count)]
+    for start in range(0, count, 500):
+        joins = channels[start : start + 500]
+        await _wait(
+            asyncio.gather(
+                *(layer.group_add(group, c, presence={"n": i}) for i, c in enumerate(joins))
+            )
+        )
+    calls: dict[str, Callable[[], Awaitable[Any]]] = {
+        "group_size_ms": lambda: layer.group_size(group),
+        "group_channels_ms": lambda: layer.group_channels(group),
+        "presence_ms": lambda: layer.presence(group),
+        "group_send_ms": lambda: layer.group_send(group, {"type": "bench.fanout", "body": BODY}),
+    }
+    metrics: Metrics = {}
+    for name, call in calls.items():
+        samples = []
+        for _ in range(sizes.membership_rounds):
+            started = time.perf_counter()
+            answer = await _wait(call())
+            samples.append((time.perf_counter() - started) * 1000)
+            _check_membership(name, answer, count)
+        metrics[name] = statistics.median(samples)
+    return metrics
+
+
+def _check_membership(name: str, answer: Any, count: int) -> None:
+    if name == "group_size_ms" and answer != count:
+        raise BenchError(f"membership: group_size said {answer}, not {count}")
+    if name in ("group_channels_ms", "presence_ms") and len(answer) != count:
+        raise BenchError(f"membership: {name[:-3]} listed {len(answer)}, not {count}")
+
+
 SCENARIOS: list[Scenario] = [
     Scenario("p2p_sequential", "p2p sequential", "msg/s", p2p_sequential),
     Scenario("p2p_concurrent", "p2p concurrent", "msg/s", p2p_concurrent),
@@ -365,4 +412,5 @@ SCENARIOS: list[Scenario] = [
     Scenario("latency", "latency (one way)", "us", latency),
     Scenario("fanout", "fan-out", "deliveries/s", fanout),
     Scenario("many_channels", "many channels", "msg/s", many_channels),
+    Scenario("membership", "membership of a big group", "ms", membership, needs_membership=True),
 ]

@@ -48,6 +48,9 @@ async def _run_layer(path: str, url: str, sizes: Sizes, broadcast: bool) -> dict
         if scenario.needs_worker_channels and broadcast:
             results[scenario.name] = {"skipped": "every Pub/Sub subscriber gets a copy"}
             continue
+        if scenario.needs_membership and (broadcast or path.startswith("channels_redis")):
+            results[scenario.name] = {"skipped": "this layer cannot tell a group's members"}
+            continue
         layer = make_layer(path, url, f"bench-{scenario.name}", capacity=100_000)
         try:
             results[scenario.name] = await scenario.run(layer, sizes)
