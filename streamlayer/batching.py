@@ -68,9 +68,20 @@ class ShardBatcher:
         self.pipelines = 0
         self.pipelined_calls = 0
 
-    async def call(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        """Run ``script``: at once when nothing else is on its way, else in the next pipeline."""
-        if not self._pipelining or (not self._in_flight and not self._queue):
+    async def call(
+        self,
+        script: LuaScript,
+        keys: Sequence[Any],
+        args: Sequence[Any],
+        *,
+        together: bool = False,
+    ) -> Any:
+        """Run ``script``: at once when nothing else is on its way, else in the next
+        pipeline. ``together``: always in the next pipeline, for a caller issuing
+        several calls in one turn that should share one round trip (the first would
+        otherwise go alone)."""
+        alone = not together and not self._in_flight and not self._queue
+        if not self._pipelining or alone:
             self._in_flight += 1
             try:
                 return await script(self._client, keys, args)

@@ -258,13 +258,14 @@ class PresenceBook:
         args: list[Any] = [now, self._deadline(), now - layer.group_expiry, layer.group_expiry]
         for channel, record in mine.items():
             args += [channel, record]
-        back, left, gone, swept = await layer.call_script(
-            f"presence refresh of {group!r}",
-            PRESENCE_REFRESH,
-            layer.connections.shard_for(group),
-            layer.presence_keys(group),
-            args,
-        )
+        shard, keys = layer.connections.shard_for(group), layer.presence_keys(group)
+
+        async def attempt() -> Any:
+            # Together: the round's calls to one shard share one pipeline.
+            batcher = layer.connections.batcher(shard)
+            return await batcher.call(PRESENCE_REFRESH, keys, args, together=True)
+
+        back, left, gone, swept = await layer.with_retry(f"presence refresh of {group!r}", attempt)
         for channel in gone:
             self._drop(group, _text(channel))
         for channel in back:

@@ -377,8 +377,16 @@ class SyncCallerClient:
     def pipeline(self, transaction: bool = True) -> SyncCallerPipeline:
         return SyncCallerPipeline(self.client.pipeline(transaction=transaction))
 
-    async def call(self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        """Run ``script`` (the batcher's interface: here, no batching)."""
+    async def call(
+        self,
+        script: LuaScript,
+        keys: Sequence[Any],
+        args: Sequence[Any],
+        *,
+        together: bool = False,
+    ) -> Any:
+        """Run ``script`` (the batcher's interface: here, no batching, one call at a
+        time whatever ``together`` asks)."""
         return await script(cast(aioredis.Redis, self), keys, args)
 
     def close(self) -> None:

@@ -119,6 +119,24 @@ async def test_each_read_is_one_round_trip(redis_server: RedisServer, make: Make
         assert _CountingWrites.writes - before == 1, read.__name__
 
 
+async def test_a_refresh_round_is_one_round_trip(redis_server: RedisServer, make: Make) -> None:
+    """A process with presence in five groups refreshes them all in one round trip
+    (one script call per group, pipelined), whatever the number of members."""
+    host = {"address": redis_server.url, "connection_class": _CountingWrites}
+    layer = make(hosts=[host])
+    tabs = [await layer.new_channel() for _ in range(10)]
+    waiting = [await listening(layer, tab) for tab in tabs]
+    for n in range(5):
+        for tab in tabs:
+            await layer.group_add(f"room-{n}", tab, presence={"n": n})
+    await layer.presence_book.refresh()  # the script's first use loads it
+    before = _CountingWrites.writes
+    await layer.presence_book.refresh()
+    assert _CountingWrites.writes - before == 1
+    for task in waiting:
+        task.cancel()
+
+
 # --- presence --------------------------------------------------------------------------
 
 
