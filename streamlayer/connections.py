@@ -81,16 +81,23 @@ def create_pool(spec: HostSpec) -> tuple[aioredis.ConnectionPool, list[aioredis.
     return pool, extras
 
 
+# redis-py annotates these in some releases and not in others (8.2 added types the
+# earlier ones lack): called through Any, the code type-checks the same on every
+# release pyproject allows.
+_AsyncSentinel: Any = Sentinel
+_AsyncSentinelPool: Any = SentinelConnectionPool
+_SyncSentinel: Any = redis.sentinel.Sentinel
+_SyncClusterNode: Any = redis.cluster.ClusterNode
+
+
 def _create_pool(spec: HostSpec) -> tuple[aioredis.ConnectionPool, list[aioredis.Redis]]:
     kwargs = _pool_kwargs(spec)
     if spec.is_sentinel:
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = _AsyncSentinel(
             list(spec.sentinels),
             sentinel_kwargs=None if spec.sentinel_kwargs is None else dict(spec.sentinel_kwargs),
         )
-        pool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
-            spec.master_name, sentinel, **kwargs
-        )
+        pool: aioredis.ConnectionPool = _AsyncSentinelPool(spec.master_name, sentinel, **kwargs)
         return pool, list(sentinel.sentinels)
     if spec.url is not None:
         return aioredis.ConnectionPool.from_url(spec.url, **kwargs), []
@@ -123,17 +130,14 @@ def create_sync_client(spec: HostSpec) -> Any:
     kwargs.setdefault("socket_timeout", timeout)
     kwargs.setdefault("socket_connect_timeout", timeout)
     if spec.is_cluster:
-        nodes = [
-            redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]
-            for host, port in spec.cluster_nodes
-        ]
+        nodes = [_SyncClusterNode(host, port) for host, port in spec.cluster_nodes]
         return redis.RedisCluster(startup_nodes=nodes, **kwargs)
     if spec.is_sentinel:
-        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = _SyncSentinel(
             list(spec.sentinels),
             sentinel_kwargs=None if spec.sentinel_kwargs is None else dict(spec.sentinel_kwargs),
         )
-        return sentinel.master_for(spec.master_name, **kwargs)  # type: ignore[no-untyped-call]
+        return sentinel.master_for(spec.master_name, **kwargs)
     if spec.url is not None:
         return redis.Redis.from_url(spec.url, **kwargs)
     return redis.Redis(connection_pool=redis.ConnectionPool(**kwargs))

@@ -24,12 +24,14 @@ import websockets
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
-# Resolves with the element's text once it contains every wanted string.
+# Resolves with the element's text once it contains every wanted string and none of
+# the unwanted ones.
 _WAIT_FOR_TEXT = """
 new Promise((resolve) => {
-  const wanted = %(wanted)s;
+  const wanted = %(wanted)s, unwanted = %(unwanted)s;
   const element = document.getElementById(%(element)s);
-  const done = () => wanted.every((w) => element.textContent.includes(w));
+  const done = () => wanted.every((w) => element.textContent.includes(w))
+    && !unwanted.some((u) => element.textContent.includes(u));
   if (done()) return resolve(element.textContent);
   new MutationObserver((_, observer) => {
     if (done()) { observer.disconnect(); resolve(element.textContent); }
@@ -73,9 +75,16 @@ class Page:
         while (await self._events.get())["method"] != "Page.loadEventFired":
             pass
 
-    async def text_once_it_holds(self, element: str, *wanted: str) -> str:
-        """The element's text, as soon as it contains every string in ``wanted``."""
-        script = _WAIT_FOR_TEXT % {"wanted": json.dumps(wanted), "element": json.dumps(element)}
+    async def text_once_it_holds(
+        self, element: str, *wanted: str, lacking: tuple[str, ...] = ()
+    ) -> str:
+        """The element's text, as soon as it contains every string in ``wanted`` and
+        none in ``lacking``."""
+        script = _WAIT_FOR_TEXT % {
+            "wanted": json.dumps(wanted),
+            "unwanted": json.dumps(lacking),
+            "element": json.dumps(element),
+        }
         answer = await self.call(
             "Runtime.evaluate", expression=script, awaitPromise=True, returnByValue=True
         )

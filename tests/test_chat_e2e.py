@@ -152,6 +152,26 @@ async def test_the_page_replays_in_a_real_browser(chat: Any, tmp_path: Path) -> 
     await asyncio.to_thread((tmp_path / "chat.png").write_bytes, picture)
 
 
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="headless Chromium is not installed (Debian: apt-get install chromium)",
+)
+async def test_the_page_shows_who_is_online(chat: Any, tmp_path: Path) -> None:
+    """The page asks who is here and keeps its list live: a tab named zed on the
+    other process shows up, and goes when it closes."""
+    async with chromium_page(tmp_path / "profile") as page:
+        await page.open(f"{chat.urls[0]}lobby/")
+        await asyncio.wait_for(page.text_once_it_holds("online", "online: guest"), _WAIT)
+        zed = await websockets.connect(ws_url(chat, 1, "lobby") + "?name=zed")
+        shown = await asyncio.wait_for(page.text_once_it_holds("online", "zed"), _WAIT)
+        assert shown == "online: guest, zed"
+        await zed.close()
+        gone = await asyncio.wait_for(
+            page.text_once_it_holds("online", "guest", lacking=("zed",)), _WAIT
+        )
+        assert gone == "online: guest"
+
+
 def test_the_readme_main_command_runs_its_checked_tour() -> None:
     """``./scripts/demo`` runs examples/chat/run.py; with --check it stops after the
     scripted conversation (Redis restart included) and says how it went."""
