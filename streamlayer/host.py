@@ -2,9 +2,11 @@
 
 The Streams layer keeps its inbox (:mod:`streamlayer.inbox`), its normal
 channels (:mod:`streamlayer.normal`) and its group history
-(:mod:`streamlayer.replay`) in objects of their own. None of them imports the
+(:mod:`streamlayer.replay`) in objects of their own, and both stored layers
+their presence (:mod:`streamlayer.presence`). None of them imports the
 layer: each declares, as a ``Protocol`` extending :class:`LayerHost`, the few
-things it needs, and the layer provides them. So the import graph has no
+things it needs (extending :class:`ScriptHost` or :class:`LayerHost`), and the
+layer provides them. So the import graph has no
 circle, and what a helper depends on is written in one place.
 """
 
@@ -17,17 +19,16 @@ from .config import LayerConfig
 from .connections import ConnectionManager
 from .scripts import LuaScript
 
-__all__ = ["LayerHost"]
+__all__ = ["LayerHost", "ScriptHost"]
 
 T = TypeVar("T")
 
 
-class LayerHost(Protocol):
-    """Naming, configuration, connections, counting, decoding, and Redis calls under
-    the layer's retry policy (see :class:`~streamlayer.base.StreamlayerLayer`)."""
+class ScriptHost(Protocol):
+    """Configuration, connections, counting, decoding, and Redis calls under the
+    layer's retry policy: what every layer offers its helpers (see
+    :class:`~streamlayer.base.StreamlayerLayer`)."""
 
-    prefix: str
-    process_id: str
     config: LayerConfig
     connections: ConnectionManager
 
@@ -53,3 +54,11 @@ class LayerHost(Protocol):
         idempotent: bool = False,
         maybe_landed: bool = False,
     ) -> Any: ...
+
+
+class LayerHost(ScriptHost, Protocol):
+    """A Streams helper's host: the above, and the layer's naming (its prefix and this
+    process's id)."""
+
+    prefix: str
+    process_id: str

@@ -25,13 +25,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from .base import ScriptCall
-from .config import LayerConfig
-from .connections import ConnectionManager
 from .exceptions import LayerClosed, RedisAccessDenied, RedisUnavailable
+from .host import ScriptHost
 from .local import LocalChannels
 from .scripts import (
     PRESENCE_JOIN,
@@ -52,14 +51,10 @@ MAX_INFO_BYTES = 2048
 
 JOIN, LEAVE = "presence.join", "presence.leave"
 
-T = TypeVar("T")
 
+class PresenceHost(ScriptHost, Protocol):
+    """What presence needs of its layer (Streams or compat.core) beyond script calls."""
 
-class PresenceHost(Protocol):
-    """What presence needs of its layer (Streams or compat.core)."""
-
-    config: LayerConfig
-    connections: ConnectionManager
     local: LocalChannels
 
     @property
@@ -73,8 +68,6 @@ class PresenceHost(Protocol):
 
     def serialize(self, message: dict[str, Any]) -> bytes: ...
 
-    def try_deserialize(self, data: bytes, where: str) -> dict[str, Any] | None: ...
-
     def script_call(
         self,
         script: LuaScript,
@@ -85,25 +78,6 @@ class PresenceHost(Protocol):
         idempotent: bool = False,
         maybe_landed: bool = False,
     ) -> ScriptCall: ...
-
-    async def call_script(
-        self,
-        what: str,
-        script: LuaScript,
-        shard: int,
-        keys: Sequence[Any],
-        args: Sequence[Any] | Callable[[], Sequence[Any]],
-        *,
-        idempotent: bool = False,
-        maybe_landed: bool = False,
-    ) -> Any: ...
-
-    async def with_retry(
-        self,
-        what: str,
-        call: Callable[[], Awaitable[T]],
-        on_error: Callable[[BaseException], None] | None = None,
-    ) -> T: ...
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None: ...
 

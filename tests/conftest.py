@@ -18,7 +18,7 @@ from streamlayer.testing import (
     server_version,
 )
 
-from .layers import LAYERS, layer_class
+from .layers import LAYERS, layer_class, layer_factory
 
 
 def _server() -> tuple[str | None, str]:
@@ -135,18 +135,12 @@ async def make_layer(
     layer_path: str, topology: list[Any], prefix: str
 ) -> AsyncIterator[LayerFactory]:
     """Build layers of the parametrized class on the parametrized topology; flushed after."""
-    made: list[StreamlayerLayer] = []
 
-    def factory(**options: Any) -> StreamlayerLayer:
+    def build(**options: Any) -> StreamlayerLayer:
         options.setdefault("hosts", topology)
         options.setdefault("prefix", prefix)
-        layer = layer_class(layer_path)(**options)
-        made.append(layer)
-        return layer
+        return layer_class(layer_path)(**options)
 
-    factory.layer_path = layer_path  # type: ignore[attr-defined]  # read by layers.keeps()
-    yield factory
-    if made:
-        await made[0].flush()
-    for layer in made:
-        await layer.close()
+    async with layer_factory(build) as factory:
+        factory.layer_path = layer_path  # type: ignore[attr-defined]  # read by layers.keeps()
+        yield factory

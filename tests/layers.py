@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -76,3 +76,25 @@ async def side_by_side(
     await ours.flush()
     await ours.close()
     await theirs.flush()
+
+
+@contextlib.asynccontextmanager
+async def layer_factory(
+    build: Callable[..., StreamlayerLayer],
+) -> AsyncIterator[Callable[..., Any]]:
+    """A test's layers: each call builds one with ``build(**options)``; afterwards the
+    first is flushed (one flush deletes the prefix's keys for all) and all are closed."""
+    made: list[StreamlayerLayer] = []
+
+    def make(**options: Any) -> Any:
+        layer = build(**options)
+        made.append(layer)
+        return layer
+
+    try:
+        yield make
+    finally:
+        if made:
+            await made[0].flush()
+        for layer in made:
+            await layer.close()

@@ -14,7 +14,7 @@ import pytest
 from streamlayer.base import StreamlayerLayer
 from streamlayer.testing import RedisServer
 
-from .layers import layer_class
+from .layers import layer_class, layer_factory
 
 STORED = ["streamlayer.StreamsChannelLayer", "streamlayer.compat.core.RedisChannelLayer"]
 
@@ -25,17 +25,12 @@ async def make(
 ) -> AsyncIterator[Callable[..., StreamlayerLayer]]:
     """Layers of the parametrized class on the test's own server; the first is
     flushed, all are closed after the test."""
-    made: list[StreamlayerLayer] = []
 
-    def factory(**options: Any) -> StreamlayerLayer:
-        layer = layer_class(request.param)(hosts=[fresh_server.url], **options)
-        made.append(layer)
-        return layer
+    def build(**options: Any) -> StreamlayerLayer:
+        return layer_class(request.param)(hosts=[fresh_server.url], **options)
 
-    yield factory
-    await made[0].flush()
-    for layer in made:
-        await layer.close()
+    async with layer_factory(build) as factory:
+        yield factory
 
 
 async def recv(layer: StreamlayerLayer, channel: str, within: float = 15) -> dict[str, Any]:

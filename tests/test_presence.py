@@ -25,7 +25,7 @@ from streamlayer.compat.pubsub import RedisPubSubChannelLayer
 from streamlayer.presence import by_info
 from streamlayer.testing import RedisServer
 
-from .layers import layer_class
+from .layers import layer_class, layer_factory
 
 STORED = ["streamlayer.StreamsChannelLayer", "streamlayer.compat.core.RedisChannelLayer"]
 
@@ -455,16 +455,10 @@ async def test_pubsub_says_why_it_has_no_members(redis_server: RedisServer) -> N
 @pytest.fixture
 async def make(layer_path: str, prefix: str) -> AsyncIterator[Make]:
     """Layers of the parametrized stored class, hosts given by the test; flushed after."""
-    made: list[StreamlayerLayer] = []
 
-    def factory(**options: Any) -> Any:
+    def build(**options: Any) -> StreamlayerLayer:
         options.setdefault("prefix", prefix)
-        layer = layer_class(layer_path)(**options)
-        made.append(layer)
-        return layer
+        return layer_class(layer_path)(**options)
 
-    yield factory
-    if made:
-        await made[0].flush()
-    for layer in made:
-        await layer.close()
+    async with layer_factory(build) as factory:
+        yield factory

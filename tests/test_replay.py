@@ -18,6 +18,8 @@ from streamlayer.history import POSITION_KEY, Position
 from streamlayer.keys import stream_history_key
 from streamlayer.testing import RedisServer
 
+from .layers import layer_factory
+
 Factory = Callable[..., StreamsChannelLayer]
 
 
@@ -32,21 +34,14 @@ def hosts(request: pytest.FixtureRequest) -> list[Any]:
 
 @pytest.fixture
 async def make(hosts: list[Any], prefix: str) -> AsyncIterator[Factory]:
-    made: list[StreamsChannelLayer] = []
-
-    def factory(**options: Any) -> StreamsChannelLayer:
+    def build(**options: Any) -> StreamsChannelLayer:
         options.setdefault("hosts", hosts)
         options.setdefault("prefix", prefix)
         options.setdefault("group_history", 50)
-        layer = StreamsChannelLayer(**options)
-        made.append(layer)
-        return layer
+        return StreamsChannelLayer(**options)
 
-    yield factory
-    if made:
-        await made[0].flush()
-    for layer in made:
-        await layer.close()
+    async with layer_factory(build) as factory:
+        yield factory
 
 
 async def recv(layer: StreamsChannelLayer, channel: str) -> dict[str, Any]:
