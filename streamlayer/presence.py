@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from .base import ScriptCall
@@ -37,7 +37,6 @@ from .scripts import (
     PRESENCE_LEAVE,
     PRESENCE_READ,
     PRESENCE_REFRESH,
-    LuaScript,
 )
 from .sync import background_context
 
@@ -67,17 +66,6 @@ class PresenceHost(ScriptHost, Protocol):
     def owns(self, channel: str) -> bool: ...
 
     def serialize(self, message: dict[str, Any]) -> bytes: ...
-
-    def script_call(
-        self,
-        script: LuaScript,
-        shard: int,
-        keys: Sequence[Any],
-        args: Sequence[Any] | Callable[[], Sequence[Any]],
-        *,
-        idempotent: bool = False,
-        maybe_landed: bool = False,
-    ) -> ScriptCall: ...
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None: ...
 
@@ -145,17 +133,11 @@ class PresenceBook:
     async def leave(self, group: str, channel: str) -> None:
         """Remove ``channel`` from ``group`` (group_discard) and end its presence; tell
         the group if it had some."""
-        mine = self.mine.get(group, {})
-        record = mine.pop(channel, None)
-        if not mine:
-            self.mine.pop(group, None)
+        record = self._drop(group, channel)
         layer = self.layer
-        call = layer.script_call(
-            PRESENCE_LEAVE,
-            layer.connections.shard_for(group),
-            layer.presence_keys(group),
-            [channel, time.time()],
-        )
+        shard, keys = layer.connections.shard_for(group), layer.presence_keys(group)
+        args = [channel, time.time()]
+        call = ScriptCall(layer.connections, shard, PRESENCE_LEAVE, keys, args, False, False)
         held = await layer.with_retry(f"group_discard from {group!r}", call)
         if held is None and call.attempts > 1:
             held = record  # the first attempt may have ended it, its reply lost
@@ -165,10 +147,7 @@ class PresenceBook:
     def forget_channel(self, channel: str) -> None:
         """Stop refreshing ``channel``'s presence anywhere (its consumer is gone)."""
         for group in list(self.mine):
-            mine = self.mine[group]
-            mine.pop(channel, None)
-            if not mine:
-                del self.mine[group]
+            self._drop(group, channel)
 
     async def _tell(self, group: str, kind: str, channel: str, record: bytes) -> None:
         """Send a presence event to ``group`` if its members asked for them."""
@@ -196,7 +175,7 @@ class PresenceBook:
         """``presence()``'s answer from PRESENCE_READ's {channel, record, ...}."""
         entries = []
         for i in range(0, len(flat), 2):
-            channel = flat[i].decode() if isinstance(flat[i], bytes) else str(flat[i])
+            channel = _text(flat[i])
             record = self.layer.try_deserialize(flat[i + 1], f"presence of group {group!r}")
             if record is None:
                 continue  # logged and counted: a corrupt or undecryptable record
@@ -250,12 +229,15 @@ class PresenceBook:
             for i in range(0, len(flat), 2):
                 await self._tell(group, LEAVE, _text(flat[i]), flat[i + 1])
 
-    def _drop(self, group: str, channel: str) -> None:
+    def _drop(self, group: str, channel: str) -> bytes | None:
+        """Stop refreshing ``channel``'s presence in ``group``; its record, if it had one."""
         mine = self.mine.get(group)
-        if mine is not None:
-            mine.pop(channel, None)
-            if not mine:
-                del self.mine[group]
+        if mine is None:
+            return None
+        record = mine.pop(channel, None)
+        if not mine:
+            del self.mine[group]
+        return record
 
     async def stop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Stop the keeper if it runs in ``loop``."""

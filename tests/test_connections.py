@@ -10,15 +10,14 @@ import gc
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from asgiref.sync import async_to_sync
-from redis.asyncio.connection import Connection as AsyncConnection
 
 from streamlayer.compat.core import RedisChannelLayer
 from streamlayer.connections import consistent_hash
 from streamlayer.testing import RedisServer, SentinelSetup, free_port
+from streamlayer.tools.demo import CountingConnection
 
 from .layers import layer_class
 
@@ -297,31 +296,21 @@ async def test_idle_receive_just_waits(fresh_server: RedisServer, layer_path: st
     await layer.close()
 
 
-class _CountingWrites(AsyncConnection):
-    """A connection class of a user's, counting the writes it is asked for."""
-
-    writes = 0
-
-    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        _CountingWrites.writes += 1
-        await super().send_packed_command(command, check_health)
-
-
 async def test_a_connection_class_of_the_users_sees_every_write(
     redis_server: RedisServer, layer_path: str
 ) -> None:
     """The layers' lean writes replace redis-py's own write only: a
     ``connection_class`` in hosts that writes its own way (to count or trace) keeps
     every write going through it."""
-    host = {"address": redis_server.url, "connection_class": _CountingWrites}
+    host = {"address": redis_server.url, "connection_class": CountingConnection}
     layer = layer_class(layer_path)(hosts=[host], prefix=f"counting{abs(hash(layer_path))}")
     try:
         channel = await layer.new_channel()
         await layer.send(channel, {"type": "warm-up"})
-        before = _CountingWrites.writes
+        before = CountingConnection.writes
         for _ in range(10):
             await layer.send(channel, {"type": "m"})
-        assert _CountingWrites.writes - before == 10
+        assert CountingConnection.writes - before == 10
     finally:
         await layer.flush()
         await layer.close()

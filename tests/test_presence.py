@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 from asgiref.sync import async_to_sync
 from redis.asyncio import Redis
-from redis.asyncio.connection import Connection as AsyncConnection
 
 from streamlayer.base import StreamlayerLayer
 from streamlayer.compat.pubsub import RedisPubSubChannelLayer
 from streamlayer.presence import by_info
 from streamlayer.testing import RedisServer
+from streamlayer.tools.demo import CountingConnection
 
 from .layers import layer_class, layer_factory
 
@@ -98,31 +98,23 @@ async def test_expired_members_are_not_listed(redis_server: RedisServer, make: M
     assert await layer.group_size("room") == 1
 
 
-class _CountingWrites(AsyncConnection):
-    writes = 0
-
-    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        _CountingWrites.writes += 1
-        await super().send_packed_command(command, check_health)
-
-
 async def test_each_read_is_one_round_trip(redis_server: RedisServer, make: Make) -> None:
-    host = {"address": redis_server.url, "connection_class": _CountingWrites}
+    host = {"address": redis_server.url, "connection_class": CountingConnection}
     layer = make(hosts=[host])
     channels = [await layer.new_channel() for _ in range(20)]
     for n, channel in enumerate(channels):
         await layer.group_add("room", channel, presence={"n": n})
     await layer.group_size("room")  # the script's first use loads it
     for read in (layer.group_channels, layer.group_size, layer.presence):
-        before = _CountingWrites.writes
+        before = CountingConnection.writes
         await read("room")
-        assert _CountingWrites.writes - before == 1, read.__name__
+        assert CountingConnection.writes - before == 1, read.__name__
 
 
 async def test_a_refresh_round_is_one_round_trip(redis_server: RedisServer, make: Make) -> None:
     """A process with presence in five groups refreshes them all in one round trip
     (one script call per group, pipelined), whatever the number of members."""
-    host = {"address": redis_server.url, "connection_class": _CountingWrites}
+    host = {"address": redis_server.url, "connection_class": CountingConnection}
     layer = make(hosts=[host])
     tabs = [await layer.new_channel() for _ in range(10)]
     waiting = [await listening(layer, tab) for tab in tabs]
@@ -130,9 +122,9 @@ async def test_a_refresh_round_is_one_round_trip(redis_server: RedisServer, make
         for tab in tabs:
             await layer.group_add(f"room-{n}", tab, presence={"n": n})
     await layer.presence_book.refresh()  # the script's first use loads it
-    before = _CountingWrites.writes
+    before = CountingConnection.writes
     await layer.presence_book.refresh()
-    assert _CountingWrites.writes - before == 1
+    assert CountingConnection.writes - before == 1
     for task in waiting:
         task.cancel()
 
