@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .config import LayerConfig
 from .exceptions import (
+    BulkChannelFull,
     ChannelFull,
     LayerClosed,
     RedisAccessDenied,
@@ -21,6 +22,7 @@ from .streams import StreamsChannelLayer
 
 __all__ = [
     "POSITION_KEY",
+    "BulkChannelFull",
     "ChannelFull",
     "HistoryPage",
     "LayerClosed",

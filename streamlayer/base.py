@@ -27,7 +27,7 @@ from channels.layers import BaseChannelLayer
 
 from .config import ConfigError, LayerConfig
 from .connections import ConnectionManager
-from .exceptions import ChannelFull
+from .exceptions import BulkChannelFull, ChannelFull
 from .history import HistoryPage, Position
 from .local import LocalChannels
 from .memo import Memo
@@ -186,13 +186,15 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
             random_prefix_length=(
                 self.default_random_prefix_length if prefix_length is None else prefix_length
             ),
-            expiry=self.config.expiry,
+            # The longest a message may wait: an encrypted one older is refused.
+            expiry=self.config.longest_expiry,
         )
         self.connections = ConnectionManager(self.config.hosts)
         _LAYERS.add(self)
         #: Channel names already validated, for any use and for receive() (bounded).
         self._valid_channels: Memo[str, None] = Memo(NAME_CACHE)
         self._capacities: Memo[str, int] = Memo(NAME_CACHE)
+        self._expiries: Memo[str, float] = Memo(NAME_CACHE)
         #: Whether the log said that a notice skipped channels that did not ask for it.
         self._said_unasked = False
         #: Groups a replay was asked of though they keep no history (logged once each).
@@ -255,6 +257,14 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
             capacity = self._capacities.remember(channel, int(super().get_capacity(channel)))
         return capacity
 
+    def get_expiry(self, channel: str) -> float:
+        """How long a message for ``channel`` lasts unreceived (``channel_expiry``
+        patterns first, else ``expiry``), remembered."""
+        expiry = self._expiries.get(channel)
+        if expiry is None:
+            expiry = self._expiries.remember(channel, self.config.expiry_for(channel))
+        return expiry
+
     def check_group(self, group: Any) -> str:
         self.require_valid_group_name(group)
         return str(group)
@@ -266,6 +276,20 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
             raise ValueError(f"message must not contain the reserved key {RESERVED_KEY!r}")
         return message
 
+    def check_messages(self, messages: Any) -> list[dict[str, Any]]:
+        """A bulk send's messages, every one checked before any is sent."""
+        if isinstance(messages, (dict, str, bytes)) or not isinstance(messages, Iterable):
+            raise TypeError(
+                f"messages must be a list of message dicts, got {type(messages).__name__}"
+            )
+        batch = list(messages)
+        for index, message in enumerate(batch):
+            try:
+                self.check_message(message)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"messages[{index}]: {exc}") from None
+        return batch
+
     # --- send and receive: what every layer does around its own storage ---------
 
     def count_send(self, channel: str, stored: bool, capacity: int) -> None:
@@ -275,12 +299,54 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
             raise ChannelFull(f"channel {channel!r} is at its capacity of {capacity} messages")
         self.stats.count("sent")
 
+    @sync_aware
+    async def send_bulk(self, channel: str, messages: Iterable[dict[str, Any]]) -> None:
+        """Send ``messages`` to ``channel``, in order, in one round trip.
+
+        Each is stored as :meth:`send` would store it (serializer, encryption,
+        capacity). When the channel fills up part-way, the messages before that point
+        are stored and the rest are not, and :class:`~streamlayer.exceptions.
+        BulkChannelFull` (a ChannelFull) says how many were accepted. Every message is
+        checked before any is sent: a bad one sends nothing."""
+        batch = self.check_messages(messages)
+        self.check_channel(channel)
+        if not batch:
+            return
+        accepted = await self.send_batch(channel, batch)
+        self.stats.count("sent", accepted)
+        refused = len(batch) - accepted
+        if refused:
+            self.stats.count("full", refused)
+            raise BulkChannelFull(channel, accepted, refused, self.get_capacity(channel))
+
+    @sync_aware
+    async def group_send_bulk(self, group: str, messages: Iterable[dict[str, Any]]) -> None:
+        """Send ``messages`` to every member of ``group``, in order, in one round trip
+        per shard (one script call on a single server for a group whose members did
+        not change). A member that fills up part-way receives the messages before that
+        point; the ones it had no room for are skipped and counted as ``full``, as
+        :meth:`group_send` skips a full member."""
+        batch = self.check_messages(messages)
+        self.check_group(group)
+        if batch:
+            await self.group_send_batch(group, batch)
+
     # --- the contract: what each layer provides -----------------------------------
     # Channels' API (new_channel, send, receive, group_discard, group_send, flush)
-    # and the two hooks below; group_add, group_history, close and the rest are here.
+    # and the hooks below; group_add, group_history, close and the rest are here.
 
     async def join_group(self, group: str, channel: str) -> None:
         """Make ``channel`` a member of ``group`` (the plain join of group_add)."""
+        raise NotImplementedError
+
+    async def send_batch(self, channel: str, messages: list[dict[str, Any]]) -> int:
+        """Store checked ``messages`` for ``channel`` while it has room, in one round
+        trip; how many were stored (the first ones)."""
+        raise NotImplementedError
+
+    async def group_send_batch(self, group: str, messages: list[dict[str, Any]]) -> None:
+        """Send checked ``messages`` to ``group``'s members, counting what was sent and
+        what did not fit."""
         raise NotImplementedError
 
     def want_notices(self, channel: str) -> None:

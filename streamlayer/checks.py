@@ -16,7 +16,10 @@ report a broken layer configuration before the first message is lost to it:
 * ``streamlayer.W002``: ``expiry`` shorter than the interface server's timeouts
   (``STREAMLAYER_INTERFACE_TIMEOUT``, default 20 s: daphne's
   ``websocket_connect_timeout``), so a message can expire while the server still
-  waits for the consumer to read it.
+  waits for the consumer to read it;
+* ``streamlayer.W005``: the same of a ``channel_expiry`` pattern that matches the
+  channels consumers are given (``specific.…!…``, Channels' ``new_channel()``
+  default): a short expiry meant for progress events that catches every consumer.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ BACKENDS = tuple(backend.path for backend in SHIPPED)
 #: daphne's websocket_connect_timeout: the longest an interface server waits by default.
 DEFAULT_INTERFACE_TIMEOUT = 20.0
 _MIN_KEY_BYTES = 32
+#: What a consumer's channel looks like (new_channel()'s default prefix, on any layer).
+_CONSUMER_CHANNEL = "specific.0123456789abcdef!1"
 
 
 def check_channel_layers(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
@@ -126,6 +131,7 @@ def _check_config(
                     id="streamlayer.W001",
                 )
             )
+    messages += _check_channel_expiry(where, alias, options, config, interface_timeout)
     if config.expiry < interface_timeout:
         messages.append(
             Warning(
@@ -138,3 +144,33 @@ def _check_config(
             )
         )
     return messages
+
+
+def _check_channel_expiry(
+    where: str,
+    alias: str,
+    options: Mapping[str, Any],
+    config: LayerConfig,
+    interface_timeout: float,
+) -> list[CheckMessage]:
+    """W005: a channel_expiry pattern shorter than the interface server's timeout that
+    catches consumers' channels (the first matching pattern is the one that applies)."""
+    written = list(options.get("channel_expiry") or {})  # as the user wrote them, in order
+    for key, (pattern, expiry) in zip(written, config.channel_expiry, strict=True):
+        if not pattern.match(_CONSUMER_CHANNEL):
+            continue
+        if expiry >= interface_timeout:
+            return []
+        return [
+            Warning(
+                f"{where}: channel_expiry pattern {getattr(key, 'pattern', key)!r} gives "
+                "consumers' "
+                f"channels ({_CONSUMER_CHANNEL.split('.')[0]}.…!…) an expiry of {expiry:g} s, "
+                f"shorter than the interface server's timeout of {interface_timeout:g} s",
+                hint="narrow the pattern to the channels meant to expire early "
+                "(e.g. 'progress-*'), or raise its expiry",
+                obj=alias,
+                id="streamlayer.W005",
+            )
+        ]
+    return []

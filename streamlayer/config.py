@@ -82,6 +82,9 @@ class LayerConfig:
     group_expiry: int = 86400
     capacity: int = 100
     channel_capacity: tuple[tuple[re.Pattern[str], int], ...] = ()
+    #: Seconds a message lasts per channel: (pattern, seconds) pairs, first match wins,
+    #: else ``expiry``.
+    channel_expiry: tuple[tuple[re.Pattern[str], float], ...] = ()
     symmetric_encryption_keys: tuple[str | bytes, ...] = ()
     serializer_format: str = "msgpack"
     random_prefix_length: int | None = None
@@ -128,6 +131,29 @@ class LayerConfig:
             if pattern.match(channel):
                 return capacity
         return self.capacity
+
+    def expiry_for(self, channel: str) -> float:
+        """How long a message for ``channel`` lasts unreceived: the first matching
+        ``channel_expiry`` pattern wins, else ``expiry``."""
+        for pattern, expiry in self.channel_expiry:
+            if pattern.match(channel):
+                return expiry
+        return self.expiry
+
+    @property
+    def longest_expiry(self) -> float:
+        """The longest a message of any channel lasts: what a key shared by channels
+        of different expiries (a process inbox) must outlive, and how old an
+        encrypted message may be when it is decrypted."""
+        return max([self.expiry, *(expiry for _, expiry in self.channel_expiry)])
+
+    def claim_after_for(self, channel: str) -> float:
+        """Seconds before another process takes over an entry of the normal channel
+        ``channel`` left pending by a crashed reader: ``claim_after``, or by default
+        10 s, but never so late that the entry has expired by then."""
+        if self.claim_after is not None:
+            return self.claim_after
+        return min(10.0, self.expiry_for(channel) / 2)
 
     def presence_events_for(self, group: str) -> bool:
         """Whether ``group``'s members are told when a member with presence joins or
@@ -332,6 +358,13 @@ def _channel_capacity(value: Any) -> tuple[tuple[re.Pattern[str], int], ...]:
     return _patterns("channel_capacity", value, check, "capacity")
 
 
+def _channel_expiry(value: Any) -> tuple[tuple[re.Pattern[str], float], ...]:
+    if value is None:
+        return ()
+    check = _positive_number("channel_expiry")
+    return _patterns("channel_expiry", value, check, "seconds")
+
+
 def _group_history(value: Any) -> tuple[tuple[re.Pattern[str], int], ...]:
     """An int applies to every group; a dict maps group name patterns to counts."""
 
@@ -422,6 +455,7 @@ _VALIDATORS: dict[str, Any] = {
     "group_expiry": _positive_int("group_expiry", "seconds"),
     "capacity": _positive_int("capacity", "messages"),
     "channel_capacity": _channel_capacity,
+    "channel_expiry": _channel_expiry,
     "symmetric_encryption_keys": _encryption_keys,
     "serializer_format": _serializer_format,
     "random_prefix_length": _random_prefix_length,

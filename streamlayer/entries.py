@@ -10,12 +10,36 @@ them, so the layout is read in one place.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["Entry", "as_bytes", "group_position", "next_stream_id", "stream_entries"]
+__all__ = ["Batch", "Entry", "as_bytes", "group_position", "next_stream_id", "stream_entries"]
 
 #: An entry as redis-py returns it: its id and its fields.
 Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+class Batch:
+    """Messages appended together, in order (one for a plain send): each serialized,
+    with its history position ('' without). Serialized once, however many streams
+    they go to (``append_all`` takes them once per script call)."""
+
+    __slots__ = ("payloads", "positions")
+
+    def __init__(self, payloads: Sequence[bytes], positions: Sequence[str] = ()) -> None:
+        self.payloads = payloads
+        self.positions = positions or [""] * len(payloads)
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+    def args(self) -> list[Any]:
+        """The batch as ``append_all`` reads it: its size, then payload and position
+        of each message."""
+        args: list[Any] = [len(self.payloads)]
+        for payload, position in zip(self.payloads, self.positions, strict=True):
+            args += (payload, position)
+        return args
 
 
 def stream_entries(response: Any) -> list[Entry]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from channels.exceptions import ChannelFull
 
 __all__ = [
+    "BulkChannelFull",
     "ChannelFull",
     "LayerClosed",
     "RedisAccessDenied",
@@ -55,3 +56,20 @@ class RedisOutOfMemory(StreamlayerError):
     (a full Redis does not empty itself within ``retry_timeout``); not counted as
     ``full`` (that is a channel's capacity, not the server's memory).
     """
+
+
+class BulkChannelFull(ChannelFull):  # type: ignore[misc]
+    """``send_bulk()`` filled its channel part-way: the first :attr:`accepted` messages
+    were stored, in order, and the other :attr:`refused` were not (a bulk send is
+    refused from the first message that finds no room: a channel that is full stays
+    so for the rest of the batch). A :class:`ChannelFull`, so code that handles a full
+    channel handles this too; ``messages[error.accepted:]`` is what to send again."""
+
+    def __init__(self, channel: str, accepted: int, refused: int, capacity: int) -> None:
+        super().__init__(
+            f"channel {channel!r} is at its capacity of {capacity} messages: accepted "
+            f"the first {accepted} of {accepted + refused} messages, refused the rest"
+        )
+        self.channel = channel
+        self.accepted = accepted
+        self.refused = refused

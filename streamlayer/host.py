@@ -36,6 +36,8 @@ class ScriptHost(Protocol):
 
     def try_deserialize(self, data: bytes, where: str) -> dict[str, Any] | None: ...
 
+    def get_expiry(self, channel: str) -> float: ...
+
     async def with_retry(
         self,
         what: str,

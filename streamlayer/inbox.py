@@ -153,9 +153,10 @@ class Inbox:
             layer.count("decode_errors")
             logger.warning("skipped an inbox entry that names no channel: %r", entry_id)
             return
-        sent = sent_ms(entry_id)
-        if sent < (time.time() - layer.config.expiry) * 1000:
-            layer.count("expired", len(channels))
+        sent = sent_ms(entry_id) / 1000
+        varied = bool(layer.config.channel_expiry)
+        channels = self._unexpired(channels, sent, varied)
+        if not channels:
             return
         if self._recent.seen(fields.get(b"i", entry_id)):
             layer.count("duplicates")
@@ -163,16 +164,32 @@ class Inbox:
         message = layer.try_deserialize(fields.get(b"d", b""), "the process inbox")
         if message is None:
             return
-        deadline = sent / 1000 + layer.config.expiry
+        deadline = sent + layer.config.expiry
         group, position = group_position(fields)
-        if group is None:
+        if group is None and not varied:
             layer.local.deliver_to(channels, message, deadline, counted=True)
             return
         for channel in channels:
             copy = dict(message) if len(channels) > 1 else message
-            copy[POSITION_KEY] = position_tag(group, position)
-            if not layer.history.hold(channel, group, position, copy, deadline):
-                layer.local.deliver(channel, copy, deadline, counted=True)
+            if varied:
+                deadline = sent + layer.get_expiry(channel)
+            if group is not None:
+                copy[POSITION_KEY] = position_tag(group, position)
+                if layer.history.hold(channel, group, position, copy, deadline):
+                    continue
+            layer.local.deliver(channel, copy, deadline, counted=True)
+
+    def _unexpired(self, channels: list[str], sent: float, varied: bool) -> list[str]:
+        """Those of ``channels`` whose message sent at ``sent`` has not expired (each
+        its own expiry when ``channel_expiry`` varies it); the others are counted."""
+        layer = self.layer
+        if varied:
+            live = [c for c in channels if sent + layer.get_expiry(c) >= time.time()]
+        else:
+            live = channels if sent + layer.config.expiry >= time.time() else []
+        if len(live) < len(channels):
+            layer.count("expired", len(channels) - len(live))
+        return live
 
 
 class InboxReader(BackgroundReader):

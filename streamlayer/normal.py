@@ -213,7 +213,7 @@ class NormalChannels:
         and, every ``claim_after / 2`` seconds, entries other consumers left pending for
         longer than ``claim_after`` (a crashed worker): both go to ``held``."""
         layer = self.layer
-        claim_after = layer.config.effective_claim_after
+        claim_after = layer.config.claim_after_for(channel)
         if state.check_pending:
             await layer.with_retry(
                 f"pending entries of {channel!r}", partial(self._collect_own_pending, state)
@@ -304,7 +304,7 @@ class NormalChannels:
             return None
         if not fields:
             return None  # deleted while pending (trimmed as expired)
-        if sent_ms(entry_id) < (time.time() - layer.config.expiry) * 1000:
+        if sent_ms(entry_id) < (time.time() - layer.get_expiry(channel)) * 1000:
             layer.count("expired")
             return None
         message = layer.try_deserialize(fields.get(b"d", b""), f"channel {channel!r}")

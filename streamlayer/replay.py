@@ -31,17 +31,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from .entries import Batch
 from .history import POSITION_KEY, HistoryPage, Position, position_tag
 from .host import LayerHost
 from .keys import process_id_of, stream_history_key, stream_history_meta_key
 from .local import LocalChannels
-from .scripts import (
-    STREAM_GROUP_JOIN,
-    STREAM_GROUP_PUBLISH,
-    STREAM_HISTORY,
-    STREAM_REPLAY,
-    LuaScript,
-)
+from .scripts import STREAM_GROUP_JOIN, STREAM_GROUP_PUBLISH, STREAM_HISTORY
 
 __all__ = ["GroupHistory", "Published"]
 
@@ -63,9 +58,9 @@ class _Join:
 
 @dataclass(frozen=True)
 class Published:
-    """What a publish returns: the message's position and the group's members then."""
+    """What a publish returns: the messages' positions and the group's members then."""
 
-    position: str
+    positions: list[str]
     members: list[str]
 
 
@@ -110,24 +105,11 @@ class HistoryHost(LayerHost, Protocol):
 
     def group_key(self, group: str) -> str: ...
 
-    def serialize(self, message: Message) -> bytes: ...
-
     def new_tag(self) -> str: ...
 
     def get_capacity(self, channel: str) -> int: ...
 
-    def destination(self, channel: str) -> tuple[str, str, int]: ...
-
-    async def append(
-        self,
-        what: str,
-        script: LuaScript,
-        shard: int,
-        keys: list[str],
-        args: list[Any],
-        *,
-        maybe_landed: bool = False,
-    ) -> Any: ...
+    async def append_to(self, what: str, channel: str, batch: Batch, group: str = "") -> int: ...
 
 
 class GroupHistory:
@@ -162,15 +144,16 @@ class GroupHistory:
 
     # --- publish ---------------------------------------------------------------------
 
-    async def publish(self, group: str, message: Message, length: int) -> Published:
-        """Record ``message`` in ``group``'s history; its position and the members."""
+    async def publish(self, group: str, batch: Batch, length: int) -> Published:
+        """Record ``batch``'s messages in ``group``'s history; their positions and the
+        members."""
         layer = self.layer
         keys = [layer.group_key(group), *self._keys(group)]
-        payload, tag = layer.serialize(message), layer.new_tag()
+        tag = layer.new_tag()
 
         def args() -> list[Any]:
             cutoff = time.time() - layer.group_expiry
-            return [cutoff, payload, tag, *self._retention(length)]
+            return [cutoff, tag, *self._retention(length), *batch.payloads]
 
         reply = await layer.call_script(
             f"group_send to {group!r}",
@@ -180,8 +163,10 @@ class GroupHistory:
             args,
             idempotent=True,
         )
-        epoch, entry_id, *members = (_text(v) for v in reply)
-        return Published(f"{epoch}:{entry_id}", members)
+        epoch, n = _text(reply[0]), int(reply[1])
+        ids = [_text(v) for v in reply[2 : 2 + n]]
+        members = [_text(v) for v in reply[2 + n :]]
+        return Published([f"{epoch}:{i}" if i else "" for i in ids], members)
 
     # --- join from a position --------------------------------------------------------
 
@@ -221,7 +206,7 @@ class GroupHistory:
     def _replay_locally(self, group: str, channel: str, read: _Read) -> bool:
         """Queue the replay on a channel of this process; False if it did not all fit."""
         layer = self.layer
-        deadline = time.time() + layer.config.expiry
+        deadline = time.time() + layer.get_expiry(channel)
         for entry_id, fields in read.entries:
             message = layer.try_deserialize(fields.get(b"d", b""), f"history of {group!r}")
             if message is not None:
@@ -235,13 +220,10 @@ class GroupHistory:
         if not read.entries:
             return True
         layer = self.layer
-        key, side, shard = layer.destination(channel)
-        capacity = layer.get_capacity(channel)
-        args: list[Any] = [group, capacity, channel if "!" in channel else ""]
-        for entry_id, fields in read.entries:
-            args += [fields.get(b"d", b""), layer.new_tag(), read.position_of(entry_id)]
-        keys = [key, side]
-        full = int(await layer.append(f"replay to {channel!r}", STREAM_REPLAY, shard, keys, args))
+        payloads = [fields.get(b"d", b"") for _, fields in read.entries]
+        positions = [read.position_of(entry_id) for entry_id, _ in read.entries]
+        batch = Batch(payloads, positions)
+        full = await layer.append_to(f"replay to {channel!r}", channel, batch, group)
         if full:
             layer.count("full", full)
         return not full

@@ -40,16 +40,14 @@ __all__ = [
     "PRESENCE_READ",
     "PRESENCE_REFRESH",
     "STREAM_ACK",
+    "STREAM_APPEND",
     "STREAM_FORGET_CONSUMER",
     "STREAM_GROUP_JOIN",
     "STREAM_GROUP_PUBLISH",
-    "STREAM_GROUP_SEND",
     "STREAM_GROUP_SEND_KNOWN",
     "STREAM_HISTORY",
     "STREAM_INBOX_ADVANCE",
     "STREAM_JOIN_CONSUMERS",
-    "STREAM_REPLAY",
-    "STREAM_SEND",
     "LuaScript",
 ]
 
@@ -80,18 +78,34 @@ CLASSIC_SEND = LuaScript(
     "classic_send",
     """
 -- KEYS[1]: the channel's sorted set
--- ARGV[1]: serialized message (member)   ARGV[2]: send time (score)
--- ARGV[3]: drop members scored at or below this (send time - expiry)
--- ARGV[4]: capacity   ARGV[5]: key TTL in seconds
--- Returns 1 when stored, 0 when the channel is full. The ZADD is the first write (a
--- full Redis refuses it: see the module docstring).
-if redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[3], '+inf') >= tonumber(ARGV[4]) then
-    return 0
+-- ARGV[1]: drop members scored at or below this (send time - the channel's expiry)
+-- ARGV[2]: capacity   ARGV[3]: key TTL in seconds
+-- ARGV[4..#ARGV-1]: (score, serialized message) per message, in order (the scores rise:
+-- a sorted set orders equal scores by member, and the members start with random bytes)
+-- ARGV[#ARGV]: '1' when an earlier attempt of this call may have landed
+-- Adds the messages while the channel has room; returns how many it added (a prefix:
+-- nothing is read meanwhile, so a full channel stays full). A retry counts a message
+-- its first attempt added as added. Each ZADD comes before the trim (a full Redis
+-- refuses the first: see the module docstring).
+local cutoff, capacity = ARGV[1], tonumber(ARGV[2])
+local retry = ARGV[#ARGV] == '1'
+local added = 0
+for i = 4, #ARGV - 1, 2 do
+    if not (retry and redis.call('ZSCORE', KEYS[1], ARGV[i + 1])) then
+        if redis.call('ZCOUNT', KEYS[1], '(' .. cutoff, '+inf') >= capacity then
+            break
+        end
+        redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
+        if added == 0 then
+            redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, cutoff)
+        end
+    end
+    added = added + 1
 end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-return 1
+if added > 0 then
+    redis.call('EXPIRE', KEYS[1], ARGV[3])
+end
+return added
 """,
 )
 
@@ -134,18 +148,20 @@ end
 
 _CLASSIC_ADD_ALL = """
 local function add_all(k, a, n)
-    -- KEYS[k+1..k+n]: channel sorted sets   ARGV[a+1..a+n]: the serialized message
-    -- for each   ARGV[a+n+1..a+2n]: the capacity of each
-    -- ARGV[a+2n+1]: send time   ARGV[a+2n+2]: expiry cutoff   ARGV[a+2n+3]: key TTL
-    -- Returns how many keys were full (and skipped).
-    local now, cutoff, ttl = ARGV[a + 2 * n + 1], ARGV[a + 2 * n + 2], ARGV[a + 2 * n + 3]
+    -- KEYS[k+i]: a channel's sorted set (a key repeats for each message of a bulk send,
+    -- in order)   ARGV[a+4i-3..a+4i]: what goes there: the serialized message, the
+    -- channel's capacity, its expiry in seconds, the message's score (send time; rising
+    -- within a bulk send)
+    -- Returns how many were refused (the channel was full).
     local full = 0
     for i = 1, n do
-        local key = KEYS[k + i]
-        if redis.call('ZCOUNT', key, '(' .. cutoff, '+inf') < tonumber(ARGV[a + n + i]) then
-            redis.call('ZADD', key, now, ARGV[a + i])
+        local key, at = KEYS[k + i], a + 4 * (i - 1)
+        local expiry = tonumber(ARGV[at + 3])
+        local cutoff = tonumber(ARGV[at + 4]) - expiry
+        if redis.call('ZCOUNT', key, '(' .. cutoff, '+inf') < tonumber(ARGV[at + 2]) then
+            redis.call('ZADD', key, ARGV[at + 4], ARGV[at + 1])
             redis.call('ZREMRANGEBYSCORE', key, 0, cutoff)
-            redis.call('EXPIRE', key, ttl)
+            redis.call('EXPIRE', key, math.max(1, math.ceil(expiry)))
         else
             full = full + 1
         end
@@ -158,11 +174,9 @@ CLASSIC_GROUP_SEND = LuaScript(
     "classic_group_send",
     _CLASSIC_ADD_ALL
     + """
--- KEYS[1..n]: channel sorted sets on this shard
--- ARGV[1..n]: the serialized message for each key
--- ARGV[n+1..2n]: the capacity of each key
--- ARGV[2n+1]: send time   ARGV[2n+2]: expiry cutoff   ARGV[2n+3]: key TTL
--- Returns how many keys were full (and skipped).
+-- KEYS[1..n]: channel sorted sets on this shard (repeated per message of a bulk send)
+-- ARGV[1..4n]: per key, as add_all: message, capacity, expiry, score
+-- Returns how many were refused (the channel was full).
 return add_all(0, 0, #KEYS)
 """,
 )
@@ -173,14 +187,15 @@ CLASSIC_GROUP_SEND_KNOWN = LuaScript(
     + _CLASSIC_ADD_ALL
     + """
 -- KEYS[1]: the group's sorted set of members
--- KEYS[2..n+1]: channel sorted sets of the members the caller knows of
+-- KEYS[2..n+1]: channel sorted sets of the members the caller knows of (as
+-- CLASSIC_GROUP_SEND)
 -- ARGV[1]: drop members that joined at or before this time (now - group_expiry)
 -- ARGV[2]: SHA-1 of the members the keys were planned for, sorted, joined by newlines
--- ARGV[3..]: as CLASSIC_GROUP_SEND (messages, capacities, send time, expiry cutoff, TTL)
+-- ARGV[3..4n+2]: as CLASSIC_GROUP_SEND (message, capacity, expiry, score per key)
 -- ARGV[#ARGV]: '1' when an earlier attempt of this call may have landed (its reply was
 -- lost): the members are not checked then, as adding the same serialized message
 -- again changes nothing
--- Returns {full} when the members are as planned and the message was added;
+-- Returns {full} when the members are as planned and the messages were added;
 -- otherwise adds nothing and returns {-1, member...} for the caller to plan again.
 local changed = members_changed(KEYS[1], ARGV[1], ARGV[2], ARGV[#ARGV] ~= '1')
 if changed then
@@ -211,14 +226,16 @@ return #parked / 2
 
 # --- Streams layer -------------------------------------------------------------------
 
-# Shared by STREAM_SEND, STREAM_GROUP_SEND and STREAM_REPLAY: append one payload to one
-# stream.
+# STREAM_APPEND (every send, bulk send, group send and replay) and
+# STREAM_GROUP_SEND_KNOWN append a batch of messages (one for a plain send) to one or
+# more destination streams of one hash slot, in order.
 #
 # A normal channel's stream holds only its own messages: capacity is its length once
-# expired entries are trimmed, and its entries stay until a receive() acknowledges
-# them. ``delivered`` is the sorted set of tags STREAM_ACK recorded for it: a retried
-# send whose first attempt landed and was already received, acknowledged and deleted
-# finds its tag there instead of in the stream.
+# its expired entries are trimmed (its own ``expiry``, which ``channel_expiry`` may
+# set per channel), and its entries stay until a receive() acknowledges them.
+# ``delivered`` is the sorted set of tags STREAM_ACK recorded for it: a retried send
+# whose first attempt landed and was already received, acknowledged and deleted finds
+# its tag there instead of in the stream.
 #
 # A process inbox is shared by every process-specific channel of one process, and its
 # reader moves entries to local queues before their receive() comes. So the inbox's
@@ -226,69 +243,115 @@ return #parked / 2
 # still in the inbox naming it (the reader trims what it handed on) plus those in its
 # process's queue, which the reader reports at every trim, in the inbox's state hash
 # (STREAM_INBOX_ADVANCE): its field for the channel, and '^' the largest of them. The
-# sum is exact or over (receives since the report), never under. When the inbox's
+# sum is exact or over (receives since the report), never under. While the inbox's
 # length plus the largest report is below every destination's capacity, nothing
 # needs looking at per channel (the steady state: one XLEN, one HGET); otherwise the
-# script counts the inbox's entries per channel (up to INBOX_SCAN of them; past that,
-# as if every one named each channel: a process that reads nothing is refused).
-# An entry goes to the destination channels with room, named in its 'c' field; a
-# channel at capacity is refused here, where the sender hears of it, and nothing is
-# ever dropped after it was accepted. Nothing trims an inbox but its reader: an expired
-# entry is dropped when it is read.
+# script counts the inbox's entries per channel once (up to INBOX_SCAN of them; past
+# that, as if every one named each channel: a process that reads nothing is refused)
+# and keeps the counts as it appends. An entry goes to the destination channels with
+# room, named in its 'c' field; a channel at capacity is refused here, where the
+# sender hears of it, and nothing is ever dropped after it was accepted. Nothing trims
+# an inbox but its reader: an expired entry is dropped when it is read (each channel's
+# own expiry), and the inbox outlives the longest expiry.
+#
+# A batch: within one script call nothing is read and nothing expires, so a channel
+# that fills up stays full: each channel takes a prefix of the batch, in order, and
+# refuses the rest. Its messages' dedup tags are the batch's tag, then ':' and the
+# message's number (a batch of one keeps the tag as it is).
 _STREAM_APPEND = """
-local function already_there(key, tag, scan)
-    local recent = redis.call('XREVRANGE', key, '+', '-', 'COUNT', scan)
-    for _, entry in ipairs(recent) do
+-- The batch: its messages' payloads and history positions, the group ('' for a send),
+-- the time of the call in ms and the retry flag.
+local function read_batch(a)
+    local n = tonumber(ARGV[a + 1])
+    local batch = {n = n, payloads = {}, positions = {}}
+    for m = 1, n do
+        batch.payloads[m] = ARGV[a + 2 * m]
+        batch.positions[m] = ARGV[a + 2 * m + 1]
+    end
+    batch.group, batch.now, batch.retry = ARGV[#ARGV - 2], tonumber(ARGV[#ARGV - 1]), ARGV[#ARGV]
+    return batch, a + 1 + 2 * n
+end
+
+local function nth_tag(tag, m, n)
+    if n == 1 then
+        return tag
+    end
+    return tag .. ':' .. m
+end
+
+-- A retry after a lost reply: how many of the batch's messages the first attempt left
+-- in ``key`` (looking back ``scan`` entries beyond the batch) or, for a normal channel,
+-- in its ``delivered`` tags. 0: it did not land, or it stored nothing.
+local function landed(key, delivered, tag, n, scan)
+    local wanted = {}
+    for m = 1, n do
+        wanted[nth_tag(tag, m, n)] = true
+    end
+    local found = 0
+    for _, entry in ipairs(redis.call('XREVRANGE', key, '+', '-', 'COUNT', scan + n)) do
         local fields = entry[2]
         for j = 1, #fields, 2 do
-            if fields[j] == 'i' and fields[j + 1] == tag then
-                return entry[1]
+            if fields[j] == 'i' and wanted[fields[j + 1]] then
+                wanted[fields[j + 1]] = nil
+                found = found + 1
             end
         end
     end
-    return false
+    if delivered then
+        for wanted_tag in pairs(wanted) do
+            if redis.call('ZSCORE', delivered, wanted_tag) then
+                found = found + 1
+            end
+        end
+    end
+    return found
 end
 
-local function add_entry(key, payload, tag, channels, group, position)
-    local fields = {'d', payload, 'i', tag}
+local function add_entry(key, batch, m, tag, channels)
+    local fields = {'d', batch.payloads[m], 'i', nth_tag(tag, m, batch.n)}
     if channels ~= '' then
         fields[#fields + 1] = 'c'
         fields[#fields + 1] = channels
     end
+    local position = batch.positions[m]
     if position ~= '' then
         -- A group message with history: the receiver puts its position in the message.
         fields[#fields + 1] = 'g'
-        fields[#fields + 1] = group
+        fields[#fields + 1] = batch.group
         fields[#fields + 1] = 'p'
         fields[#fields + 1] = position
     end
     return redis.call('XADD', key, '*', unpack(fields))
 end
 
--- A normal channel: returns the entry id ('delivered' when a retry finds its first
--- attempt received already), or false when the stream is at capacity.
-local function append_channel(key, delivered, payload, tag, capacity, minid, ttl, retry, group,
-    position)
-    if retry == '1' then
-        -- A retry after a lost reply: the first attempt may have landed.
-        local found = already_there(key, tag, capacity + 1)
-        if found then
-            return found
-        end
-        if redis.call('ZSCORE', delivered, tag) then
-            return 'delivered'
+-- A normal channel: returns how many of the batch's messages it refused (full).
+local function append_channel(key, delivered, batch, tag, capacity, expiry_ms)
+    local n = batch.n
+    if batch.retry == '1' then
+        local found = landed(key, delivered, tag, n, capacity)
+        if found > 0 then
+            return n - found
         end
     end
-    -- The message first (a full Redis refuses it: see the module docstring), then the
-    -- expired entries go, and the message too if the rest leaves it no room.
-    local id = add_entry(key, payload, tag, '', group, position)
-    redis.call('XTRIM', key, 'MINID', minid)
-    if redis.call('XLEN', key) > capacity then
-        redis.call('XDEL', key, id)
-        return false
+    local minid = string.format('%.0f-0', math.max(0, batch.now - expiry_ms))
+    local accepted = 0
+    for m = 1, n do
+        -- The message first (a full Redis refuses it: see the module docstring), then
+        -- the expired entries go, and the message too if the rest leaves it no room.
+        local id = add_entry(key, batch, m, tag, '')
+        if m == 1 then
+            redis.call('XTRIM', key, 'MINID', minid)
+        end
+        if redis.call('XLEN', key) > capacity then
+            redis.call('XDEL', key, id)
+            break
+        end
+        accepted = accepted + 1
     end
-    redis.call('PEXPIRE', key, ttl)
-    return id
+    if accepted > 0 then
+        redis.call('PEXPIRE', key, math.max(1000, expiry_ms))
+    end
+    return n - accepted
 end
 
 -- How far back a retried inbox append looks for its first attempt; one its reader
@@ -325,11 +388,11 @@ local function inbox_counts(key, length)
     return counts
 end
 
--- The destination channels (of ``channels``, with capacities ``caps``: one for all,
--- or one each) that have room.
-local function with_room(key, state, channels, caps, length)
+-- Each of ``channels``' unreceived messages (reported, plus inbox entries naming it),
+-- and whether they were counted per channel (else every entry counts for each).
+local function backlogs(key, state, channels, length)
     local counts = inbox_counts(key, length)
-    local accepted = {}
+    local held = {}
     for first = 1, #channels, 1000 do  -- unpack() has a limit: HMGET in slices
         local last = math.min(first + 999, #channels)
         local reported = redis.call('HMGET', state, unpack(channels, first, last))
@@ -338,24 +401,22 @@ local function with_room(key, state, channels, caps, length)
             if counts then
                 inbox = counts[channels[i]] or 0
             end
-            local held = (tonumber(reported[i - first + 1]) or 0) + inbox
-            if held < tonumber(caps[i] or caps[1]) then
-                accepted[#accepted + 1] = channels[i]
-            end
+            held[i] = (tonumber(reported[i - first + 1]) or 0) + inbox
         end
     end
-    return accepted
+    return held, counts ~= nil
 end
 
 -- A process inbox: ``listed`` names the destination channels (comma-separated),
--- ``capacities`` their capacities (one for all, or one each). Returns the entry id
--- (false when no channel had room) and how many channels were refused.
-local function append_inbox(key, state, payload, tag, listed, capacities, ttl, retry, group,
-    position)
-    if retry == '1' then
-        local found = already_there(key, tag, INBOX_RETRY_SCAN)
-        if found then
-            return found, 0
+-- ``capacities`` their capacities (one for all, or one each). Returns how many
+-- (channel, message) pairs were refused; a retry that finds its first attempt landed
+-- counts the messages it did not find.
+local function append_inbox(key, state, batch, tag, listed, capacities, expiry_ms)
+    local n = batch.n
+    if batch.retry == '1' then
+        local found = landed(key, false, tag, n, INBOX_RETRY_SCAN)
+        if found > 0 then
+            return n - found
         end
     end
     local caps = split(capacities)
@@ -364,89 +425,81 @@ local function append_inbox(key, state, payload, tag, listed, capacities, ttl, r
         least = math.min(least, tonumber(caps[i]))
     end
     local length = redis.call('XLEN', key)
-    local refused = 0
-    if length + (tonumber(redis.call('HGET', state, '^')) or 0) >= least then
-        local channels = split(listed)
-        local accepted = with_room(key, state, channels, caps, length)
-        refused = #channels - #accepted
-        if #accepted == 0 then
-            return false, refused
-        end
-        if refused > 0 then
-            listed = table.concat(accepted, ',')
-        end
-    end
-    local id = add_entry(key, payload, tag, listed, group, position)
-    redis.call('PEXPIRE', key, ttl)
-    return id, refused
-end
-"""
-
-STREAM_SEND = LuaScript(
-    "stream_send",
-    _STREAM_APPEND
-    + """
--- KEYS[1]: the destination stream (a process inbox or a normal channel)
--- KEYS[2]: the inbox's state hash, or the normal channel's delivered tags
--- ARGV[1]: payload   ARGV[2]: dedup tag   ARGV[3]: capacity
--- ARGV[4]: the process-specific channel ('' for a normal channel)
--- ARGV[5]: MINID (a normal channel's entries older than expiry are trimmed)
--- ARGV[6]: key TTL in ms   ARGV[7]: '1' when this call retries an attempt whose reply
--- was lost
--- Returns the entry id ('delivered' if a retry found it delivered already), or
--- false when the channel is at capacity.
-local capacity = tonumber(ARGV[3])
-if ARGV[4] == '' then
-    return append_channel(KEYS[1], KEYS[2], ARGV[1], ARGV[2], capacity, ARGV[5], ARGV[6],
-        ARGV[7], '', '')
-end
-local id = append_inbox(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[4], ARGV[3], ARGV[6],
-    ARGV[7], '', '')
-return id
-""",
-)
-
-_STREAM_APPEND_ALL = """
-local function append_all(k, a)
-    -- KEYS[k+2d-1], KEYS[k+2d]: destination d's stream, and its delivered tags (a normal
-    -- channel) or its state hash (a process inbox)
-    -- ARGV[a+4d-3..a+4d]: destination d's record: payload, dedup tag, channels ('' for
-    -- a normal channel; an inbox's destination channels, comma-separated), capacity
-    -- (an inbox's: one for all its channels, or one each, comma-separated)
-    -- ARGV[#ARGV-4]: group   ARGV[#ARGV-3]: its history position ('' when it keeps
-    -- none)   ARGV[#ARGV-2]: MINID   ARGV[#ARGV-1]: key TTL in ms
-    -- ARGV[#ARGV]: '1' on a retry
-    -- Returns how many member channels had no room (and were skipped).
-    local last = #ARGV - 5
-    local group, position = ARGV[last + 1], ARGV[last + 2]
-    local minid, ttl, retry = ARGV[last + 3], ARGV[last + 4], ARGV[last + 5]
-    local full, key = 0, k + 1
-    for i = a + 1, last, 4 do
-        local payload, tag, listed, capacity = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-        if listed == '' then
-            if not append_channel(KEYS[key], KEYS[key + 1], payload, tag, tonumber(capacity),
-                minid, ttl, retry, group, position) then
-                full = full + 1
+    local top = tonumber(redis.call('HGET', state, '^')) or 0
+    local channels, held, counted
+    local refused, added = 0, 0
+    for m = 1, n do
+        local names = listed
+        if held or length + top >= least then
+            if not held then
+                channels = split(listed)
+                held, counted = backlogs(key, state, channels, length)
             end
-        else
-            local _, refused = append_inbox(KEYS[key], KEYS[key + 1], payload, tag, listed,
-                capacity, ttl, retry, group, position)
-            full = full + refused
+            local accepted = {}
+            for i = 1, #channels do
+                if held[i] < tonumber(caps[i] or caps[1]) then
+                    accepted[#accepted + 1] = channels[i]
+                    held[i] = held[i] + 1
+                elseif not counted then
+                    held[i] = held[i] + 1  -- uncounted: every entry counts for each
+                end
+            end
+            refused = refused + #channels - #accepted
+            if #accepted == 0 then
+                -- Every channel is full, and stays so for the rest of the batch.
+                refused = refused + (n - m) * #channels
+                break
+            end
+            if #accepted < #channels then
+                names = table.concat(accepted, ',')
+            end
         end
-        key = key + 2
+        add_entry(key, batch, m, tag, names)
+        length, added = length + 1, added + 1
+    end
+    if added > 0 then
+        redis.call('PEXPIRE', key, math.max(1000, expiry_ms))
+    end
+    return refused
+end
+
+local function append_all(k, a)
+    -- ARGV[a+1]: n, how many messages the batch has
+    -- ARGV[a+2..a+1+2n]: each message's payload and history position ('' for none)
+    -- then per destination d, with KEYS[k+2d-1] its stream and KEYS[k+2d] its delivered
+    -- tags (a normal channel) or its state hash (a process inbox), four values: dedup
+    -- tag, channels ('' for a normal channel; an inbox's destination channels,
+    -- comma-separated), capacity (an inbox's: one for all its channels, or one each,
+    -- comma-separated), expiry in ms (an inbox's: the longest of the layer)
+    -- ARGV[#ARGV-2]: group ('' for a send)   ARGV[#ARGV-1]: now in ms
+    -- ARGV[#ARGV]: '1' on a retry
+    -- Returns how many (channel, message) pairs were refused: no room.
+    local batch, i = read_batch(a)
+    local full, key = 0, k + 1
+    while i + 4 <= #ARGV - 3 do
+        local tag, listed, capacity, expiry_ms = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
+            tonumber(ARGV[i + 4])
+        if listed == '' then
+            full = full + append_channel(KEYS[key], KEYS[key + 1], batch, tag,
+                tonumber(capacity), expiry_ms)
+        else
+            full = full + append_inbox(KEYS[key], KEYS[key + 1], batch, tag, listed, capacity,
+                expiry_ms)
+        end
+        key, i = key + 2, i + 4
     end
     return full
 end
 """
 
-STREAM_GROUP_SEND = LuaScript(
-    "stream_group_send",
+STREAM_APPEND = LuaScript(
+    "stream_append",
     _STREAM_APPEND
-    + _STREAM_APPEND_ALL
     + """
--- KEYS, ARGV: as append_all (destinations on this shard and slot; records; group,
--- position, MINID, key TTL, '1' on a retry)
--- Returns how many member channels had no room (and were skipped).
+-- KEYS, ARGV: as append_all (the batch; destinations on this shard and slot; group,
+-- now, '1' on a retry)
+-- Returns how many (channel, message) pairs were refused (no room): for a send to
+-- one channel, how many of the batch's last messages it refused.
 return append_all(0, 0)
 """,
 )
@@ -455,17 +508,15 @@ STREAM_GROUP_SEND_KNOWN = LuaScript(
     "stream_group_send_known",
     _MEMBERS_CHANGED
     + _STREAM_APPEND
-    + _STREAM_APPEND_ALL
     + """
 -- KEYS[1]: the group's sorted set of members
--- KEYS[2..]: as STREAM_GROUP_SEND, for the members the caller knows of
+-- KEYS[2..]: as STREAM_APPEND, for the members the caller knows of
 -- ARGV[1]: drop members that joined at or before this time (now - group_expiry)
 -- ARGV[2]: SHA-1 of the members the destinations were planned for, sorted, joined by
 -- newlines
--- ARGV[3..]: as STREAM_GROUP_SEND (records, group, position, MINID, key TTL, '1' on a
--- retry)
+-- ARGV[3..]: as STREAM_APPEND (the batch, destinations, group, now, '1' on a retry)
 -- One round trip for a group whose members have not changed since the caller last
--- read them: when they are still those, appends as STREAM_GROUP_SEND does and returns
+-- read them: when they are still those, appends as STREAM_APPEND does and returns
 -- {full}; otherwise appends nothing and returns {-1, member...} for the caller to plan
 -- again. A retry checks too (its first attempt may not have landed, and a member may
 -- have left since): when the members are unchanged, appending to the same
@@ -480,6 +531,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
 return {full}
 """,
 )
+
 
 STREAM_ACK = LuaScript(
     "stream_ack",
@@ -702,30 +754,58 @@ end
 
 STREAM_GROUP_PUBLISH = LuaScript(
     "stream_group_publish",
-    _STREAM_APPEND
-    + _HISTORY
+    _HISTORY
     + """
 -- KEYS[1]: the group's members   KEYS[2]: its history stream   KEYS[3]: its history meta
--- ARGV[1]: drop members that joined at or before this time   ARGV[2]: payload
--- ARGV[3]: dedup tag   ARGV[4]: history length   ARGV[5]: history MINID
--- ARGV[6]: history TTL in ms   ARGV[7]: a new epoch, if the stream has none
--- ARGV[8]: '1' when this call retries an attempt whose reply was lost
--- Records the message in the history and returns {epoch, its entry id, members...}:
--- one atomic step, so a concurrent join sees the message either in the history it
--- replays or as a live delivery, never both and never neither.
-local epoch = epoch_of(KEYS[3], ARGV[7])
-local id = false
-if ARGV[8] == '1' then
-    id = already_there(KEYS[2], ARGV[3], math.min(tonumber(ARGV[4]), 1000))
+-- ARGV[1]: drop members that joined at or before this time   ARGV[2]: the batch's
+-- dedup tag (its messages' tags are it, ':' and their number; a batch of one: it)
+-- ARGV[3]: history length   ARGV[4]: history MINID   ARGV[5]: history TTL in ms
+-- ARGV[6]: a new epoch, if the stream has none   ARGV[7..#ARGV-1]: the messages' payloads
+-- ARGV[#ARGV]: '1' when this call retries an attempt whose reply was lost
+-- Records the messages in the history, in order, and returns {epoch, n, their entry
+-- ids (n), members...}: one atomic step, so a concurrent join sees each message either
+-- in the history it replays or as a live delivery, never both and never neither. A
+-- retry that finds its first attempt landed answers its ids ('' for one trimmed since).
+local epoch = epoch_of(KEYS[3], ARGV[6])
+local n = #ARGV - 7
+local tags, ids = {}, {}
+for m = 1, n do
+    tags[m] = n == 1 and ARGV[2] or ARGV[2] .. ':' .. m
 end
-if not id then
-    -- The message first (a full Redis refuses it), then the trim to the length.
-    id = redis.call('XADD', KEYS[2], '*', 'd', ARGV[2], 'i', ARGV[3])
-    trim_history(KEYS[2], KEYS[3], tonumber(ARGV[4]), ARGV[5])
+local landed = false
+if ARGV[#ARGV] == '1' then
+    local index = {}
+    for m = 1, n do
+        index[tags[m]] = m
+    end
+    local scan = math.min(tonumber(ARGV[3]), 1000) + n
+    for _, entry in ipairs(redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', scan)) do
+        local fields = entry[2]
+        for j = 1, #fields, 2 do
+            if fields[j] == 'i' and index[fields[j + 1]] then
+                ids[index[fields[j + 1]]] = entry[1]
+                landed = true
+            end
+        end
+    end
 end
-keep_alive(KEYS[2], KEYS[3], ARGV[6])
+for m = 1, n do
+    if landed then
+        ids[m] = ids[m] or ''
+    else
+        -- The messages first (a full Redis refuses the first), then the trim.
+        ids[m] = redis.call('XADD', KEYS[2], '*', 'd', ARGV[6 + m], 'i', tags[m])
+    end
+end
+if not landed then
+    trim_history(KEYS[2], KEYS[3], tonumber(ARGV[3]), ARGV[4])
+end
+keep_alive(KEYS[2], KEYS[3], ARGV[5])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
-local result = {epoch, id}
+local result = {epoch, n}
+for m = 1, n do
+    result[#result + 1] = ids[m]
+end
 for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
     result[#result + 1] = member
 end
@@ -769,39 +849,6 @@ keep_alive(KEYS[1], KEYS[2], ARGV[6])
 return read_history(KEYS[1], KEYS[2], epoch, ARGV[1], ARGV[2], tonumber(ARGV[3]))
 """,
 )
-
-STREAM_REPLAY = LuaScript(
-    "stream_replay",
-    _STREAM_APPEND
-    + """
--- KEYS[1]: the stream of a channel that joined a group from a position
--- KEYS[2]: its inbox's state hash, or the normal channel's delivered tags
--- ARGV[1]: group   ARGV[2]: capacity   ARGV[3]: the process-specific channel ('' for a
--- normal channel)
--- ARGV[4..]: (payload, dedup tag, position) per replayed message, oldest first
--- then: MINID, key TTL in ms, '1' when this call retries an attempt whose reply was lost
--- Appends them in order; returns how many did not fit (the channel was full).
-local group, capacity, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local minid, ttl, retry = ARGV[#ARGV - 2], ARGV[#ARGV - 1], ARGV[#ARGV]
-local full = 0
-for i = 4, #ARGV - 3, 3 do
-    local payload, tag, position = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-    local id
-    if channel == '' then
-        id = append_channel(KEYS[1], KEYS[2], payload, tag, capacity, minid, ttl, retry, group,
-            position)
-    else
-        id = append_inbox(KEYS[1], KEYS[2], payload, tag, channel, ARGV[2], ttl, retry,
-            group, position)
-    end
-    if not id then
-        full = full + 1
-    end
-end
-return full
-""",
-)
-
 
 # --- presence --------------------------------------------------------------------------
 #

@@ -263,37 +263,46 @@ class StoredLayer(StreamlayerLayer):
         changed answers with its members, and a second trip sends to them."""
         self.check_group(group)
         self.check_message(message)
+        await self.group_send_batch(group, [message])
+
+    async def group_send_batch(self, group: str, messages: list[dict[str, Any]]) -> None:
         known = self._known_members.get(group) if self._one_server else None
         if known is not None:
-            outcome = await self.send_to_known(group, known, message)
+            outcome = await self.send_to_known(group, known, messages)
             if isinstance(outcome, int):
-                self.count_group_send(group, len(known), outcome)
+                self.count_group_send(group, len(known) * len(messages), outcome)
                 return
             members = outcome  # the group changed: these are its members now
         else:
             members = await self.group_members(group)
         if self._one_server:
             self._remember_members(group, members)
-        full_count = await self.send_to_members(group, members, message) if members else 0
-        self.count_group_send(group, len(members), full_count)
+        full_count = await self.send_to_members(group, members, messages) if members else 0
+        self.count_group_send(group, len(members) * len(messages), full_count)
 
     def _remember_members(self, group: str, members: list[str]) -> None:
         self._known_members.remember(group, KnownMembers(members))
 
     async def send_to_known(
-        self, group: str, known: KnownMembers, message: dict[str, Any]
+        self, group: str, known: KnownMembers, messages: list[dict[str, Any]]
     ) -> int | list[str]:
-        """Deliver ``message`` to ``known`` members if they are still ``group``'s, in one
-        script call: how many were full, or the group's members now when they differ
-        (nothing sent). Each layer's own."""
+        """Deliver ``messages`` to ``known`` members if they are still ``group``'s, in
+        one script call: how many deliveries were full, or the group's members now when
+        they differ (nothing sent). Each layer's own."""
         raise NotImplementedError
 
-    def count_group_send(self, group: str, members: int, full: int) -> None:
-        """Count a group send to ``members`` channels of which ``full`` had no room."""
-        self.stats.count("sent", members - full)
+    def count_group_send(self, group: str, deliveries: int, full: int) -> None:
+        """Count a group send of ``deliveries`` (members times messages) of which
+        ``full`` found no room."""
+        self.stats.count("sent", deliveries - full)
         if full:
             self.stats.count("full", full)
-            logger.info("%d of %d channels over capacity in group %s", full, members, group)
+            logger.info(
+                "%d of %d deliveries skipped in group %s: channels over capacity",
+                full,
+                deliveries,
+                group,
+            )
 
     async def group_members(self, group: str) -> list[str]:
         """The live members of ``group``; members older than ``group_expiry`` are dropped."""
@@ -305,9 +314,10 @@ class StoredLayer(StreamlayerLayer):
         return decode_members(raw)
 
     async def send_to_members(
-        self, group: str, members: list[str], message: dict[str, Any]
+        self, group: str, members: list[str], messages: list[dict[str, Any]]
     ) -> int:
-        """Deliver ``message`` to ``members``; returns how many were full (each layer's own)."""
+        """Deliver ``messages`` to ``members``, in order; returns how many deliveries
+        found no room (each layer's own)."""
         raise NotImplementedError
 
     async def delete_matching(self, pattern: str) -> None:

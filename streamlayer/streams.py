@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
+from .entries import Batch
 from .exceptions import LayerClosed
 from .history import POSITION_KEY, HistoryPage, Position
 from .inbox import Inbox
@@ -43,7 +44,7 @@ from .local import LocalChannels
 from .memo import Memo
 from .normal import NormalChannels
 from .replay import GroupHistory
-from .scripts import STREAM_GROUP_SEND, STREAM_GROUP_SEND_KNOWN, STREAM_SEND, LuaScript
+from .scripts import STREAM_APPEND, STREAM_GROUP_SEND_KNOWN, LuaScript
 from .stored import KnownMembers, StoredLayer, known_send_outcome
 from .sync import sync_aware, sync_aware_on_loop
 
@@ -72,6 +73,7 @@ class StreamsChannelLayer(StoredLayer):
         #: How long STREAM_ACK keeps a delivered tag: a retried send's window, within expiry.
         window = min(self.config.retry_timeout + _RETRY_SLACK, self.config.expiry)
         self.delivered_keep_ms = max(1000, math.ceil(window * 1000))
+        self._inbox_expiry_ms = math.ceil(self.config.longest_expiry * 1000)
 
     def start_process_state(self) -> None:
         """A new identity (a forked child's too): inbox, consumer name, channel names,
@@ -97,12 +99,17 @@ class StreamsChannelLayer(StoredLayer):
 
     @property
     def key_ttl_ms(self) -> int:
-        """TTL of every stream key: a stream idle for ``expiry`` holds only expired entries."""
-        return max(1000, math.ceil(self.config.expiry * 1000))
+        """TTL of a process inbox (ms): a stream idle for the longest expiry holds only
+        expired entries, whichever of the process's channels they name."""
+        return self._inbox_expiry_ms
 
-    def _min_id(self) -> str:
-        """Entries older than this have expired (stream ids start with milliseconds)."""
-        return f"{max(0, int((time.time() - self.config.expiry) * 1000))}-0"
+    def expiry_ms(self, channel: str) -> int:
+        """``channel``'s expiry in ms, as the appending script takes it: its stream's
+        TTL, and how far back its entries are kept (a process-specific channel's
+        inbox keeps the longest)."""
+        if "!" in channel:
+            return self._inbox_expiry_ms
+        return math.ceil(self.get_expiry(channel) * 1000)
 
     # --- channel layer API --------------------------------------------------------
 
@@ -116,13 +123,23 @@ class StreamsChannelLayer(StoredLayer):
         """Send ``message`` to ``channel``; raises ChannelFull when its backlog is at capacity."""
         self.check_message(message)
         self.check_channel(channel)
+        refused = await self.append_to(
+            f"send to {channel!r}", channel, Batch([self.serialize(message)])
+        )
+        self.count_send(channel, not refused, self.get_capacity(channel))
+
+    async def send_batch(self, channel: str, messages: list[dict[str, Any]]) -> int:
+        batch = Batch([self.serialize(message) for message in messages])
+        return len(batch) - await self.append_to(f"send_bulk to {channel!r}", channel, batch)
+
+    async def append_to(self, what: str, channel: str, batch: Batch, group: str = "") -> int:
+        """STREAM_APPEND of ``batch`` to ``channel``'s stream (its process's inbox, or
+        its own): how many messages it refused, the last ones (no room)."""
         key, side, shard = self.destination(channel)
-        keys = [key, side]
-        capacity = self.get_capacity(channel)
         local = channel if "!" in channel else ""
-        args = [self.serialize(message), self.new_tag(), capacity, local]
-        stored = await self.append(f"send to {channel!r}", STREAM_SEND, shard, keys, args)
-        self.count_send(channel, stored is not None, capacity)
+        record = [self.new_tag(), local, self.get_capacity(channel), self.expiry_ms(channel)]
+        args = [*batch.args(), *record, group]
+        return int(await self.append(what, STREAM_APPEND, shard, [key, side], args))
 
     def _shard(self, name: str) -> int:
         return self.connections.shard_for(name)
@@ -149,7 +166,7 @@ class StreamsChannelLayer(StoredLayer):
         *,
         maybe_landed: bool = False,
     ) -> Any:
-        """Call an appending script (STREAM_SEND, STREAM_GROUP_SEND, STREAM_REPLAY)."""
+        """Call an appending script (STREAM_APPEND, STREAM_GROUP_SEND_KNOWN)."""
         return await self.call_script(
             what,
             script,
@@ -161,9 +178,9 @@ class StreamsChannelLayer(StoredLayer):
         )
 
     def _appending(self, args: list[Any]) -> Callable[[], list[Any]]:
-        """An appending script's arguments end with the expiry cutoff and key TTL of
-        the moment of each attempt."""
-        return lambda: [*args, self._min_id(), self.key_ttl_ms]
+        """An appending script's arguments end with the time of each attempt (in ms:
+        expiry cutoffs are counted back from it)."""
+        return lambda: [*args, int(time.time() * 1000)]
 
     # --- process-specific channels ------------------------------------------------------
 
@@ -235,28 +252,23 @@ class StreamsChannelLayer(StoredLayer):
             return "group_history is not set in the layer's config"
         return "its name matches no pattern of group_history in the layer's config"
 
-    @sync_aware
-    async def group_send(self, group: str, message: dict[str, Any]) -> None:
-        """Send ``message`` to every member of ``group``. A group with history first
-        records it there (in the same round trip that reads the members) and the
-        members receive it with its position."""
-        length = self.history.length_for(self.check_group(group))
+    async def group_send_batch(self, group: str, messages: list[dict[str, Any]]) -> None:
+        """A group with history first records the messages there (in the same round
+        trip that reads the members), and the members receive each with its position."""
+        length = self.history.length_for(group)
         if not length:
-            await super().group_send(group, message)
+            await super().group_send_batch(group, messages)
             return
-        self.check_message(message)
-        message = {k: v for k, v in message.items() if k != POSITION_KEY}
-        published = await self.history.publish(group, message, length)
+        messages = [{k: v for k, v in m.items() if k != POSITION_KEY} for m in messages]
+        batch = Batch([self.serialize(message) for message in messages])
+        published = await self.history.publish(group, batch, length)
         members = published.members
-        full = (
-            await self.send_to_members(group, members, message, published.position)
-            if members
-            else 0
-        )
-        self.count_group_send(group, len(members), full)
+        batch.positions = published.positions
+        full = await self.append_to_members(group, members, batch) if members else 0
+        self.count_group_send(group, len(members) * len(batch), full)
 
     async def send_to_known(
-        self, group: str, known: KnownMembers, message: dict[str, Any]
+        self, group: str, known: KnownMembers, messages: list[dict[str, Any]]
     ) -> int | list[str]:
         """STREAM_GROUP_SEND_KNOWN: check ``known`` are the members and append to their
         streams in one script (one server: the plan has one scope at most).
@@ -265,15 +277,16 @@ class StreamsChannelLayer(StoredLayer):
         reply was lost did not land, the members may have changed since (Redis came
         back without a member that left). Members that changed after an attempt that
         may have landed are answered with a :class:`_Replan` carrying that attempt's
-        dedup tags, so the second trip finds what it appended instead of appending
-        it twice."""
+        dedup tags and serialized batch, so the second trip finds what it appended
+        instead of appending it twice."""
+        batch = Batch([self.serialize(message) for message in messages])
         keys: list[str] = [self.group_key(group)]
-        args: list[Any] = [time.time() - self.group_expiry, known.digest]
+        args: list[Any] = [time.time() - self.group_expiry, known.digest, *batch.args()]
         tags: dict[str, str] = {}
-        for _shard, destinations, records in self._plan_group_send(known, message, tags):
+        for _shard, destinations, records in self._plan_group_send(known, tags):
             keys += destinations
             args += records
-        args += [group, ""]
+        args.append(group)
         shard = self.connections.shard_for(group)
         what = f"group_send to {group!r}"
         call = self.script_call(
@@ -281,43 +294,42 @@ class StreamsChannelLayer(StoredLayer):
         )
         outcome = known_send_outcome(await self.with_retry(what, call))
         if isinstance(outcome, list) and call.attempts > 1:
-            return _Replan(outcome, tags)
+            return _Replan(outcome, tags, batch)
         return outcome
 
     async def send_to_members(
-        self, group: str, members: list[str], message: dict[str, Any], position: str = ""
+        self, group: str, members: list[str], messages: list[dict[str, Any]]
     ) -> int:
-        """One entry per destination stream, one STREAM_GROUP_SEND per shard (per slot
-        on a Redis Cluster); returns how many member channels were full."""
+        batch = members.batch if isinstance(members, _Replan) else None
+        if batch is None:
+            batch = Batch([self.serialize(message) for message in messages])
+        return await self.append_to_members(group, members, batch)
+
+    async def append_to_members(self, group: str, members: list[str], batch: Batch) -> int:
+        """One STREAM_APPEND per shard (per slot on a Redis Cluster), each stream
+        taking the batch once; returns how many (member, message) pairs were full."""
         what = f"group_send to {group!r}"
         tags = members.tags if isinstance(members, _Replan) else None
+        head = batch.args()
         calls = [
             self.append(
-                what,
-                STREAM_GROUP_SEND,
-                shard,
-                keys,
-                [*args, group, position],
+                what, STREAM_APPEND, shard, keys, [*head, *records, group],
                 maybe_landed=tags is not None,
             )
-            for shard, keys, args in self._plan_group_send(members, message, tags)
-        ]
+            for shard, keys, records in self._plan_group_send(members, tags)
+        ]  # fmt: skip
         # One shard (the usual case) needs no task of its own: gather would make one.
         results = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         return sum(int(r) for r in results)
 
     def _plan_group_send(
-        self,
-        members: Iterable[str],
-        message: dict[str, Any],
-        tags: dict[str, str] | None = None,
+        self, members: Iterable[str], tags: dict[str, str] | None = None
     ) -> list[tuple[int, list[str], list[Any]]]:
         """Per shard (and per hash slot on a Redis Cluster): the destination keys (each
-        stream and its side key) and the script's records (see ``append_all`` in
-        :mod:`streamlayer.scripts`). The message is serialized once for every
-        destination; local channels of one process share one entry in its inbox, which
-        names those with room. ``tags``: the dedup tag of each destination stream, kept
-        (and reused) there."""
+        stream and its side key) and the script's records for them (see ``append_all``
+        in :mod:`streamlayer.scripts`). Local channels of one process share one entry
+        per message in its inbox, which names those with room. ``tags``: the dedup tag
+        of each destination stream, kept (and reused) there."""
         inboxes: dict[str, list[str]] = {}
 
         def tag_for(key: str) -> str:
@@ -329,7 +341,6 @@ class StreamsChannelLayer(StoredLayer):
             return tag
 
         by_scope: dict[tuple[int, int], tuple[list[str], list[Any]]] = {}
-        data = self.serialize(message)
 
         def add(shard: int, key: str, side: str, record: list[Any]) -> None:
             keys, records = by_scope.setdefault(
@@ -348,8 +359,8 @@ class StreamsChannelLayer(StoredLayer):
             else:
                 key = stream_channel_key(self.prefix, channel)
                 side = stream_delivered_key(self.prefix, channel)
-                record = [data, tag_for(key), "", self.get_capacity(channel)]
-                add(self._shard(channel), key, side, record)
+                capacity, expiry = self.get_capacity(channel), self.expiry_ms(channel)
+                add(self._shard(channel), key, side, [tag_for(key), "", capacity, expiry])
         for process_id, channels in inboxes.items():
             # Comma-joined, not one argument each: a process with hundreds of members
             # would otherwise cost the client hundreds of arguments to encode per send.
@@ -359,7 +370,7 @@ class StreamsChannelLayer(StoredLayer):
             else:
                 caps = ",".join(str(self.get_capacity(channel)) for channel in channels)
             key = stream_inbox_key(self.prefix, process_id)
-            record = [data, tag_for(key), ",".join(channels), caps]
+            record = [tag_for(key), ",".join(channels), caps, self._inbox_expiry_ms]
             side = stream_inbox_state_key(self.prefix, process_id)
             add(self._shard(process_id), key, side, record)
         return [(shard, keys, records) for (shard, _slot), (keys, records) in by_scope.items()]
@@ -403,8 +414,10 @@ class StreamsChannelLayer(StoredLayer):
 class _Replan(list[str]):
     """A group's members now, answered to a one-trip group send whose attempt may
     have landed before they changed, with that attempt's dedup tag per destination
-    stream: the second trip reuses them, so it finds what the attempt appended."""
+    stream and its serialized batch: the second trip reuses them, so it finds what
+    the attempt appended (the same bytes under the same tags)."""
 
-    def __init__(self, members: list[str], tags: dict[str, str]) -> None:
+    def __init__(self, members: list[str], tags: dict[str, str], batch: Batch) -> None:
         super().__init__(members)
         self.tags = tags
+        self.batch = batch

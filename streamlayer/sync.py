@@ -428,8 +428,9 @@ class SyncCallerClient:
 
 
 class SyncCallerPipeline:
-    """The pipeline a sync caller's call queues (group_add: ZADD and EXPIRE per group),
-    whose ``execute`` is awaited as the asyncio one's is."""
+    """The pipeline a sync caller's call queues (group_add: ZADD and EXPIRE per group;
+    the Pub/Sub layer's bulk sends: PUBLISH per message), whose ``execute`` is
+    awaited as the asyncio one's is."""
 
     def __init__(self, pipeline: Any) -> None:
         self._pipeline = pipeline
@@ -439,6 +440,9 @@ class SyncCallerPipeline:
 
     def expire(self, key: str, seconds: int) -> None:
         self._pipeline.expire(key, seconds)
+
+    def publish(self, channel: str, message: bytes) -> None:
+        self._pipeline.publish(channel, message)
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
         await _leave_callers_thread()

@@ -40,6 +40,12 @@ def test_quick_bench_runs_every_layer_and_checks_every_message(
         if not name.startswith("channels_redis"):  # which opens one per call
             assert measured["sync_calls"]["new_connections"] <= 1
         assert measured["fanout_spread"]["per_second"] > 0
+        assert set(measured["bulk"]) == {
+            "send_single_per_second",
+            "send_bulk_per_second",
+            "group_single_per_second",
+            "group_bulk_per_second",
+        }
         assert "client_bytes_per_idle_channel" in measured["memory"]
         assert ("redis_bytes_per_message" in measured["memory"]) is not broadcast
     assert "StreamsChannelLayer against the performance targets" in done.stdout

@@ -76,6 +76,21 @@ def test_an_expiry_shorter_than_the_interface_timeout_is_flagged() -> None:
     assert ids(layers, interface_timeout=5) == []
 
 
+def test_channel_expiry_is_checked_like_the_other_keys() -> None:
+    """A bad channel_expiry is E001; a short one catching consumers' channels is W005,
+    unless an earlier pattern (first match wins) takes them, and a narrow one passes."""
+    bad = {"default": {"BACKEND": CORE, "CONFIG": {"channel_expiry": {"progress-*": 0}}}}
+    [message] = check_layers(bad)
+    assert message.id == "streamlayer.E001"
+    assert "channel_expiry['progress-*']" in message.msg
+    broad = {"default": {"BACKEND": STREAMS, "CONFIG": {"channel_expiry": {"*": 5}}}}
+    [message] = check_layers(broad)
+    assert message.id == "streamlayer.W005" and "pattern '*' gives" in message.msg
+    assert ids(broad, interface_timeout=5) == []
+    config = {"channel_expiry": {"specific.*": 60, "*": 5, "progress-*": 2}}
+    assert ids({"default": {"BACKEND": PUBSUB, "CONFIG": config}}) == []
+
+
 SETTINGS = """
 SECRET_KEY = "checks"
 INSTALLED_APPS = ["channels", "streamlayer"]
@@ -96,6 +111,8 @@ CHANNEL_LAYERS = {{"default": {{"BACKEND": BACKEND, "CONFIG": {config}}}}}
         (CORE, {"group_history": {"chat-*": 100}}, 20, 0, "streamlayer.W003"),
         (PUBSUB, {"presence_events": True}, 20, 0, "streamlayer.W004"),
         (CORE, {"presence_events": {"chat-*": True}}, 20, 0, "System check identified no"),
+        (STREAMS, {"channel_expiry": {"progress-*": 5}}, 20, 0, "System check identified no"),
+        (CORE, {"channel_expiry": {"*": 5}}, 20, 0, "streamlayer.W005"),
     ],
 )
 def test_manage_py_check_runs_them(

@@ -122,6 +122,20 @@ async def test_a_flush_while_idle_is_noticed_and_healed(
         await other.close()
 
 
+async def test_channels_of_two_prefixes_are_no_reset(layer: StreamlayerLayer) -> None:
+    """A process whose channels have two prefixes (compat.core gives each its own
+    inbox, each with its own reader and mark) reports no loss where there was none."""
+    one, two = await layer.new_channel("progress"), await layer.new_channel("chat")
+    for channel in (one, two):
+        layer.want_notices(channel)
+        await layer.send(channel, {"type": "first"})
+        assert (await until_type(layer, channel, "first"))["type"] == "first"
+    for channel in (one, two):  # a second round: each reader checks its mark again
+        await layer.send(channel, {"type": "second"})
+        assert (await until_type(layer, channel, "second"))["type"] == "second"
+    assert layer.stats.reconnects == 0
+
+
 async def test_a_discarded_membership_stays_discarded(
     layer: StreamlayerLayer, fresh_server: RedisServer
 ) -> None:

@@ -93,6 +93,18 @@ async def _bzpopmin(client: Redis, key: str, block_seconds: float) -> tuple[byte
     return member, score
 
 
+def _ttl(expiry: float) -> int:
+    """A key TTL in whole seconds (EXPIRE takes integers; never 0, which deletes)."""
+    return max(1, math.ceil(expiry))
+
+
+def _score(now: float, index: int) -> float:
+    """The score of a batch's ``index``-th message sent at ``now``: a sorted set orders
+    equal scores by member, and members start with random bytes, so the messages of
+    one batch get rising scores (a microsecond apart) to keep their order."""
+    return now + index * 1e-6
+
+
 class _InboxReader(BackgroundReader):
     """Pops one process inbox (``<prefix><name>!``) and hands messages to local channels.
 
@@ -147,15 +159,15 @@ class _InboxReader(BackgroundReader):
             return  # a full Redis: popping frees memory, the mark can wait
 
         now = time.monotonic()
-        written = layer.alive_written_at
+        written = layer.alive_written_at.get(self.key)
         if previous is None and written is not None and now - written < ttl:
             self._data_lost = True
-        layer.alive_written_at = now
+        layer.alive_written_at[self.key] = now
         self.check_redis = False
 
     async def _pop(self) -> list[tuple[bytes, float]]:
         client = self.layer.connections.client(self.shard)
-        written = self.layer.alive_written_at
+        written = self.layer.alive_written_at.get(self.key)
         if self.check_redis or written is None or time.monotonic() - written > _MARK_EVERY:
             await self._mark_alive(client)
         batch = await _zpopmin(client, self.key, READ_BATCH)
@@ -190,19 +202,16 @@ class RedisChannelLayer(StoredLayer):
         self._orphans: dict[str, deque[asyncio.Task[_Popped]]] = {}
         #: (shard, key) pairs whose channels_redis $inflight backup was already restored.
         self._restored: set[tuple[int, str]] = set()
-        #: When an inbox reader of this layer last set its mark (monotonic; None: never).
-        self.alive_written_at: float | None = None
+        #: When each inbox's reader last set its mark (monotonic; absent: never). One
+        #: per inbox: a process whose channels have two prefixes (new_channel("a"),
+        #: new_channel("b")) has two inboxes, and the second's first mark is no loss.
+        self.alive_written_at: dict[str, float] = {}
 
     @property
     def alive_ttl(self) -> int:
         """TTL of an inbox's mark (s): memberships do not outlive ``group_expiry``, so a
         mark gone after that long says nothing."""
         return max(120, int(self.group_expiry))
-
-    @property
-    def expiry_ttl(self) -> int:
-        """Key TTL in whole seconds (EXPIRE takes integers; never 0, which deletes)."""
-        return max(1, math.ceil(self.config.expiry))
 
     # --- channel layer API --------------------------------------------------------
 
@@ -216,18 +225,35 @@ class RedisChannelLayer(StoredLayer):
         """Send ``message`` to ``channel``; raises ChannelFull when it is at capacity."""
         self.check_message(message)
         self.check_channel(channel)
+        stored = await self._add(f"send to {channel!r}", channel, [message])
+        self.count_send(channel, bool(stored), self.get_capacity(channel))
+
+    async def send_batch(self, channel: str, messages: list[dict[str, Any]]) -> int:
+        return await self._add(f"send_bulk to {channel!r}", channel, messages)
+
+    async def _add(self, what: str, channel: str, messages: list[dict[str, Any]]) -> int:
+        """CLASSIC_SEND: add ``messages`` to ``channel``'s sorted set while it has room,
+        one round trip; how many were added (the first ones). Each is serialized once:
+        a retried send adds the same members, which its retry flag finds."""
         if "!" in channel:
-            message = {**message, RESERVED_KEY: channel}
+            messages = [{**message, RESERVED_KEY: channel} for message in messages]
             shard = self.connections.shard_for(non_local_name(channel))
         else:
             shard = self.connections.shard_for(channel)
         key = classic_channel_key(self.prefix, channel)
-        capacity = self.get_capacity(channel)
-        data = self.serialize(message)  # serialized once: a retried send adds the same member
+        expiry = self.key_expiry(channel)
         now = time.time()
-        args = [data, now, now - self.expiry, capacity, self.expiry_ttl]
-        stored = await self.call_script(f"send to {channel!r}", CLASSIC_SEND, shard, [key], args)
-        self.count_send(channel, bool(stored), capacity)
+        args: list[Any] = [now - expiry, self.get_capacity(channel), _ttl(expiry)]
+        for index, message in enumerate(messages):
+            args += (_score(now, index), self.serialize(message))
+        added = await self.call_script(what, CLASSIC_SEND, shard, [key], args, idempotent=True)
+        return int(added)
+
+    def key_expiry(self, channel: str) -> float:
+        """How long ``channel``'s sorted set keeps a message: the channel's expiry, or
+        for a process-specific channel, whose key its process's other channels share,
+        the longest (each channel's own is applied when its message is read)."""
+        return self.config.longest_expiry if "!" in channel else self.get_expiry(channel)
 
     # --- process-specific channels ------------------------------------------------------
 
@@ -246,8 +272,10 @@ class RedisChannelLayer(StoredLayer):
             self._readers[inbox] = _InboxReader(self, inbox)
 
     def dispatch_inbox(self, member: bytes, score: float) -> None:
-        """Decode one inbox entry and hand it to its local channel(s)."""
-        if score < time.time() - self.expiry:
+        """Decode one inbox entry and hand it to its local channel(s), each while its
+        expiry lasts."""
+        varied = bool(self.config.channel_expiry)
+        if score + (self.config.longest_expiry if varied else self.expiry) < time.time():
             self.stats.count("expired")
             return
         message = self.try_deserialize(member, "the process inbox")
@@ -255,7 +283,17 @@ class RedisChannelLayer(StoredLayer):
             return
         target = message.pop(RESERVED_KEY, None)
         channels = [target] if isinstance(target, str) else list(target or ())
-        self.local.deliver_to(channels, message, score + self.expiry)
+        if not varied:
+            self.local.deliver_to(channels, message, score + self.expiry)
+            return
+        now = time.time()
+        for channel in channels:
+            deadline = score + self.get_expiry(channel)
+            if deadline < now:
+                self.stats.count("expired")
+            else:
+                copy = dict(message) if len(channels) > 1 else message
+                self.local.deliver(channel, copy, deadline)
 
     # --- normal channels ----------------------------------------------------------------
 
@@ -265,7 +303,7 @@ class RedisChannelLayer(StoredLayer):
             popped = parked.popleft()
             if not parked:
                 del self._parked[channel]
-            if popped.score >= time.time() - self.expiry:
+            if popped.score >= time.time() - self.get_expiry(channel):
                 return popped.message
             self.stats.count("expired")
         fetch = self._adopt_orphan(channel) or self._start_fetch(channel)
@@ -324,7 +362,7 @@ class RedisChannelLayer(StoredLayer):
             if popped is None:
                 continue
             shard, member, score = popped
-            if score < time.time() - self.expiry:
+            if score < time.time() - self.get_expiry(channel):
                 self.stats.count("expired")
                 continue
             message = self.try_deserialize(member, f"channel {channel!r}")
@@ -388,25 +426,21 @@ class RedisChannelLayer(StoredLayer):
         ]
 
     async def send_to_known(
-        self, group: str, known: KnownMembers, message: dict[str, Any]
+        self, group: str, known: KnownMembers, messages: list[dict[str, Any]]
     ) -> int | list[str]:
-        """CLASSIC_GROUP_SEND_KNOWN: check ``known`` are the members and add the message
+        """CLASSIC_GROUP_SEND_KNOWN: check ``known`` are the members and add the messages
         to their sorted sets in one script (one server: one shard). A retry skips the
         check: it re-adds the same serialized messages, which changes nothing."""
-        batch = [entry for entries in self._plan_group_send(known, message).values()
+        batch = [entry for entries in self._plan_group_send(known, messages).values()
                  for entry in entries]  # fmt: skip
-        keys = [self.group_key(group), *(key for key, _, _ in batch)]
-        now = time.time()
-        tail: list[Any] = [data for _, data, _ in batch]
-        tail += [capacity for _, _, capacity in batch]
-        tail += [now, now - self.expiry, self.expiry_ttl]
-        shard = self.connections.shard_for(group)
-
-        args = [now - self.group_expiry, known.digest, *tail]
+        keys = [self.group_key(group), *(key for key, _ in batch)]
+        args: list[Any] = [time.time() - self.group_expiry, known.digest]
+        for _, record in batch:
+            args += record
         reply = await self.call_script(
             f"group_send to {group!r}",
             CLASSIC_GROUP_SEND_KNOWN,
-            shard,
+            self.connections.shard_for(group),
             keys,
             args,
             idempotent=True,
@@ -414,39 +448,44 @@ class RedisChannelLayer(StoredLayer):
         return known_send_outcome(reply)
 
     async def send_to_members(
-        self, group: str, members: list[str], message: dict[str, Any]
+        self, group: str, members: list[str], messages: list[dict[str, Any]]
     ) -> int:
-        """One CLASSIC_GROUP_SEND per shard; returns how many members were full."""
-        plan = self._plan_group_send(members, message)
-        now = time.time()
-        calls = [self._group_send_shard(group, shard, batch, now) for shard, batch in plan.items()]
+        """One CLASSIC_GROUP_SEND per shard; returns how many deliveries were full."""
+        plan = self._plan_group_send(members, messages)
+        calls = [self._group_send_shard(group, shard, batch) for shard, batch in plan.items()]
         # One shard (the usual case) needs no task of its own: gather would make one.
         results = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         return sum(results)
 
     def _plan_group_send(
-        self, members: Iterable[str], message: dict[str, Any]
-    ) -> dict[int, list[tuple[str, bytes, int]]]:
-        """Per shard: (key, payload, capacity). Local channels of one process share a
-        key, so they share one payload that names all of them (as channels_redis does)."""
+        self, members: Iterable[str], messages: list[dict[str, Any]]
+    ) -> dict[int, list[tuple[str, list[Any]]]]:
+        """Per shard: (key, record) for each message, in order; a record is what
+        ``add_all`` takes (payload, capacity, expiry, score). Local channels of one
+        process share a key, so they share one payload per message that names all of
+        them (as channels_redis does)."""
         targets: dict[str, list[str]] = {}
         for channel in members:
             targets.setdefault(classic_channel_key(self.prefix, channel), []).append(channel)
-        plan: dict[int, list[tuple[str, bytes, int]]] = {}
+        plan: dict[int, list[tuple[str, list[Any]]]] = {}
+        now = time.time()
         for key, channels in targets.items():
-            payload = {**message, RESERVED_KEY: channels}
             shard = self.connections.shard_for(non_local_name(channels[0]))
-            entry = (key, self.serialize(payload), self.get_capacity(channels[0]))
-            plan.setdefault(shard, []).append(entry)
+            capacity = self.get_capacity(channels[0])
+            expiry = self.key_expiry(channels[0])
+            entries = plan.setdefault(shard, [])
+            for index, message in enumerate(messages):
+                payload = self.serialize({**message, RESERVED_KEY: channels})
+                entries.append((key, [payload, capacity, expiry, _score(now, index)]))
         return plan
 
     async def _group_send_shard(
-        self, group: str, shard: int, batch: list[tuple[str, bytes, int]], now: float
+        self, group: str, shard: int, batch: list[tuple[str, list[Any]]]
     ) -> int:
-        keys = [key for key, _, _ in batch]
-        args: list[Any] = [data for _, data, _ in batch]
-        args += [capacity for _, _, capacity in batch]
-        args += [now, now - self.expiry, self.expiry_ttl]
+        keys = [key for key, _ in batch]
+        args: list[Any] = []
+        for _, record in batch:
+            args += record
         full = await self.call_script(
             f"group_send to {group!r}", CLASSIC_GROUP_SEND, shard, keys, args
         )

@@ -143,7 +143,13 @@ class _LoopPresence:
         if message is None:
             return
         targets = sorted(members) if members is not None else [name]
-        self.local.deliver_to(targets, message, time.time() + self.layer.config.expiry)
+        layer = self.layer
+        if not layer.config.channel_expiry:
+            self.local.deliver_to(targets, message, time.time() + layer.config.expiry)
+            return
+        for target in targets:  # each waits in its queue no longer than its own expiry
+            copy = dict(message) if len(targets) > 1 else message
+            self.local.deliver(target, copy, time.time() + layer.get_expiry(target))
 
     def connection_lost(self, shard: int) -> None:
         self.layer.notify_lost(self.local, self.channels)
@@ -251,9 +257,34 @@ class RedisPubSubChannelLayer(StreamlayerLayer):
         await self._publish(name, self.serialize(message), f"group_send to {group!r}")
         self.stats.count("sent")
 
+    async def send_batch(self, channel: str, messages: list[dict[str, Any]]) -> int:
+        """Publish each message in order, in one pipeline: Pub/Sub keeps no backlog, so
+        every one is accepted (and gone if nobody listens)."""
+        payloads = [self.serialize(message) for message in messages]
+        await self._publish_all(channel, payloads, f"send_bulk to {channel!r}")
+        return len(payloads)
+
+    async def group_send_batch(self, group: str, messages: list[dict[str, Any]]) -> None:
+        payloads = [self.serialize(message) for message in messages]
+        name = self.group_channel(group)
+        await self._publish_all(name, payloads, f"group_send_bulk to {group!r}")
+        self.stats.count("sent", len(payloads))
+
     async def _publish(self, name: str, payload: bytes, what: str) -> None:
         shard = self.connections.shard_for(name)
         await self.with_retry(what, lambda: self.connections.client(shard).publish(name, payload))
+
+    async def _publish_all(self, name: str, payloads: list[bytes], what: str) -> None:
+        """PUBLISH each payload to ``name``, in order, in one round trip."""
+        shard = self.connections.shard_for(name)
+
+        async def publish() -> None:
+            pipe = self.connections.client(shard).pipeline(transaction=False)
+            for payload in payloads:
+                pipe.publish(name, payload)
+            await pipe.execute()
+
+        await self.with_retry(what, publish)
 
     # --- flush and close ------------------------------------------------------------------
 

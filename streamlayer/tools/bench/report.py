@@ -52,6 +52,25 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("membership", "group_channels_ms", "group_channels of a big group (ms)", True),
     ("membership", "presence_ms", "presence of a big group (ms)", True),
     ("membership", "group_send_ms", "group_send to that group (ms, until it returns)", True),
+    ("bulk", "send_single_per_second", "1,000 sends, a call each (msg/s)", False),
+    (
+        "bulk",
+        "send_bulk_per_second",
+        "1,000 sends, one send_bulk (msg/s; channels_redis: a call each)",
+        False,
+    ),
+    (
+        "bulk",
+        "group_single_per_second",
+        "1,000 group_sends to 10, a call each (deliveries/s)",
+        False,
+    ),
+    (
+        "bulk",
+        "group_bulk_per_second",
+        "1,000 group_sends to 10, one group_send_bulk (deliveries/s; channels_redis: a call each)",
+        False,
+    ),
     ("memory", "redis_bytes_per_message", "Redis bytes per backlogged message", True),
     ("memory", "client_bytes_per_idle_channel", "client bytes per idle channel", True),
 ]

@@ -48,6 +48,10 @@ class Sizes:
     #: Members of the group whose size, channels and presence are read.
     membership_members: int = 10_000
     membership_rounds: int = 5
+    #: Messages of one bulk call (and of the single calls it is compared with), and the
+    #: group's members.
+    bulk_messages: int = 1000
+    bulk_members: int = 10
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -398,6 +402,51 @@ async def membership(layer: Any, sizes: Sizes) -> Metrics:
     return metrics
 
 
+async def bulk(layer: Any, sizes: Sizes) -> Metrics:
+    """``bulk_messages`` messages to one process-specific channel, and to a group of
+    ``bulk_members`` of them: as one call each (awaited in turn, as a loop in an app
+    sends them), and as one send_bulk / group_send_bulk call; until every member
+    received every message, in order. A layer without the bulk calls (channels_redis)
+    makes single calls in the bulk rows too: it is what its users do."""
+    count = sizes.bulk_messages
+    messages = [{"type": "bench.bulk", "n": n, "body": BODY} for n in range(count)]
+    channel = await layer.new_channel()
+    group = f"bench-bulk-{time.monotonic_ns()}"
+    members = [await layer.new_channel() for _ in range(sizes.bulk_members)]
+    for member in members:
+        await layer.group_add(group, member)
+
+    async def singles(target: str, send: Callable[[str, Any], Awaitable[None]]) -> None:
+        for message in messages:
+            await send(target, message)
+
+    async def at_once(target: str, send_bulk: Any, send: Any) -> None:
+        if send_bulk is None:
+            await singles(target, send)
+        else:
+            await send_bulk(target, messages)
+
+    async def timed(sending: Awaitable[None], receivers: list[str]) -> float:
+        async def receive_all(receiver: str) -> None:
+            got = [(await _wait(layer.receive(receiver)))["n"] for _ in range(count)]
+            _check_sequence(got, count, f"bulk to {receiver}")
+
+        started = time.perf_counter()
+        await _wait(asyncio.gather(sending, *(receive_all(r) for r in receivers)))
+        return count * len(receivers) / (time.perf_counter() - started)
+
+    send_bulk = getattr(layer, "send_bulk", None)
+    group_bulk = getattr(layer, "group_send_bulk", None)
+    return {
+        "send_single_per_second": await timed(singles(channel, layer.send), [channel]),
+        "send_bulk_per_second": await timed(at_once(channel, send_bulk, layer.send), [channel]),
+        "group_single_per_second": await timed(singles(group, layer.group_send), members),
+        "group_bulk_per_second": await timed(
+            at_once(group, group_bulk, layer.group_send), members
+        ),
+    }
+
+
 def _check_membership(name: str, answer: Any, count: int) -> None:
     if name == "group_size_ms" and answer != count:
         raise BenchError(f"membership: group_size said {answer}, not {count}")
@@ -413,4 +462,5 @@ SCENARIOS: list[Scenario] = [
     Scenario("fanout", "fan-out", "deliveries/s", fanout),
     Scenario("many_channels", "many channels", "msg/s", many_channels),
     Scenario("membership", "membership of a big group", "ms", membership, needs_membership=True),
+    Scenario("bulk", "bulk sends", "msg/s", bulk),
 ]

@@ -1,0 +1,188 @@
+"""send_bulk() and group_send_bulk(): many messages in one round trip, in order, on
+every layer and topology, with the single sends' capacity rules made exact for a
+batch (a channel takes a prefix of it; send_bulk says how many)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+from asgiref.sync import async_to_sync
+
+from streamlayer import BulkChannelFull, ChannelFull
+from streamlayer.testing import RedisServer
+from streamlayer.tools.demo import CountingConnection
+
+from .conftest import LayerFactory
+from .layers import keeps, layer_class, layer_factory, requires
+
+RECEIVE_TIMEOUT = 10
+
+
+async def recv(layer: Any, channel: str) -> dict[str, Any]:
+    return await asyncio.wait_for(layer.receive(channel), RECEIVE_TIMEOUT)
+
+
+async def take(layer: Any, channel: str, count: int) -> list[Any]:
+    return [(await recv(layer, channel))["i"] for _ in range(count)]
+
+
+async def assert_empty(layer: Any, channel: str, wait: float = 0.3) -> None:
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(layer.receive(channel), wait)
+
+
+def numbered(count: int, start: int = 0) -> list[dict[str, Any]]:
+    return [{"type": "n", "i": i} for i in range(start, start + count)]
+
+
+def queued_channels(make_layer: LayerFactory, normal: str, specific: str) -> list[str]:
+    return [normal, specific] if keeps(make_layer, "queueing") else [specific]
+
+
+async def test_send_bulk_delivers_in_order(make_layer: LayerFactory) -> None:
+    layer = make_layer(capacity=500)
+    specific = await layer.new_channel()
+    for channel in queued_channels(make_layer, "bulk-fifo", specific):
+        await layer.send_bulk(channel, numbered(300))
+        assert await take(layer, channel, 300) == list(range(300))
+    assert layer.stats.sent == 300 * len(queued_channels(make_layer, "x", specific))
+
+
+async def test_send_bulk_fills_part_way_and_says_how_many(make_layer: LayerFactory) -> None:
+    """A batch larger than the room left: the first messages that fit are stored, in
+    order, the rest refused, and the caller learns how many went."""
+    requires(make_layer, "capacity")
+    layer = make_layer(capacity=5)
+    specific = await layer.new_channel()
+    for channel in ("bulk-full", specific):
+        await layer.send(channel, {"type": "n", "i": -1})
+        batch = numbered(8)
+        with pytest.raises(BulkChannelFull, match=r"accepted the first 4 of 8") as caught:
+            await layer.send_bulk(channel, batch)
+        assert isinstance(caught.value, ChannelFull)
+        assert (caught.value.accepted, caught.value.refused) == (4, 4)
+        assert await take(layer, channel, 5) == [-1, 0, 1, 2, 3]
+        await assert_empty(layer, channel)
+        # The rest, sent again once there is room, follows in order.
+        await layer.send_bulk(channel, batch[caught.value.accepted :])
+        assert await take(layer, channel, 4) == [4, 5, 6, 7]
+    assert (layer.stats.sent, layer.stats.full) == (2 * 9, 2 * 4)
+
+
+async def test_group_send_bulk_reaches_every_member_in_order(make_layer: LayerFactory) -> None:
+    requires(make_layer, "remote_members")
+    one, two = make_layer(capacity=500), make_layer(capacity=500)
+    a, b, c = await one.new_channel(), await one.new_channel(), await two.new_channel()
+    for channel in (a, b, c, "bulk-worker"):
+        await one.group_add("bulk-room", channel)
+    await two.group_send_bulk("bulk-room", numbered(100))
+    for layer, channel in ((one, a), (one, b), (two, c), (one, "bulk-worker")):
+        assert await take(layer, channel, 100) == list(range(100))
+    assert two.stats.sent == 400
+
+
+async def test_group_send_bulk_on_local_members(make_layer: LayerFactory) -> None:
+    """What every layer can do (Pub/Sub too): members of the sending process."""
+    layer = make_layer(capacity=500)
+    channels = [await layer.new_channel() for _ in range(5)]
+    for channel in channels:
+        await layer.group_add("bulk-local", channel)
+    await layer.group_send_bulk("bulk-local", numbered(50))
+    for channel in channels:
+        assert await take(layer, channel, 50) == list(range(50))
+    await layer.group_send_bulk("bulk-nobody", numbered(3))  # an empty group: nothing
+
+
+async def test_group_send_bulk_gives_a_full_member_a_prefix(make_layer: LayerFactory) -> None:
+    requires(make_layer, "capacity")
+    one, two = make_layer(capacity=3), make_layer(capacity=3)
+    a, b = await one.new_channel(), await two.new_channel()
+    for channel in (a, b, "bulk-normal"):
+        await one.group_add("bulk-partial", channel)
+    await one.send(a, {"type": "n", "i": -1})
+    await one.group_send_bulk("bulk-partial", numbered(4))  # no exception: skipped, counted
+    assert await take(one, a, 3) == [-1, 0, 1]
+    assert await take(two, b, 3) == [0, 1, 2]
+    assert await take(one, "bulk-normal", 3) == [0, 1, 2]
+    await assert_empty(one, a)
+    await assert_empty(two, b)
+    assert one.stats.full == 2 + 1 + 1
+
+
+async def test_a_bad_message_sends_nothing(make_layer: LayerFactory) -> None:
+    layer = make_layer()
+    channel = await layer.new_channel()
+    await layer.group_add("bulk-bad", channel)
+    bad = [{"type": "ok"}, {"type": "ok"}, ["not", "a", "dict"]]
+    with pytest.raises(TypeError, match=r"messages\[2\]: message must be a dict"):
+        await layer.send_bulk(channel, bad)
+    with pytest.raises(ValueError, match=r"messages\[0\]: .*reserved key"):
+        await layer.group_send_bulk("bulk-bad", [{"type": "x", "__asgi_channel__": "y"}])
+    with pytest.raises(TypeError, match="list of message dicts"):
+        await layer.send_bulk(channel, {"type": "one message, not a list"})
+    with pytest.raises(TypeError, match="Channel name must be"):
+        await layer.send_bulk("bad name!!", [{"type": "x"}])
+    await layer.send_bulk(channel, [])  # nothing to send
+    await assert_empty(layer, channel)
+
+
+async def test_bulk_sends_from_sync_code(make_layer: LayerFactory) -> None:
+    """async_to_sync from worker threads, as a Django view or a Celery task calls it."""
+    layer = make_layer(capacity=1000)
+    channel = await layer.new_channel()
+    await layer.group_add("bulk-threads", channel)
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            async_to_sync(layer.send_bulk)(
+                channel, [{"type": "n", "n": n, "i": i} for i in range(5)]
+            )
+            async_to_sync(layer.group_send_bulk)("bulk-threads", [{"type": "g", "n": n, "i": 9}])
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    await asyncio.get_running_loop().run_in_executor(None, lambda: [t.join() for t in threads])
+    assert not errors
+    got = [await recv(layer, channel) for _ in range(18)]
+    for n in range(3):
+        assert [m["i"] for m in got if m["n"] == n] == [0, 1, 2, 3, 4, 9]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "streamlayer.StreamsChannelLayer",
+        "streamlayer.compat.core.RedisChannelLayer",
+        "streamlayer.compat.pubsub.RedisPubSubChannelLayer",
+    ],
+)
+async def test_a_bulk_send_is_one_round_trip(fresh_server: RedisServer, path: str) -> None:
+    """1,000 messages: one write to Redis for send_bulk, and for group_send_bulk to a
+    group whose members did not change (the sender's writes, counted on its connection
+    as the demo counts them; the receiving process reads on connections of its own)."""
+    cls = layer_class(path)
+    counted = {"address": fresh_server.url, "connection_class": CountingConnection}
+
+    async with layer_factory(lambda **o: cls(capacity=2000, **o)) as make:
+        receiver = make(hosts=[fresh_server.url])
+        sender = make(hosts=[counted])
+        channel = await receiver.new_channel()
+        await receiver.group_add("bulk-trips", channel)
+        for send, target in (
+            (sender.send_bulk, channel),
+            (sender.group_send_bulk, "bulk-trips"),
+        ):
+            for _ in range(2):  # reads the members; loads the scripts (one each call)
+                await send(target, numbered(1))
+                assert await take(receiver, channel, 1) == [0]
+            before = CountingConnection.writes
+            await send(target, numbered(1000))
+            assert CountingConnection.writes - before == 1, send.__name__
+            assert await take(receiver, channel, 1000) == list(range(1000))
