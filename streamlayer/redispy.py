@@ -107,6 +107,34 @@ async def open_own_connection(pool: aioredis.ConnectionPool) -> AbstractConnecti
     return connection
 
 
+async def open_node_connection(client: Any, node_name: str) -> AbstractConnection:
+    """A new, connected connection to the node ``node_name`` of the cluster ``client``,
+    made as the node makes its own (same options), owned by the caller."""
+    node = client.get_node(node_name=node_name)
+    if node is None:  # gone from the map (a failed master): ask the map again
+        raise ConnectionError(f"cluster node {node_name} is not in the cluster's map")
+    connection: AbstractConnection = node.connection_class(**node.connection_kwargs)
+    await connection.connect()  # type: ignore[no-untyped-call]
+    return connection
+
+
+def cluster_node_of(client: Any, name: str) -> Any:
+    """The node of the cluster ``client`` owning ``name``'s slot (its map must be
+    loaded: see refresh_cluster_map)."""
+    return client.get_node_from_key(name)
+
+
+async def load_cluster_map(client: Any) -> None:
+    """Load the cluster's map of slots to nodes, unless ``client`` has it already."""
+    await client.initialize()
+
+
+async def refresh_cluster_map(client: Any) -> None:
+    """Ask the cluster again which node owns which slot (after a failover or a
+    resharding)."""
+    await client.nodes_manager.initialize()
+
+
 async def read_push(connection: AbstractConnection, quiet_for: float) -> Any:
     """The next message pushed on a subscribed ``connection`` (a reply, a published
     message), or None once ``quiet_for`` seconds passed without one; the connection

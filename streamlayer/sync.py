@@ -354,11 +354,19 @@ class SyncCallerClient:
     async def publish(self, channel: str, message: bytes) -> Any:
         return await self._maybe_sent_here("PUBLISH", self.client.publish, (channel, message))
 
+    async def spublish(self, channel: str, message: bytes) -> Any:
+        # Only on a cluster client, which routes each command itself (never sent here).
+        return await self._maybe_sent_here("SPUBLISH", self.client.spublish, (channel, message))
+
     # --- the others ----------------------------------------------------------------------
 
     async def script_load(self, source: str) -> Any:
         await _leave_callers_thread()
         return self.client.script_load(source)
+
+    async def info(self, section: str) -> Any:
+        await _leave_callers_thread()
+        return self.client.info(section)
 
     async def zrem(self, key: str, *members: str) -> Any:
         await _leave_callers_thread()
@@ -443,6 +451,9 @@ class SyncCallerPipeline:
 
     def publish(self, channel: str, message: bytes) -> None:
         self._pipeline.publish(channel, message)
+
+    def spublish(self, channel: str, message: bytes) -> None:
+        self._pipeline.spublish(channel, message)
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
         await _leave_callers_thread()

@@ -1,6 +1,7 @@
 """StreamsChannelLayer on a real Redis Cluster (three masters, a replica each): group
-sends over members in every slot, and the compat layers refusing a cluster. A master
-killed mid-stream is tests/test_failover.py."""
+sends over members in every slot, and compat.core refusing a cluster (it shards
+client-side). A master killed mid-stream is tests/test_failover.py; the Pub/Sub
+layer on a cluster is tests/test_pubsub_cluster.py."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from streamlayer.keys import stream_channel_key
 from streamlayer.testing import ClusterSetup
 
 
-@pytest.mark.parametrize("layer_class", [RedisChannelLayer, RedisPubSubChannelLayer])
-def test_compat_layers_refuse_a_cluster(layer_class: type) -> None:
+def test_compat_core_refuses_a_cluster() -> None:
     with pytest.raises(ConfigError, match="cannot use a Redis Cluster"):
-        layer_class(hosts=[{"cluster": [("127.0.0.1", 7000)]}])
+        RedisChannelLayer(hosts=[{"cluster": [("127.0.0.1", 7000)]}])
+    RedisPubSubChannelLayer(hosts=[{"cluster": [("127.0.0.1", 7000)]}])  # sharded Pub/Sub
 
 
 async def test_group_members_on_many_slots(cluster_setup: ClusterSetup, prefix: str) -> None:

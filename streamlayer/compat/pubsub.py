@@ -25,11 +25,17 @@ import time
 import uuid
 from typing import Any, ClassVar
 
+import redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
+
 from ..base import StreamlayerLayer
+from ..config import ConfigError
 from ..connections import socket_timeout
 from ..exceptions import LayerClosed
 from ..local import LocalChannels
-from ..subscriber import Subscriber
+from ..redispy import cluster_node_of, load_cluster_map, refresh_cluster_map
+from ..subscriber import ClusterNodeSource, ShardSource, Subscriber
 from ..sync import sync_aware, sync_aware_on_loop
 
 __all__ = ["RELEASE_AFTER", "RedisPubSubChannelLayer"]
@@ -58,25 +64,64 @@ class _LoopPresence:
         #: Group Pub/Sub channel -> member channels of this loop.
         self.groups: dict[str, set[str]] = {}
         self.subscribers: dict[int, Subscriber] = {}
+        self._reroutes: set[asyncio.Task[None]] = set()
         self._releases: dict[str, asyncio.TimerHandle] = {}
 
-    def subscriber(self, shard: int) -> Subscriber:
-        subscriber = self.subscribers.get(shard)
-        if subscriber is None:
-            layer = self.layer
-            heartbeat = socket_timeout(layer.config.hosts[shard]) or _DEFAULT_HEARTBEAT
-            subscriber = Subscriber(self, layer.connections, shard, heartbeat)
-            self.subscribers[shard] = subscriber
+    def _new_subscriber(self, source: ShardSource | ClusterNodeSource) -> Subscriber:
+        shard = source.shard if isinstance(source, ShardSource) else 0
+        heartbeat = socket_timeout(self.layer.config.hosts[shard]) or _DEFAULT_HEARTBEAT
+        subscriber = Subscriber(self, source, heartbeat)
+        self.subscribers[len(self.subscribers)] = subscriber
         return subscriber
 
+    async def subscriber_for(self, name: str) -> Subscriber:
+        """The subscriber ``name`` belongs to: its shard's, or on a Redis Cluster that
+        of the node owning its slot (made on first use)."""
+        connections = self.layer.connections
+        if not connections.is_cluster:
+            shard = connections.shard_for(name)
+            for subscriber in self.subscribers.values():
+                if isinstance(subscriber.source, ShardSource) and subscriber.source.shard == shard:
+                    return subscriber
+            return self._new_subscriber(ShardSource(connections, shard))
+        client = connections.client(0)
+        await load_cluster_map(client)
+        node = cluster_node_of(client, name).name
+        for subscriber in self.subscribers.values():
+            if isinstance(subscriber.source, ClusterNodeSource) and subscriber.source.node == node:
+                return subscriber
+        return self._new_subscriber(ClusterNodeSource(client, node))
+
     async def subscribe(self, name: str) -> None:
-        shard = self.layer.connections.shard_for(name)
-        await self.subscriber(shard).subscribe(name, self.layer.config.retry_timeout)
+        await self.layer.require_pubsub_support()
+        subscriber = await self.subscriber_for(name)
+        await subscriber.subscribe(name, self.layer.config.retry_timeout)
 
     def unsubscribe(self, name: str) -> None:
-        shard = self.layer.connections.shard_for(name)
-        if shard in self.subscribers:
-            self.subscribers[shard].unsubscribe(name)
+        for subscriber in self.subscribers.values():
+            if name in subscriber.wanted:
+                subscriber.unsubscribe(name)
+
+    def reroute(self, name: str, confirmations: list[asyncio.Future[None]]) -> None:
+        """A cluster moved ``name``'s slot: subscribe it where it lives now."""
+        task = self.loop.create_task(self._reroute(name, confirmations))
+        self._reroutes.add(task)
+        task.add_done_callback(self._reroutes.discard)
+
+    async def _reroute(self, name: str, confirmations: list[asyncio.Future[None]]) -> None:
+        try:
+            await self.layer.with_retry(
+                f"subscribe {name!r} where it moved",
+                lambda: refresh_cluster_map(self.layer.connections.client(0)),
+            )
+            subscriber = await self.subscriber_for(name)
+        except Exception as exc:
+            for future in confirmations:
+                if not future.done():
+                    future.set_exception(exc)
+            logger.error("Pub/Sub channel %r moved and could not follow: %r", name, exc)
+            return
+        subscriber.adopt(name, confirmations)
 
     async def add_channel(self, channel: str) -> None:
         """Subscribe ``channel`` here. Known at once, so what arrives while the
@@ -124,6 +169,9 @@ class _LoopPresence:
         for release in self._releases.values():
             release.cancel()
         self._releases.clear()
+        for task in self._reroutes:
+            task.cancel()
+        await asyncio.gather(*self._reroutes, return_exceptions=True)
         self.local.fail(error)
         subscribers = list(self.subscribers.values())
         self.subscribers.clear()
@@ -151,18 +199,54 @@ class _LoopPresence:
             copy = dict(message) if len(targets) > 1 else message
             self.local.deliver(target, copy, time.time() + layer.get_expiry(target))
 
-    def connection_lost(self, shard: int) -> None:
+    def connection_lost(self, where: str) -> None:
         self.layer.notify_lost(self.local, self.channels)
 
-    def connection_back(self, shard: int) -> None:
-        logger.warning("Pub/Sub of shard %d reconnected; messages meanwhile are lost", shard)
+    def connection_back(self, where: str) -> None:
+        logger.warning("Pub/Sub of %s reconnected; messages meanwhile are lost", where)
         self.layer.notify_back(self.local, self.channels, recovered=False)
 
 
 class RedisPubSubChannelLayer(StreamlayerLayer):
-    """Redis Pub/Sub channel layer, wire-compatible with channels_redis.pubsub 4.x."""
+    """Redis Pub/Sub channel layer, wire-compatible with channels_redis.pubsub 4.x.
+    On a Redis Cluster (7 or later) it runs on sharded Pub/Sub."""
 
     extensions: ClassVar[list[str]] = ["groups", "flush"]
+    supports_cluster = True
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.connections.is_cluster and not hasattr(RedisCluster, "spublish"):
+            raise ConfigError(
+                f"{type(self).__name__} on a Redis Cluster needs sharded Pub/Sub, which "
+                f"this redis-py ({redis.__version__}) lacks: upgrade redis-py"
+            )
+        #: Whether the cluster's servers were found to have sharded Pub/Sub (Redis 7+).
+        self._sharded_checked = False
+
+    async def require_pubsub_support(self) -> None:
+        """On a Redis Cluster: refuse, clearly, servers without sharded Pub/Sub (before
+        Redis 7), whose plain Pub/Sub would broadcast every message to every node.
+        Asked once, by an SPUBLISH to a name no channel can have (nobody hears it):
+        what the layer sends anyway, so an ACL user needs nothing more for it."""
+        if self._sharded_checked or not self.connections.is_cluster:
+            return
+        client = self.connections.client(0)
+        probe = f"{self.prefix}:probe"  # a colon: no channel or group name has one
+        try:
+            await self.with_retry("check for sharded Pub/Sub", lambda: client.spublish(probe, b""))
+        except RedisError as exc:
+            # The server's "unknown command", or redis-py's cluster client finding no
+            # SPUBLISH in the server's COMMAND table.
+            text = str(exc).lower()
+            if "unknown command" not in text and "spublish command doesn't exist" not in text:
+                raise
+            raise ConfigError(
+                f"{type(self).__name__} on a Redis Cluster needs sharded Pub/Sub "
+                "(SSUBSCRIBE / SPUBLISH, Redis 7 or later), which this cluster's servers "
+                "do not know: upgrade them, or use streamlayer.StreamsChannelLayer"
+            ) from exc
+        self._sharded_checked = True
 
     def start_process_state(self) -> None:
         """A forked child subscribes afresh: the parent's subscriptions are the parent's."""
@@ -271,17 +355,28 @@ class RedisPubSubChannelLayer(StreamlayerLayer):
         self.stats.count("sent", len(payloads))
 
     async def _publish(self, name: str, payload: bytes, what: str) -> None:
+        await self.require_pubsub_support()
         shard = self.connections.shard_for(name)
+        if self.connections.is_cluster:  # sharded: to the node owning name's slot
+            await self.with_retry(
+                what, lambda: self.connections.client(shard).spublish(name, payload)
+            )
+            return
         await self.with_retry(what, lambda: self.connections.client(shard).publish(name, payload))
 
     async def _publish_all(self, name: str, payloads: list[bytes], what: str) -> None:
         """PUBLISH each payload to ``name``, in order, in one round trip."""
+        await self.require_pubsub_support()
         shard = self.connections.shard_for(name)
+        sharded = self.connections.is_cluster
 
         async def publish() -> None:
             pipe = self.connections.client(shard).pipeline(transaction=False)
             for payload in payloads:
-                pipe.publish(name, payload)
+                if sharded:
+                    pipe.spublish(name, payload)
+                else:
+                    pipe.publish(name, payload)
             await pipe.execute()
 
         await self.with_retry(what, publish)

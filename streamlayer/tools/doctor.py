@@ -205,7 +205,8 @@ def _diagnose(
                 "this user may not run INFO: version, role, memory and persistence not "
                 "checked (run doctor as an admin user for those)",
             )
-            _check_permissions(client, report, scope)
+            # Whether this is a cluster node is unknown here: the plain Pub/Sub probes.
+            _check_permissions(client, report, scope, cluster=False)
             return [report]
         # Valkey names it server_mode.
         if (info.get("redis_mode") or info.get("server_mode")) == "sentinel":
@@ -231,15 +232,16 @@ def _check_server(
     report.role = str(info.get("role", "unknown"))
     _check_version(info, report)
     _check_role(info, report)
+    cluster = bool(int(info.get("cluster_enabled", 0)))
     checks: list[tuple[str, Callable[[], None]]] = [
         ("commands", lambda: _check_commands(client, report)),
-        ("permissions", lambda: _check_permissions(client, report, scope)),
+        ("permissions", lambda: _check_permissions(client, report, scope, cluster)),
         ("scripting", lambda: _check_scripting(client, report)),
         ("latency", lambda: _check_latency(client, report)),
         ("maxmemory", lambda: _check_memory_policy(client, info, report)),
         ("persistence", lambda: _check_persistence(client, info, report)),
     ]
-    if int(info.get("cluster_enabled", 0)):
+    if cluster:
         checks.append(("cluster", lambda: _check_cluster(client, report)))
     for name, check in checks:
         try:
@@ -295,13 +297,15 @@ def _check_commands(client: redis.Redis, report: ServerReport) -> None:
         report.add("commands", "ok", f"all {len(REQUIRED_COMMANDS)} commands the layers use")
 
 
-def _check_permissions(client: redis.Redis, report: ServerReport, scope: Scope) -> None:
+def _check_permissions(
+    client: redis.Redis, report: ServerReport, scope: Scope, cluster: bool
+) -> None:
     """What the connected user may not do of what each layer in ``scope`` needs (see
     :mod:`streamlayer.tools.permissions`: asked of Redis, nothing run)."""
     for layer, prefix in scope:
         check = f"permissions ({layer})"
         try:
-            refused = missing_permissions(client, layer, prefix)
+            refused = missing_permissions(client, layer, prefix, cluster)
         except CannotCheck as exc:
             report.add(check, "warn", f"not checked: {exc}")
             continue
@@ -309,7 +313,7 @@ def _check_permissions(client: redis.Redis, report: ServerReport, scope: Scope) 
             detail = f"{len(refused)} refused under prefix {prefix!r}: " + "; ".join(refused[:4])
             if len(refused) > 4:
                 detail += f"; and {len(refused) - 4} more"
-            line = acl_setuser([layer], prefix)
+            line = acl_setuser([layer], prefix, cluster=cluster)
             report.add(check, "problem", f"{detail}. The {layer} layer needs: {line}")
         else:
             report.add(check, "ok", f"the user may run all the {layer} layer sends")
@@ -394,7 +398,8 @@ def _check_cluster(client: redis.Redis, report: ServerReport) -> None:
             "cluster",
             "ok",
             f"Redis Cluster, state ok, {masters} masters: use "
-            'hosts=[{"cluster": [...]}] with StreamsChannelLayer',
+            'hosts=[{"cluster": [...]}] with StreamsChannelLayer, or with '
+            "compat.pubsub (sharded Pub/Sub: Redis 7 or later)",
         )
     else:
         report.add("cluster", "problem", f"Redis Cluster in state {state!r}")

@@ -112,9 +112,17 @@ def _classic(prefix: str) -> list[tuple[str, ...]]:
     ]
 
 
-def _pubsub(prefix: str) -> list[tuple[str, ...]]:
+def _pubsub(prefix: str, cluster: bool = False) -> list[tuple[str, ...]]:
     group = f"{prefix}__group__{_PROBE}"
     channel = f"specific.{prefix}!{_PROBE}"
+    if cluster:  # sharded Pub/Sub, one slot per channel (so one probe each)
+        return [
+            ("SPUBLISH", group, "x"),
+            ("SPUBLISH", channel, "x"),
+            ("SSUBSCRIBE", group),
+            ("SUNSUBSCRIBE", group),
+            ("PING",),
+        ]
     return [
         ("PUBLISH", group, "x"),
         ("PUBLISH", channel, "x"),
@@ -127,8 +135,11 @@ def _pubsub(prefix: str) -> list[tuple[str, ...]]:
 _PROBES = {"Streams": _streams, "compat.core": _classic, "compat.pubsub": _pubsub}
 
 
-def probes(layer: str, prefix: str) -> list[tuple[str, ...]]:
-    """Every command ``layer`` sends, on keys named as it names them under ``prefix``."""
+def probes(layer: str, prefix: str, cluster: bool = False) -> list[tuple[str, ...]]:
+    """Every command ``layer`` sends, on keys named as it names them under ``prefix``
+    (on a Redis Cluster, the Pub/Sub layer's are sharded Pub/Sub's)."""
+    if layer == "compat.pubsub":
+        return _pubsub(prefix, cluster)
     return _PROBES[layer](prefix)
 
 
@@ -136,19 +147,21 @@ class CannotCheck(RuntimeError):
     """The user may run neither MULTI nor ACL DRYRUN: its rights cannot be asked."""
 
 
-def missing_permissions(client: redis.Redis, layer: str, prefix: str) -> list[str]:
+def missing_permissions(
+    client: redis.Redis, layer: str, prefix: str, cluster: bool = False
+) -> list[str]:
     """What the connected user may not do of what ``layer`` needs: one line per refused
     command (naming its key or channel), empty when nothing is missing. Raises
     CannotCheck when the user may not queue a transaction nor run ACL DRYRUN."""
     try:
-        return _queued(client, probes(layer, prefix))
+        return _queued(client, probes(layer, prefix, cluster))
     except redis.exceptions.NoPermissionError:
         pass  # no MULTI for this user: ACL DRYRUN, if it may run that
     try:
         user = client.execute_command("ACL", "WHOAMI")  # type: ignore[no-untyped-call]
         user = user.decode() if isinstance(user, bytes) else str(user)
         refused = []
-        for probe in probes(layer, prefix):
+        for probe in probes(layer, prefix, cluster):
             answer = client.execute_command("ACL", "DRYRUN", user, *probe)  # type: ignore[no-untyped-call]
             answer = answer.decode() if isinstance(answer, bytes) else str(answer)
             if answer != "OK":
@@ -183,13 +196,15 @@ def _queued(client: redis.Redis, lines: list[tuple[str, ...]]) -> list[str]:
     return refused
 
 
-def acl_setuser(layers: Iterable[str], prefix: str, user: str = "app") -> str:
+def acl_setuser(
+    layers: Iterable[str], prefix: str, user: str = "app", cluster: bool = False
+) -> str:
     """The ``ACL SETUSER`` line that gives ``user`` exactly what ``layers`` need under
     ``prefix`` (set its password with ``>...`` in place of ``>PASSWORD``)."""
     layers = tuple(layers)
     commands: set[str] = set()
     for layer in layers:
-        for probe in probes(layer, prefix):
+        for probe in probes(layer, prefix, cluster):
             name = probe[0].lower()
             sub = probe[1].lower() if name in ("script", "xinfo", "xgroup") else None
             commands.add(f"+{name}|{sub}" if sub else f"+{name}")
