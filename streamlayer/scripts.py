@@ -327,12 +327,6 @@ end
 -- A normal channel: returns how many of the batch's messages it refused (full).
 local function append_channel(key, delivered, batch, tag, capacity, expiry_ms)
     local n = batch.n
-    if batch.retry == '1' then
-        local found = landed(key, delivered, tag, n, capacity)
-        if found > 0 then
-            return n - found
-        end
-    end
     local minid = string.format('%.0f-0', math.max(0, batch.now - expiry_ms))
     local accepted = 0
     for m = 1, n do
@@ -409,16 +403,9 @@ end
 
 -- A process inbox: ``listed`` names the destination channels (comma-separated),
 -- ``capacities`` their capacities (one for all, or one each). Returns how many
--- (channel, message) pairs were refused; a retry that finds its first attempt landed
--- counts the messages it did not find.
+-- (channel, message) pairs were refused.
 local function append_inbox(key, state, batch, tag, listed, capacities, expiry_ms)
     local n = batch.n
-    if batch.retry == '1' then
-        local found = landed(key, false, tag, n, INBOX_RETRY_SCAN)
-        if found > 0 then
-            return n - found
-        end
-    end
     local caps = split(capacities)
     local least = tonumber(caps[1])
     for i = 2, #caps do
@@ -474,12 +461,22 @@ local function append_all(k, a)
     -- ARGV[#ARGV-2]: group ('' for a send)   ARGV[#ARGV-1]: now in ms
     -- ARGV[#ARGV]: '1' on a retry
     -- Returns how many (channel, message) pairs were refused: no room.
+    -- A retry that finds its first attempt landed appends nothing, and counts the
+    -- batch's messages it did not find as refused.
     local batch, i = read_batch(a)
     local full, key = 0, k + 1
     while i + 4 <= #ARGV - 3 do
         local tag, listed, capacity, expiry_ms = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
             tonumber(ARGV[i + 4])
-        if listed == '' then
+        local found = 0
+        if batch.retry == '1' and listed == '' then
+            found = landed(KEYS[key], KEYS[key + 1], tag, batch.n, tonumber(capacity))
+        elseif batch.retry == '1' then
+            found = landed(KEYS[key], false, tag, batch.n, INBOX_RETRY_SCAN)
+        end
+        if found > 0 then
+            full = full + batch.n - found
+        elseif listed == '' then
             full = full + append_channel(KEYS[key], KEYS[key + 1], batch, tag,
                 tonumber(capacity), expiry_ms)
         else

@@ -25,6 +25,16 @@ async def recv(layer: Any, channel: str) -> dict[str, Any]:
     return await asyncio.wait_for(layer.receive(channel), RECEIVE_TIMEOUT)
 
 
+async def old_then_new(layer: Any, channels: list[str], wait: float) -> None:
+    """Send "old" to each channel, wait ``wait`` seconds (the message must outlive an
+    expiry: time itself is under test), then send "new"."""
+    for channel in channels:
+        await layer.send(channel, {"type": "old"})
+    await asyncio.sleep(wait)
+    for channel in channels:
+        await layer.send(channel, {"type": "new"})
+
+
 def test_patterns_are_validated_and_the_first_match_wins() -> None:
     config = LayerConfig.from_options(
         {
@@ -65,11 +75,7 @@ async def test_short_expiry_channels_expire_while_the_others_keep(
     if keeps(make_layer, "queueing"):
         short.append("progress-jobs")
         other.append("chat-jobs")
-    for channel in short + other:
-        await layer.send(channel, {"type": "old"})
-    await asyncio.sleep(SHORT + 0.5)  # the message must outlive its expiry: time is under test
-    for channel in short + other:
-        await layer.send(channel, {"type": "new"})
+    await old_then_new(layer, short + other, SHORT + 0.5)
     for channel in short:
         assert await recv(layer, channel) == {"type": "new"}, channel
     for channel in other:
@@ -115,11 +121,7 @@ async def test_a_longer_channel_expiry_outlives_the_default(make_layer: LayerFac
     if keeps(make_layer, "queueing"):
         slow.append("slow-jobs")
         fast.append("fast-jobs")
-    for channel in slow + fast:
-        await layer.send(channel, {"type": "old"})
-    await asyncio.sleep(SHORT + 0.5)
-    for channel in slow + fast:
-        await layer.send(channel, {"type": "new"})
+    await old_then_new(layer, slow + fast, SHORT + 0.5)
     for channel in slow:
         assert await recv(layer, channel) == {"type": "old"}, channel
     for channel in slow + fast:

@@ -106,6 +106,27 @@ def test_doctor_recognises_a_cluster(cluster_setup: ClusterSetup) -> None:
     assert '"cluster"' in details(report)["cluster"]
 
 
+def test_doctor_asks_a_cluster_node_for_sharded_pubsub(cluster_setup: ClusterSetup) -> None:
+    """On a cluster node the Pub/Sub layer's commands are sharded Pub/Sub's: a user with
+    only the plain ones is told what it lacks, and the line that grants it."""
+    node = cluster_setup.live()[0]
+    grants = ["+multi", "+discard", "+ping", "+publish", "+subscribe", "+unsubscribe"]
+    with node.client() as client:
+        client.execute_command(
+            "ACL", "SETUSER", "plainps", "on", ">pw", "resetkeys", "~asgi*", "&*", "-@all",
+            "+info", "+command", "+cluster|info", "+eval", "+latency", "+config|get", *grants,
+        )  # fmt: skip
+    try:
+        code, [report] = doctor(f"redis://plainps:pw@127.0.0.1:{node.port}")
+        said = details(report)["permissions (compat.pubsub)"]
+        assert code == 1 and statuses(report)["permissions (compat.pubsub)"] == "problem"
+        assert "SPUBLISH" in said and "SSUBSCRIBE" in said
+        assert "+spublish +ssubscribe +sunsubscribe" in said
+    finally:
+        with node.client() as client:
+            client.execute_command("ACL", "DELUSER", "plainps")
+
+
 def doctor_settings(
     tmp_path: Path, layers: dict[str, Any], *extra: str
 ) -> tuple[int, list[dict[str, Any]], str]:
