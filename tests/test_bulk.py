@@ -51,6 +51,20 @@ async def test_send_bulk_delivers_in_order(make_layer: LayerFactory) -> None:
     assert layer.stats.sent == 300 * len(queued_channels(make_layer, "x", specific))
 
 
+async def test_encrypted_bulk_sends(make_layer: LayerFactory) -> None:
+    """Each message of a batch is encrypted as a single send's is: a layer with the
+    key reads them, in order."""
+    keys = ["a-key-at-least-32-bytes-long-0123456789"]
+    sender = make_layer(capacity=100, symmetric_encryption_keys=keys)
+    receiver = make_layer(capacity=100, symmetric_encryption_keys=keys)
+    channel = await receiver.new_channel()
+    await receiver.group_add("bulk-secret", channel)
+    await sender.send_bulk(channel, numbered(10))
+    await sender.group_send_bulk("bulk-secret", numbered(10, start=10))
+    assert await take(receiver, channel, 20) == list(range(20))
+    assert receiver.stats.decode_errors == 0
+
+
 async def test_send_bulk_fills_part_way_and_says_how_many(make_layer: LayerFactory) -> None:
     """A batch larger than the room left: the first messages that fit are stored, in
     order, the rest refused, and the caller learns how many went."""

@@ -119,6 +119,12 @@ def test_doctor_asks_a_cluster_node_for_sharded_pubsub(cluster_setup: ClusterSet
     try:
         code, [report] = doctor(f"redis://plainps:pw@127.0.0.1:{node.port}")
         said = details(report)["permissions (compat.pubsub)"]
+        with node.client() as client:
+            major = int(str(client.info("server")["redis_version"]).split(".")[0])
+        if major < 7:  # the server matrix's Redis 6.2: no sharded Pub/Sub at all
+            assert statuses(report)["permissions (compat.pubsub)"] == "warn"
+            assert "needs sharded Pub/Sub (Redis 7 or later)" in said
+            return
         assert code == 1 and statuses(report)["permissions (compat.pubsub)"] == "problem"
         assert "SPUBLISH" in said and "SSUBSCRIBE" in said
         assert "+spublish +ssubscribe +sunsubscribe" in said

@@ -92,6 +92,34 @@ async def test_shared_group(pair: tuple[RedisChannelLayer, Any], sender_side: st
         await asyncio.wait_for(ours.receive(our_a), 0.3)
 
 
+async def test_bulk_sends_and_short_expiries_reach_channels_redis(
+    redis_server: RedisServer, prefix: str, encryption: list[str] | None
+) -> None:
+    """Our bulk sends (a batch's messages get rising scores) and a channel_expiry
+    (a shorter TTL and trim on its sorted set) write channels_redis' format: it
+    receives every message, in order, on each channel kind and from a group."""
+    options: dict[str, Any] = {"hosts": [redis_server.url], "prefix": prefix}
+    if encryption:
+        options["symmetric_encryption_keys"] = encryption
+    ours = RedisChannelLayer(channel_expiry={"compat.short*": 5}, **options)
+    theirs = IncumbentLayer(**options)
+    try:
+        specific = await theirs.new_channel()
+        await ours.group_add("bulk", specific)
+        await ours.group_add("bulk", "compat.short-worker")
+        batch = [{"type": "m", "i": i} for i in range(20)]
+        for channel in (specific, "compat.short-jobs", "compat.long-jobs"):
+            await ours.send_bulk(channel, batch)
+            assert [(await recv(theirs, channel))["i"] for _ in range(20)] == list(range(20))
+        await ours.group_send_bulk("bulk", batch)
+        for channel in (specific, "compat.short-worker"):
+            assert [(await recv(theirs, channel))["i"] for _ in range(20)] == list(range(20))
+    finally:
+        await ours.flush()
+        await ours.close()
+        await theirs.flush()
+
+
 async def test_same_keys(pair: tuple[RedisChannelLayer, Any], redis_server: RedisServer) -> None:
     ours, theirs = pair
     ours_channel, theirs_channel = await ours.new_channel(), await theirs.new_channel()

@@ -233,9 +233,13 @@ def _check_server(
     _check_version(info, report)
     _check_role(info, report)
     cluster = bool(int(info.get("cluster_enabled", 0)))
+    sharded_pubsub = _version(str(info.get("redis_version", "0"))) >= (7, 0, 0)
     checks: list[tuple[str, Callable[[], None]]] = [
         ("commands", lambda: _check_commands(client, report)),
-        ("permissions", lambda: _check_permissions(client, report, scope, cluster)),
+        (
+            "permissions",
+            lambda: _check_permissions(client, report, scope, cluster, sharded_pubsub),
+        ),
         ("scripting", lambda: _check_scripting(client, report)),
         ("latency", lambda: _check_latency(client, report)),
         ("maxmemory", lambda: _check_memory_policy(client, info, report)),
@@ -298,12 +302,25 @@ def _check_commands(client: redis.Redis, report: ServerReport) -> None:
 
 
 def _check_permissions(
-    client: redis.Redis, report: ServerReport, scope: Scope, cluster: bool
+    client: redis.Redis,
+    report: ServerReport,
+    scope: Scope,
+    cluster: bool,
+    sharded_pubsub: bool = True,
 ) -> None:
     """What the connected user may not do of what each layer in ``scope`` needs (see
-    :mod:`streamlayer.tools.permissions`: asked of Redis, nothing run)."""
+    :mod:`streamlayer.tools.permissions`: asked of Redis, nothing run). The Pub/Sub
+    layer on a cluster without sharded Pub/Sub cannot run at all: said instead."""
     for layer, prefix in scope:
         check = f"permissions ({layer})"
+        if layer == "compat.pubsub" and cluster and not sharded_pubsub:
+            report.add(
+                check,
+                "warn",
+                "compat.pubsub cannot run on this cluster: it needs sharded Pub/Sub "
+                "(Redis 7 or later)",
+            )
+            continue
         try:
             refused = missing_permissions(client, layer, prefix, cluster)
         except CannotCheck as exc:
