@@ -160,7 +160,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
     group_name_regex: ClassVar[re.Pattern[str]] = re.compile(r"^[a-zA-Z\d\-_.]+\Z")
     #: Random bytes put before each serialized message unless the config says otherwise.
     default_random_prefix_length: ClassVar[int] = 0
-    #: Whether ``hosts`` may name a Redis Cluster (the classic layouts shard client-side).
+    #: Whether ``hosts`` may name a Redis Cluster (the classic layout shards client-side).
     supports_cluster: ClassVar[bool] = False
     #: ``capacity`` when the config gives none (channels_redis' 100 for the compat layers).
     default_capacity: ClassVar[int] = 100
@@ -168,12 +168,9 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
     def __init__(self, **options: Any) -> None:
         options.setdefault("capacity", self.default_capacity)
         self.config = LayerConfig.from_options(options)
-        if not self.supports_cluster and any(h.is_cluster for h in self.config.hosts):
-            raise ConfigError(
-                f"{type(self).__name__} cannot use a Redis Cluster: use "
-                "streamlayer.StreamsChannelLayer, or list the servers in hosts to shard "
-                "over them client-side"
-            )
+        no_cluster = self.why_no_cluster()
+        if no_cluster and any(h.is_cluster for h in self.config.hosts):
+            raise ConfigError(no_cluster)
         super().__init__(expiry=self.config.expiry, capacity=self.config.capacity)
         # BaseChannelLayer.get_capacity() reads this compiled list.
         self.channel_capacity = list(self.config.channel_capacity)
@@ -200,6 +197,17 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         #: Groups a replay was asked of though they keep no history (logged once each).
         self._said_no_history: Memo[str, None] = Memo(NAME_CACHE)
         self.start_process_state()
+
+    @classmethod
+    def why_no_cluster(cls) -> str | None:
+        """Why this layer cannot run on a Redis Cluster here (None: it can)."""
+        if cls.supports_cluster:
+            return None
+        return (
+            f"{cls.__name__} cannot use a Redis Cluster: use "
+            "streamlayer.StreamsChannelLayer, or list the servers in hosts to shard "
+            "over them client-side"
+        )
 
     def start_process_state(self) -> None:
         """Set up what belongs to this process alone: its counters here, and in each

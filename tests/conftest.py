@@ -99,10 +99,9 @@ def topology(request: pytest.FixtureRequest) -> list[Any]:
     if request.param == "cluster":
         if "layer_path" in request.fixturenames:
             path = request.getfixturevalue("layer_path")
-            if not layer_class(path).supports_cluster:
-                pytest.skip(
-                    "Redis Cluster is for StreamsChannelLayer; compat layers shard client-side"
-                )
+            why_not = layer_class(path).why_no_cluster()
+            if why_not:
+                pytest.skip(why_not)
         cluster: ClusterSetup = request.getfixturevalue("cluster_setup")
         return [cluster.host_entry()]
     if request.param == "single":

@@ -216,13 +216,19 @@ class RedisPubSubChannelLayer(StreamlayerLayer):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        if self.connections.is_cluster and not hasattr(RedisCluster, "spublish"):
-            raise ConfigError(
-                f"{type(self).__name__} on a Redis Cluster needs sharded Pub/Sub, which "
-                f"this redis-py ({redis.__version__}) lacks: upgrade redis-py"
-            )
         #: Whether the cluster's servers were found to have sharded Pub/Sub (Redis 7+).
         self._sharded_checked = False
+
+    @classmethod
+    def why_no_cluster(cls) -> str | None:
+        """redis-py's asyncio cluster client has sharded Pub/Sub from redis-py 8."""
+        if hasattr(RedisCluster, "spublish"):
+            return None
+        return (
+            f"{cls.__name__} on a Redis Cluster needs sharded Pub/Sub, which this "
+            f"redis-py ({redis.__version__}) lacks in its asyncio cluster client: "
+            "redis-py 8 or later"
+        )
 
     async def require_pubsub_support(self) -> None:
         """On a Redis Cluster: refuse, clearly, servers without sharded Pub/Sub (before
