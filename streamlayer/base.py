@@ -31,7 +31,7 @@ from .exceptions import BulkChannelFull, ChannelFull
 from .history import HistoryPage, Position
 from .local import LocalChannels
 from .memo import Memo
-from .retry import retry_transient
+from .retry import DEFAULT_MAX_WAIT, READER_MAX_WAIT, retry_transient
 from .scripts import LuaScript
 from .serializers import MessageSerializer, registry
 from .sync import sync_aware, sync_aware_on_loop
@@ -375,10 +375,13 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         what: str,
         call: Callable[[], Awaitable[T]],
         on_error: Callable[[BaseException], None] | None = None,
+        *,
+        reader: bool = False,
     ) -> T:
         """Run one Redis operation under the shared retry policy (see :mod:`streamlayer.retry`).
 
         ``on_error`` hears of every transient error (a reader uses it to notice disconnects).
+        A ``reader`` (an inbox reader) retries sooner (``READER_MAX_WAIT``).
         """
 
         def count(error: BaseException) -> None:
@@ -387,7 +390,11 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
                 on_error(error)
 
         return await retry_transient(
-            call, give_up_after=self.config.retry_timeout, what=what, on_retry=count
+            call,
+            give_up_after=self.config.retry_timeout,
+            what=what,
+            on_retry=count,
+            max_wait=READER_MAX_WAIT if reader else DEFAULT_MAX_WAIT,
         )
 
     def script_call(

@@ -43,6 +43,8 @@ class ScriptHost(Protocol):
         what: str,
         call: Callable[[], Awaitable[T]],
         on_error: Callable[[BaseException], None] | None = None,
+        *,
+        reader: bool = False,
     ) -> T: ...
 
     async def call_script(

@@ -227,7 +227,10 @@ class InboxReader(BackgroundReader):
         # for more, short reads carry the shrinking backlog to Redis.
         block = BLOCK_SECONDS if local.waiting() and not local.queued() else SHORT_BLOCK_SECONDS
         entries = await layer.with_retry(
-            f"read inbox {self.key!r}", partial(self._read, block), on_error=self.lost_connection
+            f"read inbox {self.key!r}",
+            partial(self._read, block),
+            on_error=self.lost_connection,
+            reader=True,
         )
         await self._report_back()
         position, dispatch = self.inbox.position, self.inbox.dispatch

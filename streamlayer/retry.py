@@ -19,6 +19,8 @@ from .exceptions import RedisAccessDenied, RedisOutOfMemory, RedisUnavailable
 
 __all__ = [
     "ACCESS_ERRORS",
+    "DEFAULT_MAX_WAIT",
+    "READER_MAX_WAIT",
     "TRANSIENT_ERRORS",
     "access_denied",
     "is_out_of_memory",
@@ -85,7 +87,11 @@ def _retryable(error: BaseException) -> bool:
 
 
 _INITIAL_WAIT = 0.05
-_MAX_WAIT = 1.0
+DEFAULT_MAX_WAIT = 1.0
+#: An inbox reader that lost Redis retries sooner: when Redis comes back empty, the
+#: reader is what restores its process's group memberships, and every group send
+#: that reaches the empty Redis before it does finds those members gone.
+READER_MAX_WAIT = 0.2
 #: A background connection (a Pub/Sub subscriber) waits longer between attempts:
 #: nobody is blocked on it, and a server that is down is not hammered.
 _MAX_WAIT_FOREVER = 2.0
@@ -102,8 +108,10 @@ async def retry_transient(
     give_up_after: float,
     what: str,
     on_retry: Callable[[BaseException], None] | None = None,
+    max_wait: float = DEFAULT_MAX_WAIT,
 ) -> T:
-    """Await ``call()``, retrying transient errors for up to ``give_up_after`` seconds.
+    """Await ``call()``, retrying transient errors for up to ``give_up_after`` seconds
+    (backoff with jitter from 50 ms up to ``max_wait`` between attempts).
 
     The first attempt runs outside tenacity so the happy path costs nothing.
     ``what`` names the operation and the server in the final error message.
@@ -113,7 +121,7 @@ async def retry_transient(
     them (the one place they are told apart from a blip).
     """
     try:
-        return await _retried(call, give_up_after, what, on_retry)
+        return await _retried(call, give_up_after, what, on_retry, max_wait)
     except ACCESS_ERRORS as denied:
         raise access_denied(what, denied) from denied
     except redis_errors.ResponseError as refused:
@@ -127,6 +135,7 @@ async def _retried(
     give_up_after: float,
     what: str,
     on_retry: Callable[[BaseException], None] | None,
+    max_wait: float,
 ) -> T:
     try:
         return await call()
@@ -145,7 +154,7 @@ async def _retried(
 
     retrying = tenacity.AsyncRetrying(
         retry=tenacity.retry_if_exception(_retryable),
-        wait=_backoff(_MAX_WAIT),
+        wait=_backoff(max_wait),
         stop=tenacity.stop_after_delay(give_up_after),
         after=_notify,
         reraise=False,

@@ -131,7 +131,7 @@ class _InboxReader(BackgroundReader):
         if not layer.local.waiting():
             return False
         popped = await layer.with_retry(
-            f"read inbox {self.key!r}", self._pop, on_error=self.lost_connection
+            f"read inbox {self.key!r}", self._pop, on_error=self.lost_connection, reader=True
         )
         if self.disconnected or self._data_lost:
             if not self.disconnected:
