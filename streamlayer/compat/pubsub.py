@@ -53,7 +53,8 @@ _DEFAULT_HEARTBEAT = 5.0
 
 class _LoopPresence:
     """Everything the layer holds in one event loop: local queues, which channels and
-    groups are subscribed here, and one subscriber per shard."""
+    groups are subscribed here, and one subscriber per shard (on a Redis Cluster, per
+    node owning subscribed channels)."""
 
     def __init__(self, layer: RedisPubSubChannelLayer) -> None:
         self.layer = layer
@@ -121,7 +122,12 @@ class _LoopPresence:
                     future.set_exception(exc)
             logger.error("Pub/Sub channel %r moved and could not follow: %r", name, exc)
             return
-        subscriber.adopt(name, confirmations)
+        if name in self.channels or name in self.groups:
+            subscriber.adopt(name, confirmations)
+            return
+        for future in confirmations:  # released meanwhile: nobody wants it any more
+            if not future.done():
+                future.set_result(None)
 
     async def add_channel(self, channel: str) -> None:
         """Subscribe ``channel`` here. Known at once, so what arrives while the
