@@ -293,8 +293,10 @@ class StreamsChannelLayer(StoredLayer):
             STREAM_GROUP_SEND_KNOWN, shard, keys, self._appending(args), idempotent=True
         )
         outcome = known_send_outcome(await self.with_retry(what, call))
-        if isinstance(outcome, list) and call.attempts > 1:
-            return _Replan(outcome, tags, batch)
+        if isinstance(outcome, list):
+            # The second trip sends the batch serialized here (not again: encryption
+            # is the costly part), with this attempt's tags only if it may have landed.
+            return _Replan(outcome, tags if call.attempts > 1 else None, batch)
         return outcome
 
     async def send_to_members(
@@ -412,12 +414,12 @@ class StreamsChannelLayer(StoredLayer):
 
 
 class _Replan(list[str]):
-    """A group's members now, answered to a one-trip group send whose attempt may
-    have landed before they changed, with that attempt's dedup tag per destination
-    stream and its serialized batch: the second trip reuses them, so it finds what
-    the attempt appended (the same bytes under the same tags)."""
+    """A group's members now, answered to a one-trip group send whose members changed,
+    with its serialized batch and, when its attempt may have landed before they
+    changed, that attempt's dedup tag per destination stream: the second trip reuses
+    them, so it finds what the attempt appended (the same bytes under the same tags)."""
 
-    def __init__(self, members: list[str], tags: dict[str, str], batch: Batch) -> None:
+    def __init__(self, members: list[str], tags: dict[str, str] | None, batch: Batch) -> None:
         super().__init__(members)
         self.tags = tags
         self.batch = batch

@@ -35,6 +35,18 @@ async def old_then_new(layer: Any, channels: list[str], wait: float) -> None:
         await layer.send(channel, {"type": "new"})
 
 
+async def both_kinds(
+    make_layer: LayerFactory, layer: Any, first: str, second: str
+) -> tuple[list[str], list[str]]:
+    """Channels named ``first`` and ``second``: a process-specific one each, and on
+    layers that queue, a normal one each."""
+    ones, twos = [await layer.new_channel(first)], [await layer.new_channel(second)]
+    if keeps(make_layer, "queueing"):
+        ones.append(f"{first}-jobs")
+        twos.append(f"{second}-jobs")
+    return ones, twos
+
+
 def test_patterns_are_validated_and_the_first_match_wins() -> None:
     config = LayerConfig.from_options(
         {
@@ -70,11 +82,7 @@ async def test_short_expiry_channels_expire_while_the_others_keep(
     pattern are gone after it, the others' are delivered."""
     layer = make_layer(expiry=60, channel_expiry={"progress*": SHORT})
     assert layer.get_expiry("progress-1") == SHORT and layer.get_expiry("chat") == 60
-    short = [await layer.new_channel("progress")]
-    other = [await layer.new_channel("chat")]
-    if keeps(make_layer, "queueing"):
-        short.append("progress-jobs")
-        other.append("chat-jobs")
+    short, other = await both_kinds(make_layer, layer, "progress", "chat")
     await old_then_new(layer, short + other, SHORT + 0.5)
     for channel in short:
         assert await recv(layer, channel) == {"type": "new"}, channel
@@ -116,11 +124,7 @@ async def test_a_longer_channel_expiry_outlives_the_default(make_layer: LayerFac
         channel_expiry={"slow*": 30},
         symmetric_encryption_keys=["k" * 32],
     )
-    slow = [await layer.new_channel("slow")]
-    fast = [await layer.new_channel("fast")]
-    if keeps(make_layer, "queueing"):
-        slow.append("slow-jobs")
-        fast.append("fast-jobs")
+    slow, fast = await both_kinds(make_layer, layer, "slow", "fast")
     await old_then_new(layer, slow + fast, SHORT + 0.5)
     for channel in slow:
         assert await recv(layer, channel) == {"type": "old"}, channel
