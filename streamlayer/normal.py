@@ -47,6 +47,9 @@ T = TypeVar("T")
 #: The consumer group every process joins on a normal channel's stream.
 CONSUMER_GROUP = "streamlayer"
 _CLAIM_BATCH = 16
+#: How many handed-over entry ids each normal channel remembers; a failover loses at
+#: most the acknowledgements of the last replication lag, far fewer than this.
+_DELIVERED_MEMORY = 4096
 
 
 class NormalHost(LayerHost, Protocol):
@@ -79,6 +82,20 @@ class _Channel:
     acks: dict[bytes, asyncio.Future[bool]] = field(default_factory=dict)
     #: Entries whose last acknowledgement failed: it may have landed without a reply.
     unsure_acks: set[bytes] = field(default_factory=set)
+    #: Entries this process handed over lately, oldest first (values unused).
+    delivered: dict[bytes, None] = field(default_factory=dict)
+
+    def remember_delivered(self, entry_id: bytes) -> None:
+        """Remember a handed-over entry, so one Redis gives us again is skipped.
+
+        A failover to a replica that had not yet received our acknowledgement
+        (replication is asynchronous) brings the entry back into our pending list;
+        the reconnected read finds it there. Redis forgot the acknowledgement, so
+        only this process can tell the entry was delivered.
+        """
+        self.delivered[entry_id] = None
+        if len(self.delivered) > _DELIVERED_MEMORY:
+            del self.delivered[next(iter(self.delivered))]
 
 
 class NormalChannels:
@@ -293,6 +310,11 @@ class NormalChannels:
         del state.acks[entry_id]
         state.unsure_acks.discard(entry_id)
         state.in_flight.discard(entry_id)
+        if ours and entry_id in state.delivered:
+            self.layer.count("duplicates")  # Redis lost our acknowledgement (a failover)
+            return None
+        if ours:
+            state.remember_delivered(entry_id)
         return self._message(channel, entry, bool(ours))
 
     def _message(self, channel: str, entry: Entry, ours: bool) -> dict[str, Any] | None:

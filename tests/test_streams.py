@@ -318,6 +318,35 @@ async def test_an_entry_taken_over_while_held_is_not_delivered_twice(
     await b.close()
 
 
+async def test_an_entry_whose_acknowledgement_redis_lost_is_not_delivered_again(
+    fresh_server: RedisServer,
+) -> None:
+    """A failover to a replica that had not yet replicated our read and acknowledgement
+    gives the entry back to the group as unread. Here the stream is put back as it was
+    before the read (DUMP, then RESTORE after the delivery), which is what such a
+    replica holds: the entry is read again, acknowledged, and not handed over twice."""
+    layer = StreamsChannelLayer(hosts=[fresh_server.url], prefix="lost-ack")
+    key = "lost-ack:s:chan:{jobs}"
+    await layer.send("jobs", {"type": "job", "n": 0})
+    assert await recv(layer, "jobs") == {"type": "job", "n": 0}  # the group exists
+    await layer.send("jobs", {"type": "job", "n": 1})
+    with fresh_server.client() as client:
+        before = client.dump(key)
+        assert before is not None
+        assert await recv(layer, "jobs") == {"type": "job", "n": 1}
+        client.restore(key, 0, before, replace=True)
+        assert client.xlen(key) == 1, "the delivered entry is back"
+    await layer.send("jobs", {"type": "job", "n": 2})
+    assert await recv(layer, "jobs") == {"type": "job", "n": 2}
+    assert layer.stats.duplicates == 1
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(layer.receive("jobs"), 0.3)
+    with fresh_server.client() as client:
+        assert client.xlen(key) == 0, "the copy was acknowledged and deleted"
+    await layer.flush()
+    await layer.close()
+
+
 async def test_consumers_of_departed_workers_are_forgotten(fresh_server: RedisServer) -> None:
     """A worker that received and left stays a consumer of the group only until it has
     been idle for max(6 x claim_after, 4 x the blocking read)."""
