@@ -61,8 +61,8 @@ class LayerStats:
     consumer left; never a message of a live channel, which no queue limit drops);
     decode_errors: corrupt or undecryptable
     entries skipped; retries: Redis operations retried after a transient error;
-    duplicates: copies a retried send made, and entries Redis gave out again after a
-    failover lost their acknowledgement, dropped; redelivered: normal-channel
+    duplicates: copies a retried send made, and normal-channel messages given out again
+    after a failover forgot their delivery, dropped; redelivered: normal-channel
     entries taken over from a crashed worker; reconnects: inbox readers that lost
     Redis.
     """

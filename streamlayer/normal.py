@@ -47,8 +47,8 @@ T = TypeVar("T")
 #: The consumer group every process joins on a normal channel's stream.
 CONSUMER_GROUP = "streamlayer"
 _CLAIM_BATCH = 16
-#: How many handed-over entry ids each normal channel remembers; a failover loses at
-#: most the acknowledgements of the last replication lag, far fewer than this.
+#: How many handed-over entries each normal channel remembers; a failover forgets at
+#: most what the last replication lag held, far fewer than this.
 _DELIVERED_MEMORY = 4096
 
 
@@ -82,20 +82,24 @@ class _Channel:
     acks: dict[bytes, asyncio.Future[bool]] = field(default_factory=dict)
     #: Entries whose last acknowledgement failed: it may have landed without a reply.
     unsure_acks: set[bytes] = field(default_factory=set)
-    #: Entries this process handed over lately, oldest first (values unused).
+    #: Dedup tags of the entries this process handed over lately, oldest first.
     delivered: dict[bytes, None] = field(default_factory=dict)
 
-    def remember_delivered(self, entry_id: bytes) -> None:
-        """Remember a handed-over entry, so one Redis gives us again is skipped.
+    def delivered_before(self, tag: bytes) -> bool:
+        """Whether an entry with dedup tag ``tag`` was handed over lately; remembers it.
 
-        A failover to a replica that had not yet received our acknowledgement
-        (replication is asynchronous) brings the entry back into our pending list;
-        the reconnected read finds it there. Redis forgot the acknowledgement, so
-        only this process can tell the entry was delivered.
+        Redis replicates asynchronously, so a failover can forget what this process
+        did in the master's last milliseconds: an acknowledgement (the entry comes
+        back, unread or pending to us) or a send whose first attempt we delivered
+        (the sender's retry, not finding it, appends it again). Either copy carries
+        the tag of the one delivered, and only this process still knows it was.
         """
-        self.delivered[entry_id] = None
+        if tag in self.delivered:
+            return True
+        self.delivered[tag] = None
         if len(self.delivered) > _DELIVERED_MEMORY:
             del self.delivered[next(iter(self.delivered))]
+        return False
 
 
 class NormalChannels:
@@ -310,11 +314,9 @@ class NormalChannels:
         del state.acks[entry_id]
         state.unsure_acks.discard(entry_id)
         state.in_flight.discard(entry_id)
-        if ours and entry_id in state.delivered:
-            self.layer.count("duplicates")  # Redis lost our acknowledgement (a failover)
+        if ours and state.delivered_before(entry[1].get(b"i") or entry_id):
+            self.layer.count("duplicates")  # a failover lost what we did with it
             return None
-        if ours:
-            state.remember_delivered(entry_id)
         return self._message(channel, entry, bool(ours))
 
     def _message(self, channel: str, entry: Entry, ours: bool) -> dict[str, Any] | None:

@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 
 from streamlayer import StreamsChannelLayer
+from streamlayer.entries import Batch
 from streamlayer.keys import stream_inbox_key
+from streamlayer.scripts import STREAM_APPEND
 from streamlayer.testing import RedisServer
 
 
@@ -318,24 +320,45 @@ async def test_an_entry_taken_over_while_held_is_not_delivered_twice(
     await b.close()
 
 
-async def test_an_entry_whose_acknowledgement_redis_lost_is_not_delivered_again(
-    fresh_server: RedisServer,
+@pytest.mark.parametrize("lost", ["acknowledgement", "send"])
+async def test_a_delivered_message_a_failover_forgot_is_not_delivered_again(
+    fresh_server: RedisServer, lost: str
 ) -> None:
-    """A failover to a replica that had not yet replicated our read and acknowledgement
-    gives the entry back to the group as unread. Here the stream is put back as it was
-    before the read (DUMP, then RESTORE after the delivery), which is what such a
-    replica holds: the entry is read again, acknowledged, and not handed over twice."""
-    layer = StreamsChannelLayer(hosts=[fresh_server.url], prefix="lost-ack")
-    key = "lost-ack:s:chan:{jobs}"
+    """Redis replicates asynchronously: a failover can promote a replica that has not
+    seen what the master did in its last milliseconds. Here the stream is put back as
+    it was before (DUMP, then RESTORE after the delivery), as such a replica holds it.
+
+    * acknowledgement: the replica had the entry, not our read and acknowledgement of
+      it: the entry is unread again, and read again;
+    * send: the replica never had the entry (which we received from the master), and
+      the sender, whose reply the failover cut, retries: the copy is appended again,
+      with the same dedup tag.
+
+    Either way the copy is acknowledged and dropped, not handed over twice."""
+    layer = StreamsChannelLayer(hosts=[fresh_server.url], prefix="lost")
+    key, delivered_key = "lost:s:chan:{jobs}", "lost:s:done:{jobs}"
     await layer.send("jobs", {"type": "job", "n": 0})
     assert await recv(layer, "jobs") == {"type": "job", "n": 0}  # the group exists
-    await layer.send("jobs", {"type": "job", "n": 1})
     with fresh_server.client() as client:
+        if lost == "acknowledgement":
+            await layer.send("jobs", {"type": "job", "n": 1})
         before = client.dump(key)
         assert before is not None
+        if lost == "send":
+            await layer.send("jobs", {"type": "job", "n": 1})
         assert await recv(layer, "jobs") == {"type": "job", "n": 1}
+        tag = client.zrange(delivered_key, -1, -1)[0]  # STREAM_ACK keeps it
         client.restore(key, 0, before, replace=True)
-        assert client.xlen(key) == 1, "the delivered entry is back"
+        client.delete(delivered_key)  # the replica never had it either
+    if lost == "send":  # the sender's retry, as append_to makes it, same tag
+        channel_key, side, shard = layer.destination("jobs")
+        batch = Batch([layer.serialize({"type": "job", "n": 1})])
+        record = [tag, "", layer.get_capacity("jobs"), layer.expiry_ms("jobs"), ""]
+        args = [*batch.args(), *record]
+        assert await layer.append("retry", STREAM_APPEND, shard, [channel_key, side], args,
+                                  maybe_landed=True) == 0  # fmt: skip
+    with fresh_server.client() as client:
+        assert client.xlen(key) == 1, "the delivered message is back"
     await layer.send("jobs", {"type": "job", "n": 2})
     assert await recv(layer, "jobs") == {"type": "job", "n": 2}
     assert layer.stats.duplicates == 1
