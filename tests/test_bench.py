@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from streamlayer.testing import RedisServer
 from streamlayer.tools.bench import LAYERS
 from streamlayer.tools.bench.scenarios import SCENARIOS
 
 
+@pytest.mark.timeout(300)  # six processes in turn, each running every scenario small
 def test_quick_bench_runs_every_layer_and_checks_every_message(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -46,7 +49,23 @@ def test_quick_bench_runs_every_layer_and_checks_every_message(
             "group_single_per_second",
             "group_bulk_per_second",
         }
-        assert "client_bytes_per_idle_channel" in measured["memory"]
-        assert ("redis_bytes_per_message" in measured["memory"]) is not broadcast
+        memory = measured["memory"]
+        for figure in ("client_bytes_per_idle_channel", "redis_bytes_per_idle_channel",
+                       "client_bytes_per_member", "redis_bytes_per_member"):  # fmt: skip
+            assert figure in memory, f"{name}: no {figure}"
+        assert ("redis_bytes_per_history_entry" in memory) is (name == "Streams")
+        assert memory["client_bytes_per_member"] > 0
+        if name == "Streams":
+            assert memory["redis_bytes_per_history_entry"] > 0
+        scale = measured["fanout_scale"]
+        for members in (10, 100):
+            for metric in (
+                "per_second",
+                "cpu_us_per_delivery",
+                "commands_per_send",
+                "bytes_per_send",
+            ):
+                assert scale[f"members_{members}_{metric}"] > 0, f"{name}: {members} {metric}"
+        assert ("redis_bytes_per_message" in memory) is not broadcast
     assert "StreamsChannelLayer against the performance targets" in done.stdout
     assert chart.stat().st_size > 10_000

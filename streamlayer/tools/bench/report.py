@@ -12,6 +12,21 @@ from rich.table import Table
 
 __all__ = ["TARGETS", "print_report", "results_table", "target_ratios", "write_plot"]
 
+
+def _scale_rows(members: int) -> list[tuple[str, str, str, bool]]:
+    """The scale curve's rows for a group of ``members`` (sizes not run show nothing)."""
+    size, metric = f"scale: group of {members:,}", f"members_{members}"
+    return [
+        ("fanout_scale", f"{metric}_per_second", f"{size} over 4 processes (deliveries/s)", False),
+        ("fanout_scale", f"{metric}_cpu_us_per_delivery",
+         f"{size}, CPU per delivery, all processes (us)", True),
+        ("fanout_scale", f"{metric}_commands_per_send",
+         f"{size}, Redis commands per group_send", True),
+        ("fanout_scale", f"{metric}_bytes_per_send",
+         f"{size}, network bytes per group_send", True),
+    ]  # fmt: skip
+
+
 #: (scenario, metric, label, lower is better)
 ROWS: list[tuple[str, str, str, bool]] = [
     ("p2p_sequential", "per_second", "p2p sequential (msg/s)", False),
@@ -24,6 +39,7 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("fanout", "members_1000_per_second", "fan-out to 1000 (deliveries/s)", False),
     ("fanout", "members_50_per_second", "fan-out to 50 (deliveries/s)", False),
     ("fanout_spread", "per_second", "fan-out over 4 processes (deliveries/s)", False),
+    *(row for members in (10, 100, 1000, 10_000) for row in _scale_rows(members)),
     ("many_channels", "per_second", "many channels (msg/s)", False),
     ("cross_process", "per_second", "cross-process (msg/s)", False),
     (
@@ -73,6 +89,10 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ),
     ("memory", "redis_bytes_per_message", "Redis bytes per backlogged message", True),
     ("memory", "client_bytes_per_idle_channel", "client bytes per idle channel", True),
+    ("memory", "redis_bytes_per_idle_channel", "Redis bytes per idle channel", True),
+    ("memory", "client_bytes_per_member", "client bytes per group member", True),
+    ("memory", "redis_bytes_per_member", "Redis bytes per group member", True),
+    ("memory", "redis_bytes_per_history_entry", "Redis bytes per retained history entry", True),
 ]
 
 #: Each layer's ratios are against the channels_redis layer of the same kind.
@@ -168,6 +188,8 @@ class Target:
     reference: str
     wanted: str
     ok: Callable[[float], bool]
+    #: The reference layer's metric, when it is not ``metric`` (a layer against itself).
+    reference_metric: str | None = None
 
 
 TARGETS = [
@@ -180,7 +202,14 @@ TARGETS = [
     Target("p2p sequential vs raw unpipelined", "p2p_sequential", "per_second",
            "raw redis-py", ">= 0.8x", lambda r: r >= 0.8),
     Target("fan-out to 200 vs channels_redis pubsub", "fanout", "members_200_per_second",
-           "channels_redis pubsub", ">= 1.2x", lambda r: r >= 1.2),
+           "channels_redis pubsub", ">= 1.5x", lambda r: r >= 1.5),
+    Target("scale: CPU per delivery, group of 10,000 vs of 1,000", "fanout_scale",
+           "members_10000_cpu_us_per_delivery", "Streams", "<= 1.1x (flat or falling)",
+           lambda r: r <= 1.1, "members_1000_cpu_us_per_delivery"),
+    Target("latency p50 vs compat.pubsub", "latency", "p50_us",
+           "compat.pubsub", "<= 1.1x", lambda r: r <= 1.1),
+    Target("latency p99 vs channels_redis pubsub", "latency", "p99_us",
+           "channels_redis pubsub", "<= 1x", lambda r: r <= 1.0),
     Target("latency p50 vs channels_redis pubsub", "latency", "p50_us",
            "channels_redis pubsub", "<= 1x", lambda r: r <= 1.0),
     Target("latency p50 vs raw XADD/XREAD pair", "latency", "p50_us",
@@ -202,7 +231,8 @@ def target_ratios(results: dict[str, Any]) -> list[tuple[Target, float | None]]:
     found: list[tuple[Target, float | None]] = []
     for target in TARGETS:
         ours = figure(results, "Streams", target.scenario, target.metric)
-        theirs = figure(results, target.reference, target.scenario, target.metric)
+        metric = target.reference_metric or target.metric
+        theirs = figure(results, target.reference, target.scenario, metric)
         found.append((target, ours / theirs if ours is not None and theirs else None))
     return found
 

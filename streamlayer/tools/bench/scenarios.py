@@ -15,7 +15,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SCENARIOS", "BenchError", "Scenario", "Sizes", "close_layer", "stall_burst"]
+__all__ = [
+    "SCENARIOS",
+    "BenchError",
+    "Scenario",
+    "Sizes",
+    "close_layer",
+    "join_all",
+    "stall_burst",
+]
 
 BODY = "x" * 200
 #: How long any one wait for a message may take before the run is declared broken.
@@ -35,8 +43,11 @@ class Sizes:
     per_sender: int = 100
     worker_messages: int = 4000
     latency_rounds: int = 2000
-    fanout_members: tuple[int, ...] = (200, 1000)
-    fanout_sends: int = 200
+    fanout_members: tuple[int, ...] = (200,)
+    fanout_sends: int = 50
+    #: The scale curve: group sizes spread over the receiving processes, and sends.
+    scale_members: tuple[int, ...] = (10, 1000, 10_000)
+    scale_sends: int = 20
     many_channels: int = 1000
     per_channel: int = 5
     cross_process: int = 5000
@@ -52,6 +63,9 @@ class Sizes:
     #: group's members.
     bulk_messages: int = 1000
     bulk_members: int = 10
+    #: Idle channels, group members and retained history entries the memory figures
+    #: are measured over.
+    memory_items: int = 10_000
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -63,6 +77,8 @@ class Sizes:
             latency_rounds=200,
             fanout_members=(50,),
             fanout_sends=20,
+            scale_members=(10, 100),
+            scale_sends=5,
             many_channels=100,
             per_channel=3,
             cross_process=500,
@@ -72,6 +88,8 @@ class Sizes:
             burst_seconds=4.0,
             membership_members=1000,
             membership_rounds=3,
+            bulk_messages=200,
+            memory_items=500,
         )
 
 
@@ -104,6 +122,24 @@ async def close_layer(layer: Any, flush: bool = True) -> None:
                 continue
             await close()
             break
+
+
+#: Joins made at once: channels_redis' connection pool refuses many more.
+_JOINS_AT_ONCE = 50
+
+
+async def join_all(layer: Any, group: str, channels: list[str], presence: bool = False) -> None:
+    """Add every one of ``channels`` to ``group``, ``_JOINS_AT_ONCE`` at a time; with
+    ``presence``, each with a presence record of its own."""
+    for start in range(0, len(channels), _JOINS_AT_ONCE):
+        joins = channels[start : start + _JOINS_AT_ONCE]
+        if presence:
+            calls = [
+                layer.group_add(group, c, presence={"n": start + i}) for i, c in enumerate(joins)
+            ]
+        else:
+            calls = [layer.group_add(group, c) for c in joins]
+        await _wait(asyncio.gather(*calls))
 
 
 async def _wait(awaitable: Awaitable[Any]) -> Any:
@@ -377,13 +413,7 @@ async def membership(layer: Any, sizes: Sizes) -> Metrics:
     group = f"bench-members-{time.monotonic_ns()}"
     count = sizes.membership_members
     channels = [await layer.new_channel() for _ in range(count)]
-    for start in range(0, count, 500):
-        joins = channels[start : start + 500]
-        await _wait(
-            asyncio.gather(
-                *(layer.group_add(group, c, presence={"n": i}) for i, c in enumerate(joins))
-            )
-        )
+    await join_all(layer, group, channels, presence=True)
     calls: dict[str, Callable[[], Awaitable[Any]]] = {
         "group_size_ms": lambda: layer.group_size(group),
         "group_channels_ms": lambda: layer.group_channels(group),

@@ -20,17 +20,22 @@ from typing import Any
 import redis
 
 from .raw import RAW_SCENARIOS
-from .scenarios import BODY, SCENARIOS, BenchError, Metrics, Sizes, close_layer, stall_burst
+from .scenarios import (
+    BODY,
+    SCENARIOS,
+    BenchError,
+    Metrics,
+    Sizes,
+    close_layer,
+    join_all,
+    stall_burst,
+)
 from .sync_calls import sync_calls, sync_floor
 
 __all__ = ["main"]
 
 #: How long the sync callers' process may take (two loops of calls and a member).
 _SYNC_TIMEOUT = 600.0
-
-#: Backlog and idle-channel counts of the memory figures.
-MEMORY_MESSAGES = 10_000
-MEMORY_CHANNELS = 10_000
 
 
 def load_layer_class(path: str) -> Any:
@@ -60,6 +65,7 @@ async def _run_layer(path: str, url: str, sizes: Sizes, broadcast: bool) -> dict
             await close_layer(layer)
     results["cross_process"] = await _cross_process(path, url, sizes.cross_process)
     results["fanout_spread"] = await _fanout_spread(path, url, sizes, broadcast)
+    results["fanout_scale"] = await _fanout_scale(path, url, sizes, broadcast)
     results["burst"] = await _burst(path, url, sizes)
     return results
 
@@ -106,7 +112,7 @@ async def _cross_process(path: str, url: str, count: int) -> Metrics | dict[str,
         await close_layer(layer)
 
 
-#: Receiving processes of the spread fan-out.
+#: Receiving processes of the spread fan-out and of the scale curve.
 SPREAD_PROCESSES = 4
 
 
@@ -116,12 +122,42 @@ async def _fanout_spread(
     """One group whose members live in SPREAD_PROCESSES other OS processes (the size of
     the first fan-out, split evenly), ``fanout_sends`` group_sends from this one;
     deliveries per second from the first send to the last receive anywhere."""
-    members = sizes.fanout_members[0]
+    try:
+        spread = await _spread(path, url, sizes.fanout_members[0], sizes.fanout_sends, broadcast)
+    except BenchError as exc:
+        return {"error": str(exc)}
+    return {"per_second": spread["per_second"], "processes": SPREAD_PROCESSES}
+
+
+async def _fanout_scale(
+    path: str, url: str, sizes: Sizes, broadcast: bool
+) -> Metrics | dict[str, str]:
+    """The scale curve: a group of each size in ``scale_members``, spread over
+    SPREAD_PROCESSES receiving processes, ``scale_sends`` group_sends each. Per size:
+    deliveries/s, CPU microseconds per delivery on our side (the sender's and every
+    receiver's, from the first send to the last receive), and Redis commands and
+    network bytes (in and out) per group_send, from the server's counters."""
+    metrics: Metrics = {}
+    for members in sizes.scale_members:
+        try:
+            spread = await _spread(path, url, members, sizes.scale_sends, broadcast)
+        except BenchError as exc:
+            return {"error": f"{members} members: {exc}"}
+        for name, value in spread.items():
+            metrics[f"members_{members}_{name}"] = value
+    return metrics
+
+
+async def _spread(
+    path: str, url: str, members: int, sends: int, broadcast: bool
+) -> dict[str, float]:
+    """``members`` members split over SPREAD_PROCESSES processes, ``sends`` group_sends
+    from this one; raises BenchError when a member missed, doubled or reordered one."""
     per_process = max(1, members // SPREAD_PROCESSES)
     group = f"bench-spread-{time.monotonic_ns()}"
     layer = make_layer(path, url, "bench-spread", capacity=100_000)
     command = [sys.executable, "-m", "streamlayer.tools.bench.worker", "members", path, url, group]
-    command += [str(per_process), str(sizes.fanout_sends)]
+    command += [str(per_process), str(sends)]
     children = [
         await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
         for _ in range(SPREAD_PROCESSES)
@@ -130,20 +166,28 @@ async def _fanout_spread(
         for child in children:  # each says "ready" once its members are in the group
             line = await _line_of(child)
             if line.strip() != b"ready":
-                return {"error": f"a member process failed to start: {line!r}"}
+                raise BenchError(f"a member process failed to start: {line!r}")
         if broadcast:
             await asyncio.sleep(0.2)  # let Pub/Sub subscriptions settle (no event to wait on)
-        started = time.time()
-        for n in range(sizes.fanout_sends):
-            await layer.group_send(group, {"type": "bench.fanout", "n": n, "body": BODY})
-        reports = []
-        for child in children:
-            reports.append(json.loads(await _line_of(child)))
+        with redis.Redis.from_url(url) as client:
+            before = _server_counters(client)
+            started, cpu_started = time.time(), time.process_time()
+            for n in range(sends):
+                await layer.group_send(group, {"type": "bench.fanout", "n": n, "body": BODY})
+            cpu = time.process_time() - cpu_started
+            reports = [json.loads(await _line_of(child)) for child in children]
+            after = _server_counters(client)
         if not all(report["ok"] for report in reports):
-            return {"error": "spread fan-out: a member lost, duplicated or reordered messages"}
+            raise BenchError("spread fan-out: a member lost, duplicated or reordered messages")
         finished = max(float(report["done"]) for report in reports)
-        delivered = per_process * SPREAD_PROCESSES * sizes.fanout_sends
-        return {"per_second": delivered / (finished - started), "processes": SPREAD_PROCESSES}
+        delivered = per_process * SPREAD_PROCESSES * sends
+        cpu += sum(float(report["cpu"]) for report in reports)
+        return {
+            "per_second": delivered / (finished - started),
+            "cpu_us_per_delivery": cpu * 1e6 / delivered,
+            "commands_per_send": (after[0] - before[0]) / sends,
+            "bytes_per_send": (after[1] - before[1]) / sends,
+        }
     finally:
         for child in children:
             if child.returncode is None:
@@ -152,19 +196,33 @@ async def _fanout_spread(
         await close_layer(layer)
 
 
+def _server_counters(client: redis.Redis) -> tuple[int, int]:
+    """Commands the server ran (every client's, INFO's own included) and the bytes it
+    read and wrote on the network, so far."""
+    commands = client.info("commandstats")
+    stats = client.info("stats")
+    calls = sum(int(entry["calls"]) for entry in commands.values())
+    return calls, int(stats["total_net_input_bytes"]) + int(stats["total_net_output_bytes"])
+
+
 async def _line_of(child: asyncio.subprocess.Process) -> bytes:
     if child.stdout is None:
         raise BenchError("a member process has no stdout")
-    return await asyncio.wait_for(child.stdout.readline(), 60)
+    return await asyncio.wait_for(child.stdout.readline(), _CHILD_WAIT)
+
+
+#: How long a member process may take to get ready, or to receive everything.
+_CHILD_WAIT = 300.0
 
 
 async def _members_here(path: str, url: str, group: str, count: int, sends: int) -> None:
-    """The receiving side of the spread fan-out: ``count`` members of ``group``."""
+    """The receiving side of a spread fan-out: ``count`` members of ``group``; reports
+    whether each got every message in order, when the last arrived, and the CPU
+    seconds this process spent from "ready" to then."""
     layer = make_layer(path, url, "bench-spread", capacity=100_000)
     try:
         channels = [await layer.new_channel() for _ in range(count)]
-        for channel in channels:
-            await layer.group_add(group, channel)
+        await join_all(layer, group, channels)
 
         async def member(channel: str) -> bool:
             got = [(await layer.receive(channel))["n"] for _ in range(sends)]
@@ -172,9 +230,11 @@ async def _members_here(path: str, url: str, group: str, count: int, sends: int)
 
         receiving = [asyncio.ensure_future(member(c)) for c in channels]
         await asyncio.sleep(0)  # every receive() is waiting (or subscribing) before "ready"
+        cpu_started = time.process_time()
         print("ready", flush=True)
-        ok = all(await asyncio.wait_for(asyncio.gather(*receiving), 60))
-        print(json.dumps({"ok": ok, "done": time.time()}), flush=True)
+        ok = all(await asyncio.wait_for(asyncio.gather(*receiving), _CHILD_WAIT))
+        done, cpu = time.time(), time.process_time() - cpu_started
+        print(json.dumps({"ok": ok, "done": done, "cpu": cpu}), flush=True)
     finally:
         await close_layer(layer, flush=False)
 
@@ -189,52 +249,112 @@ async def _send_from_here(path: str, url: str, channel: str, count: int) -> None
         await close_layer(layer, flush=False)
 
 
-async def _memory(path: str, url: str, broadcast: bool) -> dict[str, float]:
-    """Redis bytes per backlogged message, and client bytes per idle channel (a
-    channel with a receive() waiting on it, as a connected consumer has)."""
+async def _memory(path: str, url: str, broadcast: bool, count: int) -> dict[str, float]:
+    """Memory at scale, in bytes: Redis per backlogged message; per idle channel (a
+    channel with a receive() waiting on it, as a connected consumer has) on the
+    Python heap and in Redis; per group member on both; per retained history entry
+    in Redis (only layers that keep a group's history)."""
     figures: dict[str, float] = {}
     if not broadcast:  # Pub/Sub keeps no backlog in Redis: nothing to measure
-        figures.update(await _backlog_bytes(path, url))
-    figures.update(await _idle_channel_bytes(path, url))
+        figures.update(await _backlog_bytes(path, url, count))
+    figures.update(await _idle_channel_bytes(path, url, count))
+    figures.update(await _member_bytes(path, url, count))
+    if path == "streamlayer.StreamsChannelLayer":
+        figures.update(await _history_bytes(path, url, count))
     return figures
 
 
-async def _backlog_bytes(path: str, url: str) -> dict[str, float]:
+async def _backlog_bytes(path: str, url: str, count: int) -> dict[str, float]:
     figures: dict[str, float] = {}
     with redis.Redis.from_url(url) as client:
-        layer = make_layer(path, url, "bench-memory", capacity=MEMORY_MESSAGES * 2)
+        layer = make_layer(path, url, "bench-memory", capacity=count * 2)
         try:
             channel = await layer.new_channel()
             before = int(client.info("memory")["used_memory"])
-            for i in range(MEMORY_MESSAGES):
+            for i in range(count):
                 await layer.send(channel, {"type": "bench.m", "i": i, "body": BODY})
             after = int(client.info("memory")["used_memory"])
-            figures["redis_bytes_per_message"] = (after - before) / MEMORY_MESSAGES
+            figures["redis_bytes_per_message"] = (after - before) / count
         finally:
             await close_layer(layer)
     return figures
 
 
-async def _idle_channel_bytes(path: str, url: str) -> dict[str, float]:
+async def _idle_channel_bytes(path: str, url: str, count: int) -> dict[str, float]:
+    """``count`` idle channels in one process. Redis' share is its whole
+    ``used_memory`` growth: a Pub/Sub layer's channels are subscriptions, no key."""
     figures: dict[str, float] = {}
     layer = make_layer(path, url, "bench-idle", capacity=100)
     try:
-        gc.collect()
-        tracemalloc.start()
-        baseline = tracemalloc.get_traced_memory()[0]
-        channels = [await layer.new_channel() for _ in range(MEMORY_CHANNELS)]
-        waiting = [asyncio.ensure_future(layer.receive(c)) for c in channels]
-        for _ in range(20):  # let every receive reach its wait (bounded)
-            await asyncio.sleep(0.05)
-        used = tracemalloc.get_traced_memory()[0] - baseline
-        tracemalloc.stop()
-        figures["client_bytes_per_idle_channel"] = used / MEMORY_CHANNELS
+        with redis.Redis.from_url(url) as client:
+            gc.collect()
+            tracemalloc.start()
+            baseline = tracemalloc.get_traced_memory()[0]
+            redis_before = int(client.info("memory")["used_memory"])
+            channels = [await layer.new_channel() for _ in range(count)]
+            waiting = [asyncio.ensure_future(layer.receive(c)) for c in channels]
+            for _ in range(20):  # let every receive reach its wait (bounded)
+                await asyncio.sleep(0.05)
+            used = tracemalloc.get_traced_memory()[0] - baseline
+            tracemalloc.stop()
+            redis_used = int(client.info("memory")["used_memory"]) - redis_before
+        figures["client_bytes_per_idle_channel"] = used / count
+        figures["redis_bytes_per_idle_channel"] = redis_used / count
         for task in waiting:
             task.cancel()
         await asyncio.gather(*waiting, return_exceptions=True)
     finally:
         await close_layer(layer)
     return figures
+
+
+async def _member_bytes(path: str, url: str, count: int) -> dict[str, float]:
+    """One group of ``count`` members of this process: what the joins added to
+    the Python heap (the channels existed before) and to the layer's keys in Redis
+    (MEMORY USAGE; a Pub/Sub layer keeps its groups in the process)."""
+    layer = make_layer(path, url, "bench-members", capacity=100)
+    group = "bench-members"
+    try:
+        with redis.Redis.from_url(url) as client:
+            channels = [await layer.new_channel() for _ in range(count)]
+            gc.collect()
+            tracemalloc.start()
+            baseline = tracemalloc.get_traced_memory()[0]
+            redis_before = _keys_bytes(client, "bench-members")
+            await join_all(layer, group, channels)
+            used = tracemalloc.get_traced_memory()[0] - baseline
+            tracemalloc.stop()
+            redis_used = _keys_bytes(client, "bench-members") - redis_before
+    finally:
+        await close_layer(layer)
+    return {
+        "client_bytes_per_member": used / count,
+        "redis_bytes_per_member": redis_used / count,
+    }
+
+
+async def _history_bytes(path: str, url: str, count: int) -> dict[str, float]:
+    """``count`` group_sends to a group keeping that many in its history and
+    with no member: the layer's keys in Redis (MEMORY USAGE) per retained entry."""
+    cls = load_layer_class(path)
+    layer = cls(hosts=[url], prefix="bench-history", group_history=count)
+    try:
+        with redis.Redis.from_url(url) as client:
+            before = _keys_bytes(client, "bench-history")
+            for i in range(count):
+                await layer.group_send("bench-room", {"type": "bench.m", "i": i, "body": BODY})
+            used = _keys_bytes(client, "bench-history") - before
+    finally:
+        await close_layer(layer)
+    return {"redis_bytes_per_history_entry": used / count}
+
+
+def _keys_bytes(client: redis.Redis, prefix: str) -> int:
+    """The exact MEMORY USAGE of every key under ``prefix``, summed."""
+    total = 0
+    for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        total += int(client.memory_usage(key, samples=0) or 0)
+    return total
 
 
 async def _run_raw(url: str, sizes: Sizes) -> dict[str, Any]:
@@ -319,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_sync_calls(args.path, args.url, args.count, args.broadcast)))
         return 0
     raw_sizes = json.loads(args.sizes)
-    sizes = Sizes(**{**raw_sizes, "fanout_members": tuple(raw_sizes["fanout_members"])})
+    tuples = {name: tuple(raw_sizes[name]) for name in ("fanout_members", "scale_members")}
+    sizes = Sizes(**{**raw_sizes, **tuples})
     if args.path == "raw":
         results = asyncio.run(_run_raw(args.url, sizes))
     else:
@@ -328,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         args.path, args.url, sizes.sync_calls, args.broadcast
     )
     if args.path != "raw" and args.memory:
-        results["memory"] = asyncio.run(_memory(args.path, args.url, args.broadcast))
+        results["memory"] = asyncio.run(
+            _memory(args.path, args.url, args.broadcast, sizes.memory_items)
+        )
     print(json.dumps({"pid": os.getpid(), "sizes": asdict(sizes), "results": results}))
     return 0
 
