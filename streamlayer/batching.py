@@ -6,7 +6,11 @@ consumers sending at once pay that fifty times and wait for fifty round trips.
 A :class:`ShardBatcher` (one per shard and event loop) lets the first call of a
 quiet moment go straight out, so a lone send costs one round trip and nothing
 more; calls made while others are on their way are queued, and every call
-queued in the same event-loop turn leaves as one pipeline. Each caller still
+queued in the same event-loop turn leaves as one pipeline. Lone calls go on one
+connection the batcher borrowed from the pool and keeps (they come one at a
+time, by definition), written and read by :func:`~streamlayer.redispy.exchange`:
+no lending per call, no redis-py command machinery, the cheapest round trip
+there is for a request/reply exchange. Each caller still
 awaits its own result: a script's reply, or its own error (a ``ChannelFull``
 decision is just a reply, so it stays per caller).
 
@@ -35,9 +39,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError
 
 from .exceptions import LayerClosed
+from .redispy import exchange, lend_connection
 from .scripts import LuaScript
 
 __all__ = ["ShardBatcher"]
@@ -64,6 +70,8 @@ class ShardBatcher:
         self._queue: list[_Call] = []
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        #: The connection lone calls go on, borrowed (see the module docstring).
+        self._own: AbstractConnection | None = None
         #: How many pipelines left, and how many calls they carried (for stats and tests).
         self.pipelines = 0
         self.pipelined_calls = 0
@@ -84,7 +92,9 @@ class ShardBatcher:
         if not self._pipelining or alone:
             self._in_flight += 1
             try:
-                return await script(self._client, keys, args)
+                if not self._pipelining:  # a cluster client routes each call itself
+                    return await script(self._client, keys, args)
+                return await self._call_alone(script, keys, args)
             finally:
                 self._in_flight -= 1
         future: asyncio.Future[Any] = self._loop.create_future()
@@ -96,6 +106,36 @@ class ShardBatcher:
             task.add_done_callback(self._tasks.discard)
         self._queue.append(_Call(script, keys, args, future))
         return await future
+
+    async def _call_alone(
+        self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]
+    ) -> Any:
+        """One call on the batcher's own connection (opened when missing or broken)."""
+        connection = self._own
+        if connection is None:
+            connection = self._own = await lend_connection(self._client.connection_pool)
+        elif not connection.is_connected:
+            await connection.connect()  # type: ignore[no-untyped-call]
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        (reply,) = await exchange(connection, [command])
+        if isinstance(reply, NoScriptError):
+            # First use on this server, or its script cache was emptied by a restart:
+            # load it and run again in one round trip (calls queued behind this one,
+            # which met the same empty cache, take two and so stay behind it).
+            loaded, reply = await exchange(
+                connection, [("SCRIPT", "LOAD", script.source), command]
+            )
+            if isinstance(loaded, Exception):  # refused (an ACL without SCRIPT LOAD, say)
+                raise loaded
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    async def close(self) -> None:
+        """Hand the lone calls' connection back (its loop's clients are closing)."""
+        connection, self._own = self._own, None
+        if connection is not None:
+            await self._client.connection_pool.release(connection)
 
     async def _send_queued(self) -> None:
         queue, self._queue = self._queue, []

@@ -208,7 +208,10 @@ class _LoopClients:
 
     async def _close_clients(self) -> None:
         clients, extras = list(self.clients.values()), self.extras
+        batchers = list(self.batchers.values())
         self.clients, self.extras, self.batchers = {}, [], {}
+        for batcher in batchers:
+            await batcher.close()
         for client in [*clients, *extras]:
             try:
                 await _close_client(client)

@@ -13,7 +13,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["Batch", "Entry", "as_bytes", "group_position", "next_stream_id", "stream_entries"]
+__all__ = [
+    "Batch",
+    "Entry",
+    "as_bytes",
+    "group_position",
+    "next_stream_id",
+    "raw_stream_entries",
+    "stream_entries",
+]
 
 #: An entry as redis-py returns it: its id and its fields.
 Entry = tuple[bytes, dict[bytes, bytes]]
@@ -55,6 +63,22 @@ def stream_entries(response: Any) -> list[Entry]:
     for entry_id, fields in entries:
         if entry_id is not None:
             result.append((as_bytes(entry_id), fields or {}))
+    return result
+
+
+def raw_stream_entries(response: Any) -> list[Entry]:
+    """The entries of the one stream in an XREAD reply as the connection read it, with
+    no reply callback: each entry's fields a flat list of names and values."""
+    if not response:
+        return []
+    streams = list(response.values()) if isinstance(response, dict) else [r[1] for r in response]
+    if not streams:
+        return []
+    result: list[Entry] = []
+    for entry_id, fields in streams[0]:
+        if entry_id is not None:
+            pairs = dict(zip(fields[::2], fields[1::2], strict=True)) if fields else {}
+            result.append((as_bytes(entry_id), pairs))
     return result
 
 

@@ -31,14 +31,24 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import NoScriptError
 
-from .entries import Entry, as_bytes, group_position, next_stream_id, sent_ms, stream_entries
+from .entries import (
+    Entry,
+    as_bytes,
+    group_position,
+    next_stream_id,
+    raw_stream_entries,
+    sent_ms,
+    stream_entries,
+)
 from .history import POSITION_KEY, position_tag
 from .host import LayerHost
 from .keys import stream_inbox_key, stream_inbox_state_key
 from .local import LocalChannels
 from .reader import BLOCK_SECONDS, BackgroundReader, reusable_task
+from .redispy import exchange, lend_connection
 from .scripts import STREAM_INBOX_ADVANCE
 
 __all__ = ["Inbox", "InboxPosition", "RecentTags"]
@@ -205,6 +215,8 @@ class InboxReader(BackgroundReader):
         self._back: bool | None = None
         #: When a receiver last waited (the reader stops after LINGER_SECONDS without).
         self._wanted_at = time.monotonic()
+        self._connection: AbstractConnection | None = None
+        self._pool: ConnectionPool | None = None
         super().__init__(self.layer, self.key)
 
     async def step(self) -> bool:
@@ -264,13 +276,10 @@ class InboxReader(BackgroundReader):
             or since_write * 2000 > self.layer.key_ttl_ms
         )
 
-    def _queue_bookkeeping(self, pipe: Any) -> None:
-        """Record our position, trim the entries handed on and report the backlogs, in
-        one script that also returns the cursor's previous value (did Redis lose the
-        inbox?)."""
-        pipe.evalsha(STREAM_INBOX_ADVANCE.sha, 2, self.state_key, self.key, *self._advance_args())
-
     def _advance_args(self) -> list[Any]:
+        """STREAM_INBOX_ADVANCE's arguments: record our position, trim the entries
+        handed on and report the backlogs (the script returns the cursor's previous
+        value: did Redis lose the inbox?)."""
         position = self.inbox.position
         # If the reply is lost, Redis may hold this value or the previous one: both
         # are ours (see _cursor_intact).
@@ -344,22 +353,44 @@ class InboxReader(BackgroundReader):
         self._bookkeeping_done(await STREAM_INBOX_ADVANCE(client, keys, self._advance_args()))
 
     async def _read(self, block_seconds: float) -> list[Entry]:
-        """Bookkeeping (when due) and the blocking XREAD in one round trip; on a Redis
-        Cluster, whose pipelines refuse scripts, in two."""
+        """Bookkeeping (when due) and the blocking XREAD in one round trip, on the
+        reader's own connection; on a Redis Cluster, whose pipelines refuse scripts, in
+        two, through the cluster client."""
         layer, position = self.layer, self.inbox.position
-        client = layer.connections.client(self.shard)
         block = int(layer.connections.block_timeout(self.shard, block_seconds) * 1000)
-        streams: dict[Any, Any] = {self.key: position.last_id}
         due = self._bookkeeping_due()
-        if due and layer.connections.is_cluster:
-            await self._advance()
-        if not due or layer.connections.is_cluster:
+        if layer.connections.is_cluster:
+            if due:
+                await self._advance()
+            client = layer.connections.client(self.shard)
+            streams: dict[Any, Any] = {self.key: position.last_id}
             return stream_entries(await client.xread(streams, count=READ_BATCH, block=block))
-        pipe = client.pipeline(transaction=False)
-        self._queue_bookkeeping(pipe)
-        pipe.xread(streams, count=READ_BATCH, block=block)
-        stored, response = await pipe.execute(raise_on_error=False)
-        if isinstance(response, Exception):
-            raise response
-        await self._bookkeeping_result(stored)
-        return stream_entries(response)
+        xread = ("XREAD", "COUNT", READ_BATCH, "BLOCK", block, "STREAMS", self.key)
+        commands = [(*xread, position.last_id)]
+        if due:
+            advance = ("EVALSHA", STREAM_INBOX_ADVANCE.sha, 2, self.state_key, self.key)
+            commands.insert(0, (*advance, *self._advance_args()))
+        replies = await exchange(await self._own_connection(), commands)
+        if isinstance(replies[-1], Exception):
+            raise replies[-1]
+        if due:
+            await self._bookkeeping_result(replies[0])
+        return raw_stream_entries(replies[-1])
+
+    async def _own_connection(self) -> AbstractConnection:
+        """The connection this reader's reads go on: borrowed from the shard's pool
+        for the reader's life, its replies read without redis-py's per-command
+        machinery. A failed read closed it; the next one connects it again."""
+        connection = self._connection
+        if connection is None:
+            pool = self.layer.connections.client(self.shard).connection_pool
+            connection = await lend_connection(pool)
+            self._connection, self._pool = connection, pool
+        elif not connection.is_connected:
+            await connection.connect()  # type: ignore[no-untyped-call]
+        return connection
+
+    async def release(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None and self._pool is not None:
+            await self._pool.release(connection)

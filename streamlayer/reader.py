@@ -99,6 +99,10 @@ class BackgroundReader(ABC):
     async def step(self) -> bool:
         """Read and dispatch one batch; False when nobody waits any more."""
 
+    async def release(self) -> None:
+        """Close what the reader holds of its own (its connection), once it ends."""
+        return None
+
     async def _run(self) -> None:
         guard = CancelGuard()
         try:
@@ -111,3 +115,5 @@ class BackgroundReader(ABC):
         except Exception as exc:
             logger.error("inbox reader for %s stopped: %r", self.name, exc)
             self._local.fail(exc)
+        finally:
+            await self.release()

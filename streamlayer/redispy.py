@@ -12,6 +12,10 @@ on the oldest redis-py ``pyproject.toml`` allows (``.ci/run``) covers each use:
 - :func:`open_own_connection` and :func:`read_push`: the Pub/Sub subscriber's own
   connection, outside the pool's lending, read with a heartbeat timeout without
   redis-py closing it on a timeout.
+- :func:`lend_connection`: an asyncio pool's connection kept by its borrower.
+- :func:`exchange`: commands written to a connection of one's own as one write, and
+  their replies read back, as a pipeline does without a pipeline's cost (the inbox
+  reader's blocking reads).
 - :func:`lend_sync_connection`: a synchronous pool's connection, to send a command in
   one thread and read its reply later (the sync-caller path, doctor's transaction).
   Its signature changed in redis-py 5.3: the command name was required before and is
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import redis
@@ -31,10 +35,13 @@ from redis import asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection, Connection
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = [
+    "exchange",
     "key_slot",
+    "lend_connection",
     "lend_sync_connection",
     "make_writes_lean",
     "open_own_connection",
@@ -42,14 +49,51 @@ __all__ = [
 ]
 
 
+def _find_hiredis_pack() -> Callable[[tuple[Any, ...]], bytes] | None:
+    """hiredis' packer, if hiredis is installed (it is optional: redis-py's own packer
+    then) and has one (2.0+)."""
+    try:
+        import hiredis
+    except ImportError:
+        return None
+    return cast(
+        "Callable[[tuple[Any, ...]], bytes] | None", getattr(hiredis, "pack_command", None)
+    )
+
+
+_hiredis_pack = _find_hiredis_pack()
+
+
 class _LeanWrites:
-    """Bounds a socket write by ``socket_timeout`` the cheap way.
+    """Bounds a socket write by ``socket_timeout`` the cheap way, and packs commands
+    with hiredis in one call.
 
     redis-py wraps every write in ``asyncio.wait_for``, which runs it as a task of
     its own: measured here at 20-35 us of CPU per command, a third of what a PING
     costs. ``asyncio.timeout`` sets the same bound on the current task for next to
     nothing. Errors are reported exactly as redis-py reports them.
+
+    redis-py, even with hiredis, encodes each argument in Python before hiredis packs
+    them: a dozen function calls per argument, the largest single cost of a script
+    call in the profile of a request/reply exchange (``docs/performance.rst``).
+    hiredis takes the arguments as they are (str as UTF-8, int, float, bytes); anything
+    else, a multi-word command name, or another encoding than UTF-8 goes to
+    redis-py's packer, which also reports a bad argument as redis-py does.
     """
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        connection = cast(Connection, self)
+        first = args[0] if args else b" "
+        if (
+            _hiredis_pack is not None
+            and not (b" " in first if isinstance(first, bytes) else " " in str(first))
+            and _utf8(connection)
+        ):
+            try:
+                return [_hiredis_pack(args)]
+            except TypeError:
+                pass
+        return cast(list[bytes], super().pack_command(*args))  # type: ignore[misc]
 
     async def send_packed_command(
         self, command: bytes | str | Iterable[bytes], check_health: bool = True
@@ -76,6 +120,12 @@ class _LeanWrites:
         except BaseException:
             await connection.disconnect(nowait=True)
             raise
+
+
+def _utf8(connection: Connection) -> bool:
+    encoder = connection.encoder
+    name = encoder.encoding.lower().replace("-", "").replace("_", "")
+    return bool(name == "utf8" and encoder.encoding_errors == "strict")
 
 
 _lean_classes: dict[type[Any], type[Any]] = {}
@@ -144,10 +194,50 @@ async def read_push(connection: AbstractConnection, quiet_for: float) -> Any:
     )
 
 
+async def exchange(connection: AbstractConnection, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Send ``commands`` to ``connection`` (one of the caller's own) as one write and
+    return their replies in order, an error reply as its exception: a pipeline
+    without redis-py's pipeline object, command stack and reply callbacks, which
+    cost the inbox reader about 100 us per read.
+
+    Any failure, a cancellation included, leaves replies unread on the connection:
+    it is closed, and the caller opens a new one."""
+    try:
+        await connection.send_packed_command(connection.pack_commands(commands), False)
+        replies = []
+        for _ in commands:
+            try:
+                replies.append(await connection.read_response())
+            except ResponseError as error:
+                replies.append(error)
+        return replies
+    except BaseException:
+        await connection.disconnect(nowait=True)
+        raise
+
+
 _COMMAND_NAME_REQUIRED = (
     inspect.signature(redis.ConnectionPool.get_connection).parameters["command_name"].default
     is inspect.Parameter.empty
 )
+
+
+_ASYNC_COMMAND_NAME_REQUIRED = (
+    inspect.signature(aioredis.ConnectionPool.get_connection).parameters["command_name"].default
+    is inspect.Parameter.empty
+)
+
+
+async def lend_connection(pool: aioredis.ConnectionPool) -> AbstractConnection:
+    """A connection lent by the asyncio ``pool`` for as long as the caller keeps it (an
+    inbox reader's, a batcher's lone calls'); hand it back with ``pool.release``. A
+    pool lends the connections it made before making more, so a reader started again
+    reuses the last one's instead of opening its own."""
+    if _ASYNC_COMMAND_NAME_REQUIRED:  # redis-py < 5.3
+        connection: AbstractConnection = await pool.get_connection("XREAD")  # type: ignore[no-untyped-call]
+    else:
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    return connection
 
 
 def lend_sync_connection(pool: redis.ConnectionPool, command: str) -> Any:

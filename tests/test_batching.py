@@ -116,6 +116,33 @@ async def test_a_flushed_script_cache_is_reloaded_for_a_pipeline(
         assert client.xlen(stream_inbox_key("batch", layer.process_id)) == 0
 
 
+async def test_a_flushed_script_cache_is_reloaded_for_lone_calls_and_the_reader(
+    layer: StreamsChannelLayer, fresh_server: RedisServer
+) -> None:
+    """A lone send goes on the batcher's own connection, and the inbox reader's
+    bookkeeping script rides with its XREAD on the reader's: after a restart's empty
+    script cache both get NOSCRIPT back and load the script; the XREAD after the failed
+    bookkeeping is read all the same, so neither connection falls out of step."""
+    channel = await layer.new_channel()
+    for i in range(3):
+        await layer.send(channel, {"type": "m", "i": i})
+        assert (await asyncio.wait_for(layer.receive(channel), 10))["i"] == i
+        with fresh_server.client() as client:
+            client.script_flush()
+    pipelines = batcher_of(layer).pipelines
+    for i in range(3, 20):  # one at a time: each goes alone
+        await layer.send(channel, {"type": "m", "i": i})
+        assert (await asyncio.wait_for(layer.receive(channel), 10))["i"] == i
+    assert batcher_of(layer).pipelines == pipelines, "the sends went alone"
+    assert layer.stats.retries == 0
+    with fresh_server.client() as client:
+        for _ in range(100):  # the reader's bookkeeping trims what it handed on (bounded)
+            if client.xlen(stream_inbox_key("batch", layer.process_id)) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert client.xlen(stream_inbox_key("batch", layer.process_id)) == 0
+
+
 @pytest.mark.faults
 @pytest.mark.parametrize("kind", ["specific", "normal"])
 async def test_pipelined_sends_survive_killed_connections(

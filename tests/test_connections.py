@@ -314,3 +314,28 @@ async def test_a_connection_class_of_the_users_sees_every_write(
     finally:
         await layer.flush()
         await layer.close()
+
+
+def test_commands_are_packed_as_redis_py_packs_them() -> None:
+    """The lean connections pack with hiredis in one call; what hiredis cannot take
+    as it is goes to redis-py's packer, with redis-py's error for a bad argument."""
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import DataError
+
+    from streamlayer.redispy import lean_connection_class
+
+    lean, plain = lean_connection_class(Connection)(), Connection()
+    for args in [
+        ("EVALSHA", "abc", 2, "k1", b"k2", 10, 2.5, "é", b"\xff"),
+        ("CLIENT LIST",),  # a multi-word name, split by redis-py
+        ("SET", "k", memoryview(b"v")),
+    ]:
+        assert b"".join(lean.pack_command(*args)) == b"".join(plain.pack_command(*args))
+    for bad in (None, True, [1]):
+        with pytest.raises(DataError):
+            lean.pack_command("SET", "k", bad)
+    latin = lean_connection_class(Connection)(encoding="latin-1")
+    assert (
+        b"".join(latin.pack_command("SET", "k", "é"))
+        == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n\xe9\r\n"
+    )
