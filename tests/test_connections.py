@@ -19,7 +19,10 @@ from streamlayer.connections import consistent_hash
 from streamlayer.testing import RedisServer, SentinelSetup, free_port
 from streamlayer.tools.demo import CountingConnection
 
-from .layers import layer_class
+from .layers import LAYERS, PUBSUB, layer_class
+
+#: The layers that store what they accepted (what a Pub/Sub subscriber misses is gone).
+STORED = [path for path in LAYERS if path != PUBSUB]
 
 
 def incumbent_hash(value: str, ring_size: int) -> int:
@@ -339,3 +342,60 @@ def test_commands_are_packed_as_redis_py_packs_them() -> None:
         b"".join(latin.pack_command("SET", "k", "é"))
         == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n\xe9\r\n"
     )
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("size", [200, 8 * 1024 * 1024])
+@pytest.mark.parametrize("stored_path", STORED)
+async def test_a_stopped_server_fails_sends_within_the_socket_timeout(
+    fresh_server: RedisServer, stored_path: str, size: int
+) -> None:
+    """SIGSTOP: the server reads nothing and answers nothing, the sockets stay open. A
+    small write goes out without a timer of its own (it cannot wait); a large one
+    fills the socket and waits under ``socket_timeout``; either way the reply never
+    comes, and the send gives up after ``retry_timeout``, then works once the server
+    is back. (The stored layers: on Pub/Sub what is published while the subscriber
+    reconnects is lost by design.)"""
+    import signal
+    import time
+
+    from streamlayer import RedisUnavailable
+
+    host = {"address": fresh_server.url, "socket_timeout": 0.5}
+    layer = layer_class(stored_path)(hosts=[host], prefix="stopped", retry_timeout=1.5)
+    channel = await layer.new_channel()
+    got: list[str] = []
+
+    async def receiver() -> None:
+        for _ in range(100):  # bounded
+            try:
+                got.append((await layer.receive(channel))["type"])
+            except RedisUnavailable:  # the reader gave up on the stopped server: receive again
+                continue
+            if got[-1] == "after":
+                return
+
+    receiving = asyncio.ensure_future(receiver())
+    await asyncio.sleep(0.2)  # the receive waits (Pub/Sub: subscribed)
+    await layer.send(channel, {"type": "warm-up"})
+    assert fresh_server.process is not None
+    fresh_server.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable):
+            await asyncio.wait_for(layer.send(channel, {"type": "m", "body": "x" * size}), 30)
+        assert time.monotonic() - started < 10, "the send waited past its bounds"
+    finally:
+        fresh_server.process.send_signal(signal.SIGCONT)
+    for _ in range(100):  # the layer finds the server again (bounded)
+        try:
+            await layer.send(channel, {"type": "after"})
+            break
+        except RedisUnavailable:
+            continue
+    await asyncio.wait_for(receiving, 30)
+    # The refused send's bytes may have reached the server's socket before it stopped:
+    # its fate is unknown to the sender, so it may or may not have landed.
+    assert got in (["warm-up", "after"], ["warm-up", "m", "after"])
+    await layer.flush()
+    await layer.close()
