@@ -43,7 +43,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError
 
 from .exceptions import LayerClosed
-from .redispy import exchange, lend_connection
+from .redispy import exchange, give_back, lend_connection
 from .scripts import LuaScript
 
 __all__ = ["ShardBatcher"]
@@ -135,7 +135,7 @@ class ShardBatcher:
         """Hand the lone calls' connection back (its loop's clients are closing)."""
         connection, self._own = self._own, None
         if connection is not None:
-            await self._client.connection_pool.release(connection)
+            await give_back(self._client.connection_pool, connection)
 
     async def _send_queued(self) -> None:
         queue, self._queue = self._queue, []
@@ -185,7 +185,13 @@ class ShardBatcher:
                 call.future.set_result(result)
 
     async def _pipeline(self, calls: list[_Call]) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False)
-        for call in calls:
-            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-        return list(await pipe.execute(raise_on_error=False))
+        """The calls' EVALSHAs as one write on a connection lent by the pool, their
+        replies read back (an error reply as its exception): a pipeline without
+        redis-py's pipeline object."""
+        commands = [("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args) for c in calls]
+        pool = self._client.connection_pool
+        connection = await lend_connection(pool)
+        try:
+            return await exchange(connection, commands)
+        finally:
+            await give_back(pool, connection)

@@ -48,7 +48,7 @@ from .host import LayerHost
 from .keys import stream_inbox_key, stream_inbox_state_key
 from .local import LocalChannels
 from .reader import BLOCK_SECONDS, BackgroundReader, reusable_task
-from .redispy import exchange, lend_connection
+from .redispy import exchange, give_back, lend_connection
 from .scripts import STREAM_INBOX_ADVANCE
 
 __all__ = ["Inbox", "InboxPosition", "RecentTags"]
@@ -393,4 +393,4 @@ class InboxReader(BackgroundReader):
     async def release(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None and self._pool is not None:
-            await self._pool.release(connection)
+            await give_back(self._pool, connection)

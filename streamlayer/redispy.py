@@ -40,6 +40,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = [
     "exchange",
+    "give_back",
     "key_slot",
     "lend_connection",
     "lend_sync_connection",
@@ -254,12 +255,20 @@ async def lend_connection(pool: aioredis.ConnectionPool) -> AbstractConnection:
     """A connection lent by the asyncio ``pool`` for as long as the caller keeps it (an
     inbox reader's, a batcher's lone calls'); hand it back with ``pool.release``. A
     pool lends the connections it made before making more, so a reader started again
-    reuses the last one's instead of opening its own."""
+    reuses the last one's instead of opening its own. Return it with :func:`give_back`."""
     if _ASYNC_COMMAND_NAME_REQUIRED:  # redis-py < 5.3
         connection: AbstractConnection = await pool.get_connection("XREAD")  # type: ignore[no-untyped-call]
     else:
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
     return connection
+
+
+async def give_back(pool: aioredis.ConnectionPool, connection: AbstractConnection) -> None:
+    """Return a connection :func:`lend_connection` lent (closed or not: the pool
+    connects it again before lending it out)."""
+    released: Any = pool.release(connection)
+    if inspect.isawaitable(released):  # a coroutine since redis-py 5.0; a plain call before
+        await released
 
 
 def lend_sync_connection(pool: redis.ConnectionPool, command: str) -> Any:

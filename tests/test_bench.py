@@ -30,7 +30,13 @@ def test_quick_bench_runs_every_layer_and_checks_every_message(
     for name, (_path, broadcast) in LAYERS.items():
         measured = results[name]
         if name == "raw redis-py":
-            assert set(measured) == {"p2p_sequential", "p2p_concurrent", "latency", "sync_calls"}
+            assert set(measured) == {
+                "p2p_sequential",
+                "p2p_concurrent",
+                "p2p_concurrent_awaited",
+                "latency",
+                "sync_calls",
+            }
             assert measured["sync_calls"]["per_second"] > 0  # asgiref's floor
             continue
         for scenario in SCENARIOS:

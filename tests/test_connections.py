@@ -319,13 +319,22 @@ async def test_a_connection_class_of_the_users_sees_every_write(
         await layer.close()
 
 
-def test_commands_are_packed_as_redis_py_packs_them() -> None:
+@pytest.mark.parametrize("hiredis", [True, False])
+def test_commands_are_packed_as_redis_py_packs_them(
+    hiredis: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The lean connections pack with hiredis in one call; what hiredis cannot take
-    as it is goes to redis-py's packer, with redis-py's error for a bad argument."""
+    as it is goes to redis-py's packer, with redis-py's error for a bad argument.
+    Without hiredis (an optional extra) redis-py's packer does it all."""
     from redis.asyncio.connection import Connection
     from redis.exceptions import DataError
 
+    from streamlayer import redispy
     from streamlayer.redispy import lean_connection_class
+
+    assert redispy._hiredis_pack is not None, "the test extra installs hiredis"
+    if not hiredis:
+        monkeypatch.setattr(redispy, "_hiredis_pack", None)
 
     lean, plain = lean_connection_class(Connection)(), Connection()
     for args in [

@@ -1,8 +1,10 @@
 """The floor: the same workloads with bare redis-py stream commands, no layer.
 
 What a Redis-backed layer in Python cannot beat on this machine: XADD and a
-batched blocking XREAD, unpipelined (one round trip per send) and pipelined by
-100 (the practical ceiling for many concurrent senders).
+batched blocking XREAD, unpipelined (one round trip per send), pipelined by
+100 (the practical ceiling for many concurrent senders), and awaited one by one
+but pipelined across the senders (the ceiling for sends awaited each, as a
+channel layer's are).
 """
 
 from __future__ import annotations
@@ -94,6 +96,70 @@ async def raw_concurrent(url: str, sizes: Sizes) -> Metrics:
         await reader.aclose()
 
 
+async def raw_concurrent_awaited(url: str, sizes: Sizes) -> Metrics:
+    """Each sender awaits each of its XADDs, as a channel layer's caller awaits each
+    send; the XADDs all senders issue in one event-loop turn leave as one pipeline
+    (what automatic pipelining can do with awaited sends)."""
+    client, reader = aioredis.Redis.from_url(url), aioredis.Redis.from_url(url)
+    keys = [_key(f"a{n}") for n in range(sizes.senders)]
+    count = sizes.per_sender
+    batcher = _XaddBatcher(client)
+    try:
+        await client.ping()
+        reading = asyncio.ensure_future(_read_all(reader, keys, count, time.monotonic() + 60))
+
+        async def sender(key: str) -> None:
+            for i in range(count):
+                await batcher.xadd(key, i)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(sender(k) for k in keys))
+        got = await reading
+        elapsed = time.perf_counter() - started
+        if any(got[k] != list(range(count)) for k in keys):
+            raise BenchError("raw concurrent, awaited: lost or reordered")
+        return {"per_second": len(keys) * count / elapsed}
+    finally:
+        await client.delete(*keys)
+        await client.aclose()
+        await reader.aclose()
+
+
+class _XaddBatcher:
+    """XADDs queued in one loop turn leave as one pipeline; each caller awaits its own."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+        self._queue: list[tuple[str, int, asyncio.Future[Any]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def xadd(self, key: str, i: int) -> None:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if not self._queue:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._queue.append((key, i, future))
+        await future
+
+    def _flush(self) -> None:
+        queue, self._queue = self._queue, []
+        task = asyncio.ensure_future(self._send(queue))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, queue: list[tuple[str, int, asyncio.Future[Any]]]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for key, i, _ in queue:
+            pipe.xadd(key, {"i": i, "d": BODY})
+        try:
+            await pipe.execute()
+        except Exception as exc:
+            for _, _, future in queue:
+                future.set_exception(exc)
+            return
+        for _, _, future in queue:
+            future.set_result(None)
+
+
 async def raw_latency(url: str, sizes: Sizes) -> Metrics:
     """Ping-pong with XADD + blocking XREAD on each side; one way is half a round."""
     clients = [aioredis.Redis.from_url(url) for _ in range(4)]
@@ -137,6 +203,7 @@ async def raw_latency(url: str, sizes: Sizes) -> Metrics:
 RAW_SCENARIOS: dict[str, Callable[[str, Sizes], Awaitable[Metrics]]] = {
     "p2p_sequential": raw_sequential,
     "p2p_concurrent": raw_concurrent,
+    "p2p_concurrent_awaited": raw_concurrent_awaited,
     "latency": raw_latency,
 }
 

@@ -31,6 +31,12 @@ def _scale_rows(members: int) -> list[tuple[str, str, str, bool]]:
 ROWS: list[tuple[str, str, str, bool]] = [
     ("p2p_sequential", "per_second", "p2p sequential (msg/s)", False),
     ("p2p_concurrent", "per_second", "p2p concurrent (msg/s)", False),
+    (
+        "p2p_concurrent_awaited",
+        "per_second",
+        "raw: p2p concurrent, each XADD awaited, pipelined across senders (msg/s)",
+        False,
+    ),
     ("normal_channel", "per_second", "normal channel, 2 workers (msg/s)", False),
     ("latency", "p50_us", "latency p50 (us)", True),
     ("latency", "p90_us", "latency p90 (us)", True),
