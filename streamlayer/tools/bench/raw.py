@@ -70,54 +70,57 @@ async def raw_sequential(url: str, sizes: Sizes) -> Metrics:
 
 async def raw_concurrent(url: str, sizes: Sizes) -> Metrics:
     """Each sender writes its messages as one pipeline of XADDs (the ceiling)."""
-    client, reader = aioredis.Redis.from_url(url), aioredis.Redis.from_url(url)
-    keys = [_key(f"c{n}") for n in range(sizes.senders)]
-    count = sizes.per_sender
-    try:
-        await client.ping()
-        reading = asyncio.ensure_future(_read_all(reader, keys, count, time.monotonic() + 60))
 
-        async def sender(key: str) -> None:
+    def sender(client: aioredis.Redis) -> Callable[[str], Awaitable[None]]:
+        async def send(key: str) -> None:
             pipe = client.pipeline(transaction=False)
-            for i in range(count):
+            for i in range(sizes.per_sender):
                 pipe.xadd(key, {"i": i, "d": BODY})
             await pipe.execute()
 
-        started = time.perf_counter()
-        await asyncio.gather(*(sender(k) for k in keys))
-        got = await reading
-        elapsed = time.perf_counter() - started
-        if any(got[k] != list(range(count)) for k in keys):
-            raise BenchError("raw concurrent: lost or reordered")
-        return {"per_second": len(keys) * count / elapsed}
-    finally:
-        await client.delete(*keys)
-        await client.aclose()
-        await reader.aclose()
+        return send
+
+    return await _concurrent(url, sizes, "raw concurrent", sender)
 
 
 async def raw_concurrent_awaited(url: str, sizes: Sizes) -> Metrics:
     """Each sender awaits each of its XADDs, as a channel layer's caller awaits each
     send; the XADDs all senders issue in one event-loop turn leave as one pipeline
     (what automatic pipelining can do with awaited sends)."""
+
+    def sender(client: aioredis.Redis) -> Callable[[str], Awaitable[None]]:
+        batcher = _XaddBatcher(client)
+
+        async def send(key: str) -> None:
+            for i in range(sizes.per_sender):
+                await batcher.xadd(key, i)
+
+        return send
+
+    return await _concurrent(url, sizes, "raw concurrent, awaited", sender)
+
+
+async def _concurrent(
+    url: str,
+    sizes: Sizes,
+    what: str,
+    make_sender: Callable[[aioredis.Redis], Callable[[str], Awaitable[None]]],
+) -> Metrics:
+    """``senders`` streams, each written by the sender ``make_sender`` makes, all
+    read by one reader with batched blocking XREADs; msg/s until the last is read."""
     client, reader = aioredis.Redis.from_url(url), aioredis.Redis.from_url(url)
-    keys = [_key(f"a{n}") for n in range(sizes.senders)]
+    keys = [_key(f"c{n}") for n in range(sizes.senders)]
     count = sizes.per_sender
-    batcher = _XaddBatcher(client)
     try:
         await client.ping()
         reading = asyncio.ensure_future(_read_all(reader, keys, count, time.monotonic() + 60))
-
-        async def sender(key: str) -> None:
-            for i in range(count):
-                await batcher.xadd(key, i)
-
+        send = make_sender(client)
         started = time.perf_counter()
-        await asyncio.gather(*(sender(k) for k in keys))
+        await asyncio.gather(*(send(k) for k in keys))
         got = await reading
         elapsed = time.perf_counter() - started
         if any(got[k] != list(range(count)) for k in keys):
-            raise BenchError("raw concurrent, awaited: lost or reordered")
+            raise BenchError(f"{what}: lost or reordered")
         return {"per_second": len(keys) * count / elapsed}
     finally:
         await client.delete(*keys)
