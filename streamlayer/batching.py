@@ -110,7 +110,8 @@ class ShardBatcher:
     async def _call_alone(
         self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]
     ) -> Any:
-        """One call on the batcher's own connection (opened when missing or broken)."""
+        """One call on the lone calls' connection (borrowed at the first; connected
+        again when a failure closed it)."""
         connection = self._own
         if connection is None:
             connection = self._own = await lend_connection(self._client.connection_pool)

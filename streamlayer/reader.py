@@ -100,7 +100,7 @@ class BackgroundReader(ABC):
         """Read and dispatch one batch; False when nobody waits any more."""
 
     async def release(self) -> None:
-        """Close what the reader holds of its own (its connection), once it ends."""
+        """Hand back what the reader holds for its life (a borrowed connection)."""
         return None
 
     async def _run(self) -> None:
