@@ -39,11 +39,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError
 
 from .exceptions import LayerClosed
-from .redispy import exchange, give_back, lend_connection
+from .redispy import KeptConnection, evalsha, exchange, give_back, lend_connection
 from .scripts import LuaScript
 
 __all__ = ["ShardBatcher"]
@@ -71,7 +70,7 @@ class ShardBatcher:
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         #: The connection lone calls go on, borrowed (see the module docstring).
-        self._own: AbstractConnection | None = None
+        self._own = KeptConnection(lambda: client)
         #: How many pipelines left, and how many calls they carried (for stats and tests).
         self.pipelines = 0
         self.pipelined_calls = 0
@@ -110,14 +109,9 @@ class ShardBatcher:
     async def _call_alone(
         self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]
     ) -> Any:
-        """One call on the lone calls' connection (borrowed at the first; connected
-        again when a failure closed it)."""
-        connection = self._own
-        if connection is None:
-            connection = self._own = await lend_connection(self._client.connection_pool)
-        elif not connection.is_connected:
-            await connection.connect()  # type: ignore[no-untyped-call]
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        """One call on the lone calls' kept connection."""
+        connection = await self._own.get()
+        command = evalsha(script.sha, keys, args)
         (reply,) = await exchange(connection, [command])
         if isinstance(reply, NoScriptError):
             # First use on this server, or its script cache was emptied by a restart:
@@ -134,9 +128,7 @@ class ShardBatcher:
 
     async def close(self) -> None:
         """Hand the lone calls' connection back (its loop's clients are closing)."""
-        connection, self._own = self._own, None
-        if connection is not None:
-            await give_back(self._client.connection_pool, connection)
+        await self._own.give_back()
 
     async def _send_queued(self) -> None:
         queue, self._queue = self._queue, []
@@ -189,7 +181,7 @@ class ShardBatcher:
         """The calls' EVALSHAs as one write on a connection lent by the pool, their
         replies read back (an error reply as its exception): a pipeline without
         redis-py's pipeline object."""
-        commands = [("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args) for c in calls]
+        commands = [evalsha(call.script.sha, call.keys, call.args) for call in calls]
         pool = self._client.connection_pool
         connection = await lend_connection(pool)
         try:

@@ -10,12 +10,14 @@ them, so the layout is read in one place.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
     "Batch",
     "Entry",
+    "RecentTags",
     "as_bytes",
     "group_position",
     "next_stream_id",
@@ -52,7 +54,8 @@ class Batch:
 
 def stream_entries(response: Any) -> list[Entry]:
     """The entries of the one stream in an XREAD / XREADGROUP reply, whatever its shape
-    (RESP2 list of [key, entries], RESP3 dict); deleted entries come back as (id, {})."""
+    (RESP2 list of [key, entries], RESP3 dict) after redis-py's reply callback;
+    deleted entries come back as (id, {})."""
     if not response:
         return []
     streams = list(response.values()) if isinstance(response, dict) else [r[1] for r in response]
@@ -67,15 +70,15 @@ def stream_entries(response: Any) -> list[Entry]:
 
 
 def raw_stream_entries(response: Any) -> list[Entry]:
-    """The entries of the one stream in an XREAD reply as the connection read it, with
-    no reply callback: each entry's fields a flat list of names and values."""
+    """The entries of the one stream in an XREAD reply as a connection read it, with no
+    reply callback (see redispy.exchange): each entry's fields a flat list of names
+    and values. Not :func:`stream_entries`: a raw reply of one entry has the very
+    shape that function unwraps as RESP3's legacy wrapping."""
     if not response:
         return []
     streams = list(response.values()) if isinstance(response, dict) else [r[1] for r in response]
-    if not streams:
-        return []
     result: list[Entry] = []
-    for entry_id, fields in streams[0]:
+    for entry_id, fields in streams[0] if streams else []:
         if entry_id is not None:
             pairs = dict(zip(fields[::2], fields[1::2], strict=True)) if fields else {}
             result.append((as_bytes(entry_id), pairs))
@@ -104,3 +107,21 @@ def group_position(fields: dict[bytes, bytes]) -> tuple[str | None, str]:
 
 def as_bytes(value: Any) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
+
+
+class RecentTags:
+    """The dedup tags of the last ``size`` entries handed on: a copy a retried send
+    made, or one a failover gave out again, is seen before and dropped."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._size = size
+        self._tags: OrderedDict[bytes, None] = OrderedDict()
+
+    def seen(self, tag: bytes) -> bool:
+        """True if ``tag`` was seen before; remembers it otherwise."""
+        if tag in self._tags:
+            return True
+        self._tags[tag] = None
+        if len(self._tags) > self._size:
+            self._tags.popitem(last=False)
+        return False

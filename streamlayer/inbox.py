@@ -26,16 +26,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import NoScriptError
 
 from .entries import (
     Entry,
+    RecentTags,
     as_bytes,
     group_position,
     next_stream_id,
@@ -48,10 +47,10 @@ from .host import LayerHost
 from .keys import stream_inbox_key, stream_inbox_state_key
 from .local import LocalChannels
 from .reader import BLOCK_SECONDS, BackgroundReader, reusable_task
-from .redispy import exchange, give_back, lend_connection
+from .redispy import KeptConnection, evalsha, exchange
 from .scripts import STREAM_INBOX_ADVANCE
 
-__all__ = ["Inbox", "InboxPosition", "RecentTags"]
+__all__ = ["Inbox", "InboxPosition"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,23 +100,6 @@ class InboxPosition:
     attempted_cursor: str | None = None
     cursor_written_at: float = 0.0
     trimmed_to: str | None = None
-
-
-class RecentTags:
-    """The dedup tags of the last ``size`` entries: drops the copy a retried send made."""
-
-    def __init__(self, size: int = 10_000) -> None:
-        self._size = size
-        self._tags: OrderedDict[bytes, None] = OrderedDict()
-
-    def seen(self, tag: bytes) -> bool:
-        """True if ``tag`` was seen before; remembers it otherwise."""
-        if tag in self._tags:
-            return True
-        self._tags[tag] = None
-        if len(self._tags) > self._size:
-            self._tags.popitem(last=False)
-        return False
 
 
 class Inbox:
@@ -215,8 +197,8 @@ class InboxReader(BackgroundReader):
         self._back: bool | None = None
         #: When a receiver last waited (the reader stops after LINGER_SECONDS without).
         self._wanted_at = time.monotonic()
-        self._connection: AbstractConnection | None = None
-        self._pool: ConnectionPool | None = None
+        #: The connection this reader's reads go on, borrowed for the reader's life.
+        self._connection = KeptConnection(partial(self.layer.connections.client, self.shard))
         super().__init__(self.layer, self.key)
 
     async def step(self) -> bool:
@@ -368,29 +350,14 @@ class InboxReader(BackgroundReader):
         xread = ("XREAD", "COUNT", READ_BATCH, "BLOCK", block, "STREAMS", self.key)
         commands = [(*xread, position.last_id)]
         if due:
-            advance = ("EVALSHA", STREAM_INBOX_ADVANCE.sha, 2, self.state_key, self.key)
-            commands.insert(0, (*advance, *self._advance_args()))
-        replies = await exchange(await self._own_connection(), commands)
+            keys = [self.state_key, self.key]
+            commands.insert(0, evalsha(STREAM_INBOX_ADVANCE.sha, keys, self._advance_args()))
+        replies = await exchange(await self._connection.get(), commands)
         if isinstance(replies[-1], Exception):
             raise replies[-1]
         if due:
             await self._bookkeeping_result(replies[0])
         return raw_stream_entries(replies[-1])
 
-    async def _own_connection(self) -> AbstractConnection:
-        """The connection this reader's reads go on: borrowed from the shard's pool
-        for the reader's life, its replies read without redis-py's per-command
-        machinery. A failed read closed it; the next one connects it again."""
-        connection = self._connection
-        if connection is None:
-            pool = self.layer.connections.client(self.shard).connection_pool
-            connection = await lend_connection(pool)
-            self._connection, self._pool = connection, pool
-        elif not connection.is_connected:
-            await connection.connect()  # type: ignore[no-untyped-call]
-        return connection
-
     async def release(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None and self._pool is not None:
-            await give_back(self._pool, connection)
+        await self._connection.give_back()

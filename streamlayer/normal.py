@@ -31,7 +31,7 @@ from redis.exceptions import ResponseError
 
 from .base import RESERVED_KEY
 from .cancellation import CancelGuard
-from .entries import Entry, as_bytes, group_position, sent_ms, stream_entries
+from .entries import Entry, RecentTags, as_bytes, group_position, sent_ms, stream_entries
 from .history import POSITION_KEY, position_tag
 from .host import LayerHost
 from .keys import stream_channel_key, stream_delivered_key
@@ -82,24 +82,13 @@ class _Channel:
     acks: dict[bytes, asyncio.Future[bool]] = field(default_factory=dict)
     #: Entries whose last acknowledgement failed: it may have landed without a reply.
     unsure_acks: set[bytes] = field(default_factory=set)
-    #: Dedup tags of the entries this process handed over lately, oldest first.
-    delivered: dict[bytes, None] = field(default_factory=dict)
-
-    def delivered_before(self, tag: bytes) -> bool:
-        """Whether an entry with dedup tag ``tag`` was handed over lately; remembers it.
-
-        Redis replicates asynchronously, so a failover can forget what this process
-        did in the master's last milliseconds: an acknowledgement (the entry comes
-        back, unread or pending to us) or a send whose first attempt we delivered
-        (the sender's retry, not finding it, appends it again). Either copy carries
-        the tag of the one delivered, and only this process still knows it was.
-        """
-        if tag in self.delivered:
-            return True
-        self.delivered[tag] = None
-        if len(self.delivered) > _DELIVERED_MEMORY:
-            del self.delivered[next(iter(self.delivered))]
-        return False
+    #: Dedup tags of the entries this process handed over lately. Redis replicates
+    #: asynchronously, so a failover can forget what this process did in the master's
+    #: last milliseconds: an acknowledgement (the entry comes back, unread or pending to
+    #: us) or a send whose first attempt we delivered (the sender's retry, not finding
+    #: it, appends it again). Either copy carries the tag of the one delivered, and
+    #: only this process still knows it was.
+    delivered: RecentTags = field(default_factory=lambda: RecentTags(_DELIVERED_MEMORY))
 
 
 class NormalChannels:
@@ -314,7 +303,7 @@ class NormalChannels:
         del state.acks[entry_id]
         state.unsure_acks.discard(entry_id)
         state.in_flight.discard(entry_id)
-        if ours and state.delivered_before(entry[1].get(b"i") or entry_id):
+        if ours and state.delivered.seen(entry[1].get(b"i") or entry_id):
             self.layer.count("duplicates")  # a failover lost what we did with it
             return None
         return self._message(channel, entry, bool(ours))

@@ -12,7 +12,8 @@ on the oldest redis-py ``pyproject.toml`` allows (``.ci/run``) covers each use:
 - :func:`open_own_connection` and :func:`read_push`: the Pub/Sub subscriber's own
   connection, outside the pool's lending, read with a heartbeat timeout without
   redis-py closing it on a timeout.
-- :func:`lend_connection`: an asyncio pool's connection kept by its borrower.
+- :func:`lend_connection` and :class:`KeptConnection`: an asyncio pool's connection
+  kept by its borrower.
 - :func:`exchange`: commands written to a connection of one's own as one write, and
   their replies read back, as a pipeline does without a pipeline's cost (the inbox
   reader's blocking reads).
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 import redis
@@ -39,6 +40,8 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = [
+    "KeptConnection",
+    "evalsha",
     "exchange",
     "give_back",
     "key_slot",
@@ -88,7 +91,7 @@ class _LeanWrites:
         if (
             _hiredis_pack is not None
             and not (b" " in first if isinstance(first, bytes) else " " in str(first))
-            and _utf8(connection)
+            and _packs_utf8(connection)
         ):
             try:
                 return [_hiredis_pack(args)]
@@ -145,10 +148,16 @@ def _write_cannot_wait(connection: Connection, command: list[bytes]) -> bool:
     return sum(len(chunk) for chunk in command) < _WRITE_THAT_CANNOT_WAIT
 
 
-def _utf8(connection: Connection) -> bool:
-    encoder = connection.encoder
-    name = encoder.encoding.lower().replace("-", "").replace("_", "")
-    return bool(name == "utf8" and encoder.encoding_errors == "strict")
+def _packs_utf8(connection: Connection) -> bool:
+    """Whether the connection encodes str as hiredis does (UTF-8, strict); decided once
+    per connection (its encoder is fixed when it is made), not at every command."""
+    known: bool | None = connection.__dict__.get("_streamlayer_utf8")
+    if known is None:
+        encoder = connection.encoder
+        name = encoder.encoding.lower().replace("-", "").replace("_", "")
+        known = name == "utf8" and encoder.encoding_errors == "strict"
+        connection.__dict__["_streamlayer_utf8"] = known
+    return known
 
 
 _lean_classes: dict[type[Any], type[Any]] = {}
@@ -224,7 +233,7 @@ async def exchange(connection: AbstractConnection, commands: list[tuple[Any, ...
     cost the inbox reader about 100 us per read.
 
     Any failure, a cancellation included, leaves replies unread on the connection:
-    it is closed, and the caller opens a new one."""
+    it is closed (a :class:`KeptConnection` connects it again at its next use)."""
     try:
         await connection.send_packed_command(connection.pack_commands(commands), False)
         replies = []
@@ -261,6 +270,38 @@ async def lend_connection(pool: aioredis.ConnectionPool) -> AbstractConnection:
     else:
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
     return connection
+
+
+def evalsha(sha: str, keys: Sequence[Any], args: Sequence[Any]) -> tuple[Any, ...]:
+    """An EVALSHA command as :func:`exchange` takes it."""
+    return ("EVALSHA", sha, len(keys), *keys, *args)
+
+
+class KeptConnection:
+    """One connection borrowed from ``client``'s pool at its first use and kept until
+    :meth:`give_back`: the inbox reader's for its reads, a batcher's for its lone
+    calls. A failed :func:`exchange` closed it; the next :meth:`get` connects it again.
+    Nothing is touched before the first use (a cluster client has no pool of its own,
+    and its users never call :meth:`get`)."""
+
+    def __init__(self, client: Callable[[], aioredis.Redis]) -> None:
+        self._client = client
+        self._pool: aioredis.ConnectionPool | None = None
+        self._connection: AbstractConnection | None = None
+
+    async def get(self) -> AbstractConnection:
+        connection = self._connection
+        if connection is None:
+            self._pool = self._client().connection_pool
+            connection = self._connection = await lend_connection(self._pool)
+        elif not connection.is_connected:
+            await connection.connect()  # type: ignore[no-untyped-call]
+        return connection
+
+    async def give_back(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None and self._pool is not None:
+            await give_back(self._pool, connection)
 
 
 async def give_back(pool: aioredis.ConnectionPool, connection: AbstractConnection) -> None:
