@@ -249,14 +249,22 @@ class InboxReader(BackgroundReader):
         position = self.inbox.position
         since_write = time.monotonic() - position.cursor_written_at
         return (
-            self.check_redis
+            self._cursor_check_due()
             or position.trimmed_to != position.last_id
             or self.layer.local.has_reports()
-            # Every blocking read's length at least: a FLUSHALL or a failover to an
-            # empty replica breaks no connection, and only the cursor tells.
-            or since_write >= BLOCK_SECONDS
             or since_write * 2000 > self.layer.key_ttl_ms
         )
+
+    def _cursor_check_due(self) -> bool:
+        """Whether the next round trip must find out if Redis lost the inbox: a new
+        reader, one back from a disconnect, and every blocking read's length at least
+        (a FLUSHALL or a failover to an empty replica breaks no connection, and only
+        the cursor tells). Such a round trip reads without blocking: what it finds is
+        acted on before anything waits, because a Redis that lost its data lost this
+        process's group memberships too, and until they are restored nothing is sent
+        to this inbox that could end a blocking read."""
+        since_write = time.monotonic() - self.inbox.position.cursor_written_at
+        return self.check_redis or since_write >= BLOCK_SECONDS
 
     def _advance_args(self) -> list[Any]:
         """STREAM_INBOX_ADVANCE's arguments: record our position, trim the entries
@@ -339,7 +347,9 @@ class InboxReader(BackgroundReader):
         reader's own connection; on a Redis Cluster, whose pipelines refuse scripts, in
         two, through the cluster client."""
         layer, position = self.layer, self.inbox.position
-        block = int(layer.connections.block_timeout(self.shard, block_seconds) * 1000)
+        block: int | None = int(layer.connections.block_timeout(self.shard, block_seconds) * 1000)
+        if self._cursor_check_due():
+            block = None  # see _cursor_check_due
         due = self._bookkeeping_due()
         if layer.connections.is_cluster:
             if due:
@@ -347,7 +357,8 @@ class InboxReader(BackgroundReader):
             client = layer.connections.client(self.shard)
             streams: dict[Any, Any] = {self.key: position.last_id}
             return stream_entries(await client.xread(streams, count=READ_BATCH, block=block))
-        xread = ("XREAD", "COUNT", READ_BATCH, "BLOCK", block, "STREAMS", self.key)
+        blocking = () if block is None else ("BLOCK", block)
+        xread = ("XREAD", "COUNT", READ_BATCH, *blocking, "STREAMS", self.key)
         commands = [(*xread, position.last_id)]
         if due:
             keys = [self.state_key, self.key]

@@ -32,6 +32,11 @@ pytestmark = pytest.mark.faults
 CLIENTS = 40
 RATE = 2.0  # messages per second per client: 80 group sends/s, 3,200 deliveries/s
 _WAIT = 30.0
+#: A message typed this long before the restart has left Redis (been read) by then.
+_IN_FLIGHT = 0.5
+#: Both processes' readers have restored their memberships this long after Redis is
+#: back (they retry every 0.2 s at most, see READER_MAX_WAIT).
+_HEALED_WITHIN = 1.0
 
 
 @dataclass
@@ -43,6 +48,7 @@ class Client:
     seen: list[str] = field(default_factory=list)
     reloads: int = 0
     sent: list[str] = field(default_factory=list)
+    sent_at: dict[str, float] = field(default_factory=dict)
 
     async def listen(self) -> None:
         async for raw in self.socket:
@@ -55,8 +61,12 @@ class Client:
     async def type_for(self, seconds: float, phase: str) -> None:
         deadline = time.monotonic() + seconds
         n = 0
+        # People do not type in step: the clients' sends spread over each interval
+        # (in step, a fault would meet a burst of 40 messages or none).
+        await asyncio.sleep(self.number / CLIENTS / RATE)
         while time.monotonic() < deadline:
             text = f"{phase}-{self.number}-{n}"
+            self.sent_at[text] = time.monotonic()
             await self.socket.send(json.dumps({"text": text, "author": str(self.number)}))
             self.sent.append(text)
             n += 1
@@ -68,6 +78,13 @@ def plain_redis() -> Iterator[RedisServer]:
     server = RedisServer().start()  # no persistence: a restart comes back empty
     yield server
     server.cleanup()
+
+
+def _lost_sent_at(clients: list[Client], phase: str) -> list[float]:
+    """When each message of ``phase`` that some client missed was typed."""
+    sent_at = {t: at for c in clients for t, at in c.sent_at.items() if t.startswith(f"{phase}-")}
+    missed = {t for c in clients for t in set(sent_at) - set(c.seen)}
+    return sorted(sent_at[t] for t in missed)
 
 
 def _report(clients: list[Client], phase: str) -> dict[str, int]:
@@ -149,8 +166,16 @@ async def test_forty_clients_through_a_pause_and_an_empty_restart(
             missing = sorted(last - set(client.seen))
             assert not missing, f"client {client.number} stopped receiving: {missing}"
         # Lost: at most what was in flight around the restart (Redis held or took it
-        # while down); nothing before or long after.
+        # while down, or took it back up before the processes had restored their
+        # memberships); nothing before or long after.
         assert restart["lost"] <= restart["sent"] * CLIENTS * 0.05, restart
+        lost_at = _lost_sent_at(clients, "restart")
+        if lost_at:
+            window = (lost_at[0] - restarted_at, lost_at[-1] - back_at)
+            start, end = window
+            print(f"lost: typed from {start:+.2f} s of the restart to {end:+.2f} s of its end")
+            assert lost_at[0] >= restarted_at - _IN_FLIGHT, window
+            assert lost_at[-1] <= back_at + _HEALED_WITHIN, window
     finally:
         for listener in listeners:
             listener.cancel()

@@ -7,6 +7,7 @@ and normal channels find their consumer group again on every read path.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 
 from streamlayer import ChannelFull, StreamsChannelLayer
 from streamlayer.base import StreamlayerLayer
+from streamlayer.reader import BLOCK_SECONDS
 from streamlayer.testing import RedisServer
 
 from .layers import LAYERS, PUBSUB, layer_class
@@ -90,12 +92,18 @@ async def test_notices_reach_only_the_channels_that_asked(
 async def test_memberships_come_back_after_an_empty_restart(
     layer: StreamlayerLayer, fresh_server: RedisServer
 ) -> None:
+    """Nothing is sent to a process whose memberships Redis lost, so nothing ends its
+    reader's blocking read early: the reader restores them on its way back, well
+    before a blocking read's length (every group send of that spell reaches nobody)."""
     channels = await _joined(layer, 3)
     waiting = [asyncio.ensure_future(until_type(layer, c, "redis.reconnect")) for c in channels]
-    await asyncio.sleep(0.2)  # the receives wait in the reader's blocking read
+    await wait_until_blocked(fresh_server)  # the receives wait in the reader's blocking read
     await asyncio.to_thread(fresh_server.restart)  # no persistence: it comes back empty
+    back = time.monotonic()
     notices = await asyncio.wait_for(asyncio.gather(*waiting), _WAIT)
+    took = time.monotonic() - back
     assert all(n["recovered"] is False for n in notices)
+    assert took < BLOCK_SECONDS / 2, f"memberships restored {took:.2f} s after Redis was back"
     # The notice comes after the memberships are back: a send now reaches everyone.
     await layer.group_send("room", {"type": "after"})
     for channel in channels:

@@ -171,7 +171,10 @@ class _InboxReader(BackgroundReader):
         if self.check_redis or written is None or time.monotonic() - written > _MARK_EVERY:
             await self._mark_alive(client)
         batch = await _zpopmin(client, self.key, READ_BATCH)
-        if batch:
+        if batch or self.disconnected or self._data_lost:
+            # A way back to report returns at once: Redis may have lost this process's
+            # group memberships with its data, and until step() restores them nothing
+            # is sent here that could end a blocking pop.
             return batch
         timeout = self.layer.connections.block_timeout(self.shard, BLOCK_SECONDS)
         result = await _bzpopmin(client, self.key, timeout)
