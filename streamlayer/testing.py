@@ -111,13 +111,25 @@ def free_port() -> int:
 
 
 def free_cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free too."""
+    """A free port whose cluster bus port (port + 10000) is free too, both below the
+    kernel's ephemeral range: a port checked free there can be handed to some
+    client's outgoing connection before the node binds it (two test workers
+    starting clusters at once made their nodes miss each other)."""
     rng = random.Random()
+    top = min(_ephemeral_low(), 65536) - 10000
     for _ in range(200):
-        port = rng.randrange(20000, 55000)
+        port = rng.randrange(10000, max(10001, top))
         if _port_free(port) and _port_free(port + 10000):
             return port
     raise RuntimeError("no free pair of ports for a cluster node")
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _port_free(port: int) -> bool:
@@ -470,6 +482,13 @@ class ClusterSetup:
         return [*self.masters, *self.replicas]
 
     def start(self) -> ClusterSetup:
+        try:
+            return self._start()
+        except BaseException:
+            self.cleanup()  # no node outlives a setup that failed
+            raise
+
+    def _start(self) -> ClusterSetup:
         for server in self.servers:
             server.start()
         first = self.masters[0]

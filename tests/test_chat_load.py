@@ -27,7 +27,7 @@ from .test_chat_e2e import _chat_servers
 
 websockets = pytest.importorskip("websockets")
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.serial]
 
 CLIENTS = 40
 RATE = 2.0  # messages per second per client: 80 group sends/s, 3,200 deliveries/s
