@@ -16,7 +16,6 @@ from streamlayer.tools.bench import LAYERS
 from streamlayer.tools.bench.scenarios import SCENARIOS
 
 
-@pytest.mark.serial  # six processes, each busy: alone, after the others
 @pytest.mark.timeout(300)  # six processes in turn, each running every scenario small
 def test_quick_bench_runs_every_layer_and_checks_every_message(
     redis_server: RedisServer, tmp_path: Path
