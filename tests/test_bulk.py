@@ -200,3 +200,40 @@ async def test_a_bulk_send_is_one_round_trip(fresh_server: RedisServer, path: st
             await send(target, numbered(1000))
             assert CountingConnection.writes - before == 1, send.__name__
             assert await take(receiver, channel, 1000) == list(range(1000))
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    "path", ["streamlayer.StreamsChannelLayer", "streamlayer.compat.core.RedisChannelLayer"]
+)
+async def test_bulk_sends_through_killed_connections_arrive_once(
+    fresh_server: RedisServer, path: str
+) -> None:
+    """Bulk sends and group bulk sends while every connection is killed ten times over:
+    a batch whose reply was lost is retried and stored once, so each receiver gets
+    every message of every batch that returned, exactly once and in order."""
+    cls = layer_class(path)
+    async with layer_factory(
+        lambda **o: cls(hosts=[fresh_server.url], capacity=5000, **o)
+    ) as make:
+        sender, receiver = make(prefix="bulkfaults"), make(prefix="bulkfaults")
+        own, normal = await receiver.new_channel(), "bulk-jobs"
+        await receiver.group_add("bulk-room", own)
+        await receiver.group_add("bulk-room", normal)
+        kill = fresh_server.keep_killing_clients
+        killing = asyncio.ensure_future(asyncio.to_thread(kill, 10, 0.01, ("normal",)))
+        batches = 0
+        while not killing.done() and batches < 40:
+            start = batches * 20
+            await sender.send_bulk(own, numbered(10, start))
+            await sender.group_send_bulk("bulk-room", numbered(10, start + 10))
+            batches += 1
+        await killing
+        assert batches >= 2, "the kills ended before two rounds of bulk sends"
+        assert sender.stats.retries > 0, "no bulk send met a killed connection"
+        expected_own = list(range(batches * 20))
+        expected_normal = [i for i in expected_own if i % 20 >= 10]
+        assert await take(receiver, own, len(expected_own)) == expected_own
+        assert await take(receiver, normal, len(expected_normal)) == expected_normal
+        await assert_empty(receiver, own)
+        await assert_empty(receiver, normal)
