@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -237,3 +238,32 @@ async def test_bulk_sends_through_killed_connections_arrive_once(
         assert await take(receiver, normal, len(expected_normal)) == expected_normal
         await assert_empty(receiver, own)
         await assert_empty(receiver, normal)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    "path", ["streamlayer.StreamsChannelLayer", "streamlayer.compat.core.RedisChannelLayer"]
+)
+async def test_bulk_sends_wait_out_a_pause(fresh_server: RedisServer, path: str) -> None:
+    """A 500 ms CLIENT PAUSE in the middle of a run of bulk sends: the sends wait it
+    out, and everything they accepted arrives once and in order."""
+    cls = layer_class(path)
+    async with layer_factory(
+        lambda **o: cls(hosts=[fresh_server.url], capacity=5000, **o)
+    ) as make:
+        sender, receiver = make(prefix="bulkpause"), make(prefix="bulkpause")
+        own = await receiver.new_channel()
+        await receiver.group_add("bulk-room", own)
+        await sender.send_bulk(own, numbered(10))  # connected and scripts loaded
+        pausing = asyncio.ensure_future(asyncio.to_thread(fresh_server.pause, 500))
+        started, rounds = time.monotonic(), 0
+        while not pausing.done() or rounds < 3:
+            start = 10 + rounds * 20
+            await sender.send_bulk(own, numbered(10, start))
+            await sender.group_send_bulk("bulk-room", numbered(10, start + 10))
+            rounds += 1
+        await pausing
+        assert time.monotonic() - started >= 0.4, "no bulk send waited for the pause"
+        expected = list(range(10 + rounds * 20))
+        assert await take(receiver, own, len(expected)) == expected
+        await assert_empty(receiver, own)

@@ -31,6 +31,14 @@ from channels.testing import WebsocketCommunicator
 ALIAS = "streamlayer-replay"
 
 
+def _joined(scope: dict[str, Any]) -> None:
+    """Tell the test the consumer has joined its groups: the handshake is accepted
+    before the join, and a message sent in between would reach no member."""
+    event = scope.get("test.joined")
+    if event is not None:
+        event.set()
+
+
 class RoomConsumer(ReplayConsumerMixin, AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     channel_layer_alias = ALIAS
     replay_groups = ["room"]
@@ -38,6 +46,7 @@ class RoomConsumer(ReplayConsumerMixin, AsyncJsonWebsocketConsumer):  # type: ig
     async def connect(self) -> None:
         await self.accept()
         await self.join_replay_groups()
+        _joined(self.scope)
 
     async def chat_message(self, event: dict[str, Any]) -> None:
         await self.send_json({"text": event["text"], "position": self.position_of(event)})
@@ -56,6 +65,7 @@ class PlainRoomConsumer(ReplayConsumerMixin, AsyncWebsocketConsumer):  # type: i
     async def connect(self) -> None:
         await self.accept()
         await self.join_replay_groups()
+        _joined(self.scope)
 
     async def chat_message(self, event: dict[str, Any]) -> None:
         await self.send(text_data=f"{self.position_of(event)} {event['text']}")
@@ -86,11 +96,18 @@ async def app(fresh_server: RedisServer) -> AsyncIterator[tuple[StreamsChannelLa
     channel_layers.backends.pop(ALIAS, None)
 
 
-async def connect(since: str | None = None) -> WebsocketCommunicator:
-    path = "/ws/room/" + (f"?since={since}" if since else "")
-    communicator = WebsocketCommunicator(RoomConsumer.as_asgi(), path)
+async def connect(
+    since: str | None = None, consumer: type = RoomConsumer
+) -> WebsocketCommunicator:
+    """A tab connected and its consumer joined (see _joined)."""
+    path = ("/ws/room/" if consumer is RoomConsumer else "/ws/plain/") + (
+        f"?since={since}" if since else ""
+    )
+    communicator = WebsocketCommunicator(consumer.as_asgi(), path)
+    joined = communicator.scope["test.joined"] = asyncio.Event()
     connected, _ = await communicator.connect()
     assert connected
+    await asyncio.wait_for(joined.wait(), 15)
     return communicator
 
 
@@ -173,15 +190,13 @@ async def test_redis_restarting_empty_mid_conversation(
 
 async def test_plain_websocket_consumer(app: Any) -> None:
     _layer, say = app
-    tab = WebsocketCommunicator(PlainRoomConsumer.as_asgi(), "/ws/plain/")
-    assert (await tab.connect())[0]
+    tab = await connect(consumer=PlainRoomConsumer)
     await say("one")
     position, text = (await tab.receive_from(timeout=15)).split(" ", 1)
     assert text == "one"
     await tab.disconnect()
     await say("two")
-    tab = WebsocketCommunicator(PlainRoomConsumer.as_asgi(), f"/ws/plain/?since={position}")
-    assert (await tab.connect())[0]
+    tab = await connect(since=position, consumer=PlainRoomConsumer)
     assert (await tab.receive_from(timeout=15)).split(" ", 1)[1] == "two"
     await tab.disconnect()
 
