@@ -267,3 +267,36 @@ async def test_bulk_sends_wait_out_a_pause(fresh_server: RedisServer, path: str)
         expected = list(range(10 + rounds * 20))
         assert await take(receiver, own, len(expected)) == expected
         await assert_empty(receiver, own)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    "path", ["streamlayer.StreamsChannelLayer", "streamlayer.compat.core.RedisChannelLayer"]
+)
+async def test_bulk_sends_after_an_empty_restart_arrive(
+    fresh_server: RedisServer, path: str
+) -> None:
+    """Redis restarts without its data under a receiving process: once it is back
+    (its reconnect notice), bulk and group bulk sends reach it again, each message
+    once and in order, the group's through the membership the process restored."""
+    from .test_streams import wait_until_blocked
+
+    cls = layer_class(path)
+    notices = {"on_disconnect": "redis.disconnect", "on_reconnect": "redis.reconnect"}
+    async with layer_factory(lambda **o: cls(hosts=[fresh_server.url], **notices, **o)) as make:
+        sender, receiver = make(prefix="bulkreset"), make(prefix="bulkreset")
+        own = await receiver.new_channel()
+        receiver.want_notices(own)
+        await receiver.group_add("bulk-room", own)
+        await sender.group_send_bulk("bulk-room", numbered(10))
+        assert await take(receiver, own, 10) == list(range(10))
+        waiting = asyncio.ensure_future(recv(receiver, own))
+        await wait_until_blocked(fresh_server)
+        await asyncio.to_thread(fresh_server.restart)  # no persistence: back empty
+        assert (await waiting)["type"] == "redis.disconnect"
+        back = await recv(receiver, own)
+        assert (back["type"], back["recovered"]) == ("redis.reconnect", False)
+        await sender.send_bulk(own, numbered(10, 10))
+        await sender.group_send_bulk("bulk-room", numbered(10, 20))
+        assert await take(receiver, own, 20) == list(range(10, 30))
+        await assert_empty(receiver, own)
