@@ -239,7 +239,7 @@ class InboxReader(BackgroundReader):
             await asyncio.sleep(0)
         return True
 
-    def _bookkeeping_due(self) -> bool:
+    def _bookkeeping_due(self, checking: bool) -> bool:
         """Whether the next round trip must also record our position and trim: after
         anything was handed on (senders' capacity checks count what is left in the
         inbox, so a drained channel must take new messages at once), when the cursor
@@ -249,7 +249,7 @@ class InboxReader(BackgroundReader):
         position = self.inbox.position
         since_write = time.monotonic() - position.cursor_written_at
         return (
-            self._cursor_check_due()
+            checking  # the cursor must be checked (see _cursor_check_due)
             or position.trimmed_to != position.last_id
             or self.layer.local.has_reports()
             or since_write * 2000 > self.layer.key_ttl_ms
@@ -347,10 +347,11 @@ class InboxReader(BackgroundReader):
         reader's own connection; on a Redis Cluster, whose pipelines refuse scripts, in
         two, through the cluster client."""
         layer, position = self.layer, self.inbox.position
-        block: int | None = int(layer.connections.block_timeout(self.shard, block_seconds) * 1000)
-        if self._cursor_check_due():
-            block = None  # see _cursor_check_due
-        due = self._bookkeeping_due()
+        checking = self._cursor_check_due()
+        block = None  # see _cursor_check_due
+        if not checking:
+            block = int(layer.connections.block_timeout(self.shard, block_seconds) * 1000)
+        due = self._bookkeeping_due(checking)
         if layer.connections.is_cluster:
             if due:
                 await self._advance()

@@ -116,7 +116,7 @@ def free_cluster_port() -> int:
     client's outgoing connection before the node binds it (two test workers
     starting clusters at once made their nodes miss each other)."""
     rng = random.Random()
-    top = min(_ephemeral_low(), 65536) - 10000
+    top = _ephemeral_low() - 10000
     for _ in range(200):
         port = rng.randrange(10000, max(10001, top))
         if _port_free(port) and _port_free(port + 10000):

@@ -20,6 +20,10 @@ from .conftest import LayerFactory
 from .layers import keeps, layer_class, layer_factory, requires
 
 RECEIVE_TIMEOUT = 10
+#: The layers that keep what they accept in Redis (the fault tests' subjects).
+ON_STORED_LAYERS = pytest.mark.parametrize(
+    "path", ["streamlayer.StreamsChannelLayer", "streamlayer.compat.core.RedisChannelLayer"]
+)
 
 
 async def recv(layer: Any, channel: str) -> dict[str, Any]:
@@ -204,9 +208,7 @@ async def test_a_bulk_send_is_one_round_trip(fresh_server: RedisServer, path: st
 
 
 @pytest.mark.faults
-@pytest.mark.parametrize(
-    "path", ["streamlayer.StreamsChannelLayer", "streamlayer.compat.core.RedisChannelLayer"]
-)
+@ON_STORED_LAYERS
 async def test_bulk_sends_through_killed_connections_arrive_once(
     fresh_server: RedisServer, path: str
 ) -> None:
@@ -241,9 +243,7 @@ async def test_bulk_sends_through_killed_connections_arrive_once(
 
 
 @pytest.mark.faults
-@pytest.mark.parametrize(
-    "path", ["streamlayer.StreamsChannelLayer", "streamlayer.compat.core.RedisChannelLayer"]
-)
+@ON_STORED_LAYERS
 async def test_bulk_sends_wait_out_a_pause(fresh_server: RedisServer, path: str) -> None:
     """A 500 ms CLIENT PAUSE in the middle of a run of bulk sends: the sends wait it
     out, and everything they accepted arrives once and in order."""
@@ -270,9 +270,7 @@ async def test_bulk_sends_wait_out_a_pause(fresh_server: RedisServer, path: str)
 
 
 @pytest.mark.faults
-@pytest.mark.parametrize(
-    "path", ["streamlayer.StreamsChannelLayer", "streamlayer.compat.core.RedisChannelLayer"]
-)
+@ON_STORED_LAYERS
 async def test_bulk_sends_after_an_empty_restart_arrive(
     fresh_server: RedisServer, path: str
 ) -> None:
