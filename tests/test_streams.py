@@ -480,3 +480,40 @@ async def test_the_inbox_is_trimmed_as_it_is_read_and_fully_when_idle(
                 break
             await asyncio.sleep(0.01)
         assert client.xlen(inbox) == 0
+
+
+async def test_replies_to_waiting_receivers_cost_no_bookkeeping_script(
+    layer: StreamsChannelLayer, fresh_server: RedisServer
+) -> None:
+    """A request/reply exchange: each message goes straight to a receiver already
+    waiting, so no backlog moves and the reader trims with a bare XTRIM instead of
+    its bookkeeping script (the script stays for the cursor check and backlogs). The
+    inbox still empties read by read: capacity checks see the true backlog."""
+    ping, pong = await layer.new_channel(), await layer.new_channel()
+    inbox = stream_inbox_key("streams", layer.process_id)
+    rounds = 100
+
+    async def echo() -> None:
+        for _ in range(rounds):
+            message = await layer.receive(ping)
+            await layer.send(pong, {"type": "n", "i": message["i"]})
+
+    def calls(client: Any, command: str) -> int:
+        return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    await layer.send(ping, {"type": "warm"})  # the reader's first read checks the cursor
+    assert (await recv(layer, ping))["type"] == "warm"
+    lengths = []
+    with fresh_server.client() as client:
+        before = calls(client, "evalsha")
+        echoing = asyncio.ensure_future(echo())
+        for i in range(rounds):
+            await layer.send(ping, {"type": "n", "i": i})
+            assert (await recv(layer, pong))["i"] == i
+            lengths.append(client.xlen(inbox))
+        await asyncio.wait_for(echoing, 15)
+        scripts = calls(client, "evalsha") - before
+    # Two sends a round; a few bookkeeping calls at most (a cursor check every
+    # blocking read's length, a receiver that had not started waiting yet).
+    assert 2 * rounds <= scripts <= 2 * rounds + 10, scripts
+    assert max(lengths) <= 1

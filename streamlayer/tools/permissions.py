@@ -53,6 +53,7 @@ def _streams(prefix: str) -> list[tuple[str, ...]]:
         ("EVALSHA", _SHA, "1", inbox),
         ("SCRIPT", "LOAD", "return 1"),
         ("XREAD", "COUNT", "1", "STREAMS", inbox, "0"),
+        ("XTRIM", inbox, "MINID", "0"),  # the reader's bare trim
         ("XREADGROUP", "GROUP", "g", "c", "COUNT", "1", "STREAMS", chan, ">"),
         ("XAUTOCLAIM", chan, "g", "c", "0", "0"),
         ("XINFO", "CONSUMERS", chan, "g"),
