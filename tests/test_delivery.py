@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from streamlayer import ChannelFull, StreamsChannelLayer
+from streamlayer import BulkChannelFull, ChannelFull, StreamsChannelLayer
 from streamlayer.base import StreamlayerLayer
 from streamlayer.compat import pubsub
 from streamlayer.testing import RedisServer
@@ -92,6 +92,120 @@ async def test_a_slow_consumer_receives_exactly_what_was_accepted(layers: Any, p
         assert refused > 0
     if path == PUBSUB:
         assert refused == 0  # Pub/Sub keeps no backlog to bound
+
+
+class _Tally:
+    """What each consumer received; ``done`` is set once they hold ``expected`` in all."""
+
+    def __init__(self, *names: str) -> None:
+        self.got: dict[str, list[int]] = {name: [] for name in names}
+        self.expected: int | None = None
+        self.done = asyncio.Event()
+
+    def add(self, name: str, n: int) -> None:
+        self.got[name].append(n)
+        self._check()
+
+    def expect(self, total: int) -> None:
+        self.expected = total
+        self._check()
+
+    def reset(self) -> None:
+        for got in self.got.values():
+            got.clear()
+        self.expected = None
+        self.done.clear()
+
+    def _check(self) -> None:
+        if self.expected is not None and sum(map(len, self.got.values())) >= self.expected:
+            self.done.set()
+
+
+async def _consume(
+    layer: StreamlayerLayer, channel: str, tally: _Tally, name: str, pace: float
+) -> None:
+    """Receive for ever, ``pace`` seconds of work per message."""
+    while True:
+        tally.add(name, (await layer.receive(channel))["n"])
+        await asyncio.sleep(pace)
+
+
+def _prefixes(received: list[int], batch: int) -> bool:
+    """Whether ``received`` holds, for each batch of ``batch`` numbers, a prefix of it
+    (a full channel refuses a bulk send's tail, never a message in its middle)."""
+    by_batch: dict[int, list[int]] = {}
+    for n in received:
+        by_batch.setdefault(n // batch, []).append(n)
+    return all(got == list(range(b * batch, b * batch + len(got))) for b, got in by_batch.items())
+
+
+@pytest.mark.parametrize("path", LAYERS)
+async def test_bulk_sends_from_another_process_reach_slow_consumers_exactly(
+    layers: Any, path: str
+) -> None:
+    """Bulk sends as a real app makes them, from another process, to consumers slower
+    than the sender: 30 ``send_bulk`` of 10 at once to one consumer (200 messages/s),
+    then 30 ``group_send_bulk`` of 10, one every 20 ms, to a group of that consumer
+    and one that does no work of its own (in one event loop with the sender, it still
+    takes a loop turn per message: slower than bulk sends too), each layer a process
+    of its own, capacity 100. Every batch delivers a prefix of itself to each, in
+    order; what was refused is exactly what the sender was told
+    (``BulkChannelFull``) or counted (``full``)."""
+    size, batches = 10, 30
+    sender = layers(path, capacity=100)
+    slow_layer, fast_layer = layers(path, capacity=100), layers(path, capacity=100)
+    slow = await _ready_channel(slow_layer)
+    fast = await _ready_channel(fast_layer)
+    await slow_layer.group_add("room", slow)
+    await fast_layer.group_add("room", fast)
+    tally = _Tally("slow", "fast")
+    consumers = [
+        asyncio.ensure_future(_consume(slow_layer, slow, tally, "slow", 0.005)),
+        asyncio.ensure_future(_consume(fast_layer, fast, tally, "fast", 0)),
+    ]
+    try:
+        accepted: list[int] = []
+        for b in range(batches):
+            numbers = range(b * size, (b + 1) * size)
+            try:
+                await sender.send_bulk(slow, [{"type": "m", "n": n} for n in numbers])
+            except BulkChannelFull as full:
+                accepted += numbers[: full.accepted]
+                assert full.accepted + full.refused == size
+            else:
+                accepted += numbers
+        tally.expect(len(accepted))
+        await asyncio.wait_for(tally.done.wait(), _WAIT)
+        await asyncio.sleep(0.1)  # nothing beyond what was accepted shows up
+        assert tally.got["slow"] == accepted, "send_bulk: the accepted, in order, no more"
+        point_to_point_full = sender.stats()["full"]
+        assert point_to_point_full == batches * size - len(accepted)
+
+        tally.reset()
+        for b in range(batches):
+            numbers = range(b * size, (b + 1) * size)
+            await sender.group_send_bulk("room", [{"type": "m", "n": n} for n in numbers])
+            await asyncio.sleep(0.02)  # the app's next burst (the slow member drains 4)
+        group_full = sender.stats()["full"] - point_to_point_full
+        tally.expect(2 * batches * size - group_full)
+        await asyncio.wait_for(tally.done.wait(), _WAIT)
+        await asyncio.sleep(0.1)
+        assert sum(map(len, tally.got.values())) == 2 * batches * size - group_full
+        for got in tally.got.values():
+            assert got == sorted(set(got)), "in order, no duplicates"
+            assert _prefixes(got, size)
+        # A member refused early takes messages again once it drained: room comes
+        # back while the sends go on.
+        assert max(tally.got["slow"]) >= (batches - 10) * size
+    finally:
+        for consumer in consumers:
+            consumer.cancel()
+        await asyncio.gather(*consumers, return_exceptions=True)
+    if isinstance(sender, StreamsChannelLayer):
+        assert len(accepted) < batches * size, "the slow consumer's backlog filled up"
+        assert group_full > 0
+    if path == PUBSUB:
+        assert len(accepted) == batches * size and group_full == 0  # no backlog to bound
 
 
 async def test_each_member_has_its_own_capacity(layers: Any) -> None:
