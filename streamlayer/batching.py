@@ -39,11 +39,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import asyncio as aioredis
-from redis.exceptions import NoScriptError
 
 from .exceptions import LayerClosed
-from .redispy import KeptConnection, evalsha, exchange, give_back, lend_connection
-from .scripts import LuaScript
+from .redispy import KeptConnection, give_back, lend_connection
+from .scripts import LuaScript, run_scripts
 
 __all__ = ["ShardBatcher"]
 
@@ -110,18 +109,7 @@ class ShardBatcher:
         self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]
     ) -> Any:
         """One call on the lone calls' kept connection."""
-        connection = await self._own.get()
-        command = evalsha(script.sha, keys, args)
-        (reply,) = await exchange(connection, [command])
-        if isinstance(reply, NoScriptError):
-            # First use on this server, or its script cache was emptied by a restart:
-            # load it and run again in one round trip (calls queued behind this one,
-            # which met the same empty cache, take two and so stay behind it).
-            loaded, reply = await exchange(
-                connection, [("SCRIPT", "LOAD", script.source), command]
-            )
-            if isinstance(loaded, Exception):  # refused (an ACL without SCRIPT LOAD, say)
-                raise loaded
+        (reply,) = await run_scripts(await self._own.get(), [(script, keys, args)])
         if isinstance(reply, Exception):
             raise reply
         return reply
@@ -157,18 +145,19 @@ class ShardBatcher:
             self._in_flight -= 1
 
     async def _run(self, calls: list[_Call]) -> None:
-        """One pipeline of EVALSHAs; calls that found their script missing run again
-        (once) after loading it."""
+        """One pipeline of EVALSHAs, written at once to a connection lent by the pool
+        and read back (an error reply as its exception): a pipeline without redis-py's
+        pipeline object."""
         self.pipelines += 1
         self.pipelined_calls += len(calls)
-        results = await self._pipeline(calls)
-        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
-        if missing:
-            for script in {calls[i].script.sha: calls[i].script for i in missing}.values():
-                await self._client.script_load(script.source)
-            again = await self._pipeline([calls[i] for i in missing])
-            for i, result in zip(missing, again, strict=True):
-                results[i] = result
+        pool = self._client.connection_pool
+        connection = await lend_connection(pool)
+        try:
+            results = await run_scripts(
+                connection, [(call.script, call.keys, call.args) for call in calls]
+            )
+        finally:
+            await give_back(pool, connection)
         for call, result in zip(calls, results, strict=True):
             if call.future.done():
                 continue
@@ -176,15 +165,3 @@ class ShardBatcher:
                 call.future.set_exception(result)
             else:
                 call.future.set_result(result)
-
-    async def _pipeline(self, calls: list[_Call]) -> list[Any]:
-        """The calls' EVALSHAs as one write on a connection lent by the pool, their
-        replies read back (an error reply as its exception): a pipeline without
-        redis-py's pipeline object."""
-        commands = [evalsha(call.script.sha, call.keys, call.args) for call in calls]
-        pool = self._client.connection_pool
-        connection = await lend_connection(pool)
-        try:
-            return await exchange(connection, commands)
-        finally:
-            await give_back(pool, connection)

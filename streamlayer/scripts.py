@@ -27,7 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis import asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError
+
+from .redispy import evalsha, exchange
 
 __all__ = [
     "CLASSIC_GROUP_SEND",
@@ -49,6 +52,7 @@ __all__ = [
     "STREAM_INBOX_ADVANCE",
     "STREAM_JOIN_CONSUMERS",
     "LuaScript",
+    "run_scripts",
 ]
 
 
@@ -72,6 +76,32 @@ class LuaScript:
             # First use on this server, or its script cache was emptied by a restart.
             await client.script_load(self.source)
             return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+
+async def run_scripts(
+    connection: AbstractConnection, calls: list[tuple[LuaScript, Sequence[Any], Sequence[Any]]]
+) -> list[Any]:
+    """``calls`` as EVALSHAs in one write to ``connection`` (one of the caller's own),
+    their replies in order (an error reply as its exception): how the batcher and the
+    inbox reader call scripts; :class:`LuaScript` itself goes through a redis-py
+    client (a Redis Cluster's). Calls that found their script missing (first use on this server,
+    or its script cache was emptied by a restart) did not run: the scripts are loaded
+    and those calls run again, in one more round trip on the same connection (calls
+    queued behind it, which met the same empty cache, take two and so stay behind)."""
+    results = await exchange(connection, [evalsha(s.sha, keys, args) for s, keys, args in calls])
+    missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+    if not missing:
+        return results
+    scripts = {calls[i][0].sha: calls[i][0] for i in missing}
+    loads = [("SCRIPT", "LOAD", script.source) for script in scripts.values()]
+    again = [evalsha(calls[i][0].sha, calls[i][1], calls[i][2]) for i in missing]
+    replies = await exchange(connection, [*loads, *again])
+    for loaded in replies[: len(loads)]:
+        if isinstance(loaded, Exception):  # refused (an ACL without SCRIPT LOAD, say)
+            raise loaded
+    for i, result in zip(missing, replies[len(loads) :], strict=True):
+        results[i] = result
+    return results
 
 
 CLASSIC_SEND = LuaScript(

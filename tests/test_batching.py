@@ -13,6 +13,7 @@ import pytest
 from streamlayer import ChannelFull, StreamsChannelLayer
 from streamlayer.batching import ShardBatcher
 from streamlayer.keys import stream_inbox_key
+from streamlayer.scripts import STREAM_INBOX_ADVANCE
 from streamlayer.testing import RedisServer
 
 
@@ -122,19 +123,27 @@ async def test_a_flushed_script_cache_is_reloaded_for_lone_calls_and_the_reader(
     """A lone send goes on the batcher's own connection, and the inbox reader's
     bookkeeping script rides with its XREAD on the reader's: after a restart's empty
     script cache both get NOSCRIPT back and load the script; the XREAD after the failed
-    bookkeeping is read all the same, so neither connection falls out of step."""
+    bookkeeping is read all the same, so neither connection falls out of step. Two
+    sends before each two receives: the second waits in the process's queue, so the
+    reader reports a backlog (the script, not a bare trim)."""
     channel = await layer.new_channel()
-    for i in range(3):
+    for i in range(0, 6, 2):
         await layer.send(channel, {"type": "m", "i": i})
-        assert (await asyncio.wait_for(layer.receive(channel), 10))["i"] == i
+        await layer.send(channel, {"type": "m", "i": i + 1})
+        for n in (i, i + 1):
+            assert (await asyncio.wait_for(layer.receive(channel), 10))["i"] == n
         with fresh_server.client() as client:
             client.script_flush()
     pipelines = batcher_of(layer).pipelines
-    for i in range(3, 20):  # one at a time: each goes alone
+    for i in range(6, 20, 2):  # one at a time: each goes alone
         await layer.send(channel, {"type": "m", "i": i})
-        assert (await asyncio.wait_for(layer.receive(channel), 10))["i"] == i
+        await layer.send(channel, {"type": "m", "i": i + 1})
+        for n in (i, i + 1):
+            assert (await asyncio.wait_for(layer.receive(channel), 10))["i"] == n
     assert batcher_of(layer).pipelines == pipelines, "the sends went alone"
     assert layer.stats.retries == 0
+    with fresh_server.client() as client:
+        assert client.script_exists(STREAM_INBOX_ADVANCE.sha) == [True], "loaded again"
     with fresh_server.client() as client:
         for _ in range(100):  # the reader's bookkeeping trims what it handed on (bounded)
             if client.xlen(stream_inbox_key("batch", layer.process_id)) == 0:
