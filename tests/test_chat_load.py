@@ -93,17 +93,22 @@ def plain_redis() -> Iterator[RedisServer]:
     server.cleanup()
 
 
+def _typed(clients: list[Client], phase: str) -> dict[str, float]:
+    """Each message of ``phase`` a client sent, and when it was typed."""
+    return {t: c.sent_at[t] for c in clients for t in c.sent if t.startswith(f"{phase}-")}
+
+
 def _lost_sent_at(clients: list[Client], phase: str) -> list[float]:
     """When each message of ``phase`` that some client missed was typed."""
-    sent_at = {t: at for c in clients for t, at in c.sent_at.items() if t.startswith(f"{phase}-")}
-    missed = {t for c in clients for t in set(sent_at) - c.shown()}
-    return sorted(sent_at[t] for t in missed)
+    typed = _typed(clients, phase)
+    missed = {t for c in clients for t in typed.keys() - c.shown()}
+    return sorted(typed[t] for t in missed)
 
 
 def _report(clients: list[Client], phase: str) -> dict[str, int]:
     """Per delivery (one message, one client): delivered one by one, shown only in a
     reload's backlog, lost (shown neither way), duplicated (delivered twice)."""
-    sent = {t for c in clients for t in c.sent if t.startswith(f"{phase}-")}
+    sent = set(_typed(clients, phase))
     lost = dup = delivered = reloaded = 0
     for client in clients:
         mine = [t for t in client.seen if t.startswith(f"{phase}-")]

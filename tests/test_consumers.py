@@ -100,9 +100,9 @@ async def connect(
     since: str | None = None, consumer: type = RoomConsumer
 ) -> WebsocketCommunicator:
     """A tab connected and its consumer joined (see _joined)."""
-    path = ("/ws/room/" if consumer is RoomConsumer else "/ws/plain/") + (
-        f"?since={since}" if since else ""
-    )
+    # The consumer is the application itself (no routing): the path only carries the
+    # query string the mixin reads.
+    path = "/ws/room/" + (f"?since={since}" if since else "")
     communicator = WebsocketCommunicator(consumer.as_asgi(), path)
     joined = communicator.scope["test.joined"] = asyncio.Event()
     connected, _ = await communicator.connect()
