@@ -364,9 +364,9 @@ class InboxReader(BackgroundReader):
         keys = [self.state_key, self.key]
         self._bookkeeping_done(await STREAM_INBOX_ADVANCE(client, keys, self._advance_args()))
 
-    def _trim_command(self) -> tuple[Any, ...]:
-        """XTRIM of every entry handed on (exact: MINID without '~')."""
-        return ("XTRIM", self.key, "MINID", next_stream_id(self.inbox.position.last_id))
+    def _trim_command(self, upto: str) -> tuple[Any, ...]:
+        """XTRIM of every entry up to ``upto`` (exact: MINID without '~')."""
+        return ("XTRIM", self.key, "MINID", next_stream_id(upto))
 
     def _trimmed(self, reply: Any, trimmed_to: str) -> None:
         """Note a bare trim's outcome (a failed one is tried again at the next read)."""
@@ -403,7 +403,7 @@ class InboxReader(BackgroundReader):
             keys = [self.state_key, self.key]
             commands.insert(0, evalsha(STREAM_INBOX_ADVANCE.sha, keys, self._advance_args()))
         elif due is Bookkeeping.TRIM:
-            commands.insert(0, self._trim_command())
+            commands.insert(0, self._trim_command(trimmed_to))
         replies = await exchange(await self._connection.get(), commands)
         if isinstance(replies[-1], Exception):
             raise replies[-1]
