@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ...backends import BACKENDS
 from ...testing import RedisServer
+from .commands import worker_command
 from .report import print_report, write_plot
 from .scenarios import Sizes
 
@@ -56,7 +57,7 @@ def _installed(path: str) -> bool:
 
 
 def _run_one(path: str, url: str, sizes: Sizes, broadcast: bool, memory: bool) -> dict[str, Any]:
-    command = [sys.executable, "-m", "streamlayer.tools.bench.worker", "run", path, url]
+    command = worker_command("run", path, url)
     command += ["--sizes", json.dumps(asdict(sizes))]
     if broadcast:
         command.append("--broadcast")

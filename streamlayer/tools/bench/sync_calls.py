@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +29,7 @@ import asgiref.sync
 import redis
 from asgiref.sync import async_to_sync
 
+from .commands import worker_command
 from .scenarios import BODY, BenchError, Metrics, close_layer
 
 __all__ = ["sync_calls", "sync_floor"]
@@ -43,9 +43,11 @@ def sync_calls(
     """``count`` calls of ``async_to_sync(layer.group_send)`` from this thread; the
     first opens what the others reuse and is not timed."""
     group = f"bench-sync-{time.monotonic_ns()}"
-    command = [sys.executable, "-m", "streamlayer.tools.bench.worker", "members", path, url, group]
     member = subprocess.Popen(
-        [*command, "1", str(count)], stdout=subprocess.PIPE, text=True, bufsize=1
+        worker_command("members", path, url, group, "1", str(count)),
+        stdout=subprocess.PIPE,
+        text=True,
+        bufsize=1,
     )
     try:
         if _line(member) != "ready":

@@ -11,7 +11,6 @@ import importlib
 import json
 import os
 import subprocess
-import sys
 import time
 import tracemalloc
 from dataclasses import asdict
@@ -19,6 +18,7 @@ from typing import Any
 
 import redis
 
+from .commands import worker_command
 from .raw import RAW_SCENARIOS
 from .scenarios import (
     BODY,
@@ -95,8 +95,8 @@ async def _cross_process(path: str, url: str, count: int) -> Metrics | dict[str,
         channel = await layer.new_channel()
         receiving = asyncio.ensure_future(layer.receive(channel))  # subscribes (Pub/Sub)
         await asyncio.sleep(0.2)  # let a Pub/Sub subscription settle before the sender starts
-        command = [sys.executable, "-m", "streamlayer.tools.bench.worker", "send", path, url]
-        sender = await asyncio.create_subprocess_exec(*command, channel, str(count))
+        command = worker_command("send", path, url, channel, str(count))
+        sender = await asyncio.create_subprocess_exec(*command)
         try:
             first = await asyncio.wait_for(receiving, 60)
             got = [first["i"]]
@@ -156,8 +156,7 @@ async def _spread(
     per_process = max(1, members // SPREAD_PROCESSES)
     group = f"bench-spread-{time.monotonic_ns()}"
     layer = make_layer(path, url, "bench-spread", capacity=100_000)
-    command = [sys.executable, "-m", "streamlayer.tools.bench.worker", "members", path, url, group]
-    command += [str(per_process), str(sends)]
+    command = worker_command("members", path, url, group, str(per_process), str(sends))
     children = [
         await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
         for _ in range(SPREAD_PROCESSES)
@@ -383,15 +382,7 @@ def _sync_calls_apart(path: str, url: str, count: int, broadcast: bool) -> Any:
     """The sync callers' scenario in a fresh process: asgiref makes an event loop
     per call, so Python's garbage collector runs often, and each run would scan
     whatever the earlier scenarios left on this process's heap."""
-    command = [
-        sys.executable,
-        "-m",
-        "streamlayer.tools.bench.worker",
-        "sync",
-        path,
-        url,
-        str(count),
-    ]
+    command = worker_command("sync", path, url, str(count))
     done = subprocess.run(
         [*command, *(["--broadcast"] if broadcast else [])],
         capture_output=True,
