@@ -82,12 +82,15 @@ async def run_scripts(
     connection: AbstractConnection, calls: list[tuple[LuaScript, Sequence[Any], Sequence[Any]]]
 ) -> list[Any]:
     """``calls`` as EVALSHAs in one write to ``connection`` (one of the caller's own),
-    their replies in order (an error reply as its exception): how the batcher and the
-    inbox reader call scripts; :class:`LuaScript` itself goes through a redis-py
-    client (a Redis Cluster's). Calls that found their script missing (first use on this server,
-    or its script cache was emptied by a restart) did not run: the scripts are loaded
-    and those calls run again, in one more round trip on the same connection (calls
-    queued behind it, which met the same empty cache, take two and so stay behind)."""
+    their replies in order (an error reply as its exception): how the batcher runs
+    its lone calls and its pipelines. (:class:`LuaScript` itself goes through a
+    redis-py client: a Redis Cluster's, or the inbox reader's bookkeeping when it is a
+    round trip of its own.)
+
+    Calls that found their script missing (first use on this server, or its script
+    cache was emptied by a restart) did not run: the scripts are loaded and those
+    calls run again, in one more round trip on the same connection (calls queued
+    behind it, which met the same empty cache, take two and so stay behind)."""
     results = await exchange(connection, [evalsha(s.sha, keys, args) for s, keys, args in calls])
     missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
     if not missing:
