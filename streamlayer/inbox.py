@@ -249,7 +249,7 @@ class InboxReader(BackgroundReader):
             await asyncio.sleep(0)
         return True
 
-    def _bookkeeping_due(self, checking: bool) -> Bookkeeping | None:
+    def _bookkeeping_due(self, checking: bool, since_write: float) -> Bookkeeping | None:
         """What the next round trip must also do besides reading.
 
         ``ADVANCE`` (the bookkeeping script: record our position, trim, report the
@@ -259,14 +259,14 @@ class InboxReader(BackgroundReader):
         ``TRIM`` (a bare XTRIM) when entries were handed on and nothing else is due:
         every one of them went straight to a waiting receiver, so no backlog moved
         and the reports stand as they are. Senders' capacity checks count what is left
-        in the inbox, so a drained channel must take new messages at once; the script
-        costs Redis 17 us against 2-3 for the XTRIM, on the path of every reply of a
-        request/reply exchange (docs/performance.rst). The cursor then lags our
-        position, by a blocking read's length at most; it stays one we wrote.
+        in the inbox, so a drained channel must take new messages at once; the bare
+        trim does that for 4-8 us less of Redis' time per request/reply round than the
+        script (docs/performance.rst). The cursor then lags our position, by a
+        blocking read's length at most; it stays one we wrote.
 
-        ``None``: an idle blocking read is a bare XREAD."""
+        ``None``: an idle blocking read is a bare XREAD. ``since_write``: seconds since
+        the cursor was last written."""
         position = self.inbox.position
-        since_write = time.monotonic() - position.cursor_written_at
         if (
             checking
             or self.layer.local.has_reports()
@@ -277,7 +277,7 @@ class InboxReader(BackgroundReader):
             return Bookkeeping.TRIM
         return None
 
-    def _cursor_check_due(self) -> bool:
+    def _cursor_check_due(self, since_write: float) -> bool:
         """Whether the next round trip must find out if Redis lost the inbox: a new
         reader, one back from a disconnect, and every blocking read's length at least
         (a FLUSHALL or a failover to an empty replica breaks no connection, and only
@@ -285,7 +285,6 @@ class InboxReader(BackgroundReader):
         acted on before anything waits, because a Redis that lost its data lost this
         process's group memberships too, and until they are restored nothing is sent
         to this inbox that could end a blocking read."""
-        since_write = time.monotonic() - self.inbox.position.cursor_written_at
         return self.check_redis or since_write >= BLOCK_SECONDS
 
     def _advance_args(self) -> list[Any]:
@@ -379,11 +378,12 @@ class InboxReader(BackgroundReader):
         reader's own connection; on a Redis Cluster, whose pipelines refuse scripts, in
         two, through the cluster client."""
         layer, position = self.layer, self.inbox.position
-        checking = self._cursor_check_due()
+        since_write = time.monotonic() - position.cursor_written_at
+        checking = self._cursor_check_due(since_write)
         block = None  # see _cursor_check_due
         if not checking:
             block = int(layer.connections.block_timeout(self.shard, block_seconds) * 1000)
-        due = self._bookkeeping_due(checking)
+        due = self._bookkeeping_due(checking, since_write)
         trimmed_to = position.last_id
         if layer.connections.is_cluster:
             client = layer.connections.client(self.shard)

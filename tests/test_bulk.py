@@ -18,6 +18,7 @@ from streamlayer.tools.demo import CountingConnection
 
 from .conftest import LayerFactory
 from .layers import keeps, layer_class, layer_factory, requires
+from .test_streams import wait_until_blocked
 
 RECEIVE_TIMEOUT = 10
 #: The layers that keep what they accept in Redis (the fault tests' subjects).
@@ -277,8 +278,6 @@ async def test_bulk_sends_after_an_empty_restart_arrive(
     """Redis restarts without its data under a receiving process: once it is back
     (its reconnect notice), bulk and group bulk sends reach it again, each message
     once and in order, the group's through the membership the process restored."""
-    from .test_streams import wait_until_blocked
-
     cls = layer_class(path)
     notices = {"on_disconnect": "redis.disconnect", "on_reconnect": "redis.reconnect"}
     async with layer_factory(lambda **o: cls(hosts=[fresh_server.url], **notices, **o)) as make:
