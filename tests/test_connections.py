@@ -408,3 +408,98 @@ async def test_a_stopped_server_fails_sends_within_the_socket_timeout(
     assert got in (["warm-up", "after"], ["warm-up", "m", "after"])
     await layer.flush()
     await layer.close()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_exchange_reads_each_reply_under_its_own_socket_timeout(
+    redis_server: RedisServer, protocol: int
+) -> None:
+    """exchange() reads a write's replies straight from redis-py's parser under one
+    timer, moved on after each reply: every reply may take up to ``socket_timeout``
+    (as redis-py gives each), an error reply comes back as its exception in its
+    place, and the connection stays usable. Both protocols (redis-py 8 speaks RESP3
+    by default; redis-py 5 RESP2)."""
+    from redis import asyncio as aioredis
+    from redis.exceptions import ResponseError
+
+    from streamlayer.redispy import exchange, lean_connection_class
+
+    pool = aioredis.ConnectionPool.from_url(
+        redis_server.url, protocol=protocol, socket_timeout=0.4
+    )
+    connection = lean_connection_class(pool.connection_class)(**pool.connection_kwargs)
+    await connection.connect()
+    key = f"exchange-{protocol}"
+    try:
+        # Two blocking reads of 0.25 s each: 0.5 s in all, more than one socket timeout.
+        replies = await exchange(
+            connection,
+            [
+                ("SET", key, "text"),
+                ("XREAD", "BLOCK", 250, "STREAMS", f"{key}-s", "$"),
+                ("INCR", key),  # not an integer: an error reply
+                ("XREAD", "BLOCK", 250, "STREAMS", f"{key}-s", "$"),
+                ("GET", key),
+            ],
+        )
+        assert replies[0] in (True, b"OK")
+        assert replies[1] is None and replies[3] is None
+        assert isinstance(replies[2], ResponseError)
+        assert replies[4] == b"text"
+        assert connection.is_connected
+        assert await exchange(connection, [("DEL", key)]) == [1]
+    finally:
+        await connection.disconnect()
+        await pool.aclose()
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_exchange_gives_up_on_a_silent_or_closed_server(
+    fresh_server: RedisServer, protocol: int
+) -> None:
+    """A stopped server (SIGSTOP: the socket stays open, nothing answers): exchange()
+    raises redis-py's TimeoutError after ``socket_timeout`` and closes the
+    connection, which may hold the late reply. A connection the server closed
+    (CLIENT KILL) raises redis-py's ConnectionError. Both are what the retry policy
+    takes as transient."""
+    import signal
+    import time
+
+    from redis import asyncio as aioredis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from streamlayer.redispy import exchange
+
+    pool = aioredis.ConnectionPool.from_url(
+        fresh_server.url, protocol=protocol, socket_timeout=0.3
+    )
+    connection = pool.make_connection()
+    await connection.connect()
+    admin = aioredis.Redis.from_url(fresh_server.url)
+    assert fresh_server.process is not None
+    try:
+        fresh_server.process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(RedisTimeoutError, match="Timeout reading"):
+                await exchange(connection, [("PING",), ("PING",)])
+            assert 0.25 < time.monotonic() - started < 3
+            assert not connection.is_connected
+        finally:
+            fresh_server.process.send_signal(signal.SIGCONT)
+        await connection.connect()
+        reading = asyncio.ensure_future(
+            exchange(connection, [("XREAD", "BLOCK", 100, "STREAMS", "none", "$")] * 3)
+        )
+        # Let the reads get under way (either way the kill must fail them).
+        await asyncio.sleep(0.02)
+        assert await admin.client_kill_filter(_type=None, skipme=True) >= 1
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(reading, 5)
+        assert not connection.is_connected
+    finally:
+        await connection.disconnect()
+        await admin.aclose()
+        await pool.aclose()
