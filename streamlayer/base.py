@@ -31,7 +31,7 @@ from .exceptions import BulkChannelFull, ChannelFull
 from .history import HistoryPage, Position
 from .local import LocalChannels
 from .memo import Memo
-from .retry import DEFAULT_MAX_WAIT, READER_MAX_WAIT, retry_transient
+from .retry import DEFAULT_MAX_WAIT, READER_MAX_WAIT, retry_after
 from .scripts import LuaScript
 from .serializers import MessageSerializer, registry
 from .sync import sync_aware, sync_aware_on_loop
@@ -373,7 +373,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
 
     async def with_retry(
         self,
-        what: str,
+        what: str | Callable[[], str],
         call: Callable[[], Awaitable[T]],
         on_error: Callable[[BaseException], None] | None = None,
         *,
@@ -382,21 +382,22 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         """Run one Redis operation under the shared retry policy (see :mod:`streamlayer.retry`).
 
         ``on_error`` hears of every transient error (a reader uses it to notice disconnects).
-        A ``reader`` (an inbox reader) retries sooner (``READER_MAX_WAIT``).
+        A ``reader`` (an inbox reader) retries sooner (``READER_MAX_WAIT``). ``what``
+        may be a function that names the operation (called only for a message).
+        The first attempt is a plain await: every send and every read passes here.
         """
+        try:
+            return await call()
+        except Exception as first:
 
-        def count(error: BaseException) -> None:
-            self.stats.count("retries")
-            if on_error is not None:
-                on_error(error)
+            def count(error: BaseException) -> None:
+                self.stats.count("retries")
+                if on_error is not None:
+                    on_error(error)
 
-        return await retry_transient(
-            call,
-            give_up_after=self.config.retry_timeout,
-            what=what,
-            on_retry=count,
-            max_wait=READER_MAX_WAIT if reader else DEFAULT_MAX_WAIT,
-        )
+            max_wait = READER_MAX_WAIT if reader else DEFAULT_MAX_WAIT
+            give_up_after = self.config.retry_timeout
+            return await retry_after(first, call, give_up_after, what, count, max_wait)
 
     def script_call(
         self,

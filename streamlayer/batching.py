@@ -109,7 +109,8 @@ class ShardBatcher:
         self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]
     ) -> Any:
         """One call on the lone calls' kept connection."""
-        (reply,) = await run_scripts(await self._own.get(), [(script, keys, args)])
+        connection = self._own.ready() or await self._own.get()
+        (reply,) = await run_scripts(connection, [(script, keys, args)])
         if isinstance(reply, Exception):
             raise reply
         return reply

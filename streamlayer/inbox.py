@@ -209,6 +209,20 @@ class InboxReader(BackgroundReader):
         self._wanted_at = time.monotonic()
         #: The connection this reader's reads go on, borrowed for the reader's life.
         self._connection = KeptConnection(partial(self.layer.connections.client, self.shard))
+        #: What a failed read is called in the retry policy's messages.
+        self._what = f"read inbox {self.key!r}"
+        #: Each blocking read's length in ms, bounded by the socket timeout, and its
+        #: XREAD (less the id to read after); made once, not per read.
+        timeout = self.layer.connections.block_timeout
+        self._block_ms = {
+            block: int(timeout(self.shard, block) * 1000)
+            for block in (BLOCK_SECONDS, SHORT_BLOCK_SECONDS)
+        }
+        self._xreads = {
+            block: ("XREAD", "COUNT", READ_BATCH, "BLOCK", ms, "STREAMS", self.key)
+            for block, ms in self._block_ms.items()
+        }
+        self._xread_now = ("XREAD", "COUNT", READ_BATCH, "STREAMS", self.key)
         super().__init__(self.layer, self.key)
 
     async def step(self) -> bool:
@@ -231,12 +245,10 @@ class InboxReader(BackgroundReader):
         # for more, short reads carry the shrinking backlog to Redis.
         block = BLOCK_SECONDS if local.waiting() and not local.queued() else SHORT_BLOCK_SECONDS
         entries = await layer.with_retry(
-            f"read inbox {self.key!r}",
-            partial(self._read, block),
-            on_error=self.lost_connection,
-            reader=True,
+            self._what, partial(self._read, block), on_error=self.lost_connection, reader=True
         )
-        await self._report_back()
+        if self._back is not None:
+            await self._report_back()
         position, dispatch = self.inbox.position, self.inbox.dispatch
         for entry_id, fields in entries:
             position.last_id = entry_id.decode()
@@ -380,9 +392,6 @@ class InboxReader(BackgroundReader):
         layer, position = self.layer, self.inbox.position
         since_write = time.monotonic() - position.cursor_written_at
         checking = self._cursor_check_due(since_write)
-        block = None  # see _cursor_check_due
-        if not checking:
-            block = int(layer.connections.block_timeout(self.shard, block_seconds) * 1000)
         due = self._bookkeeping_due(checking, since_write)
         trimmed_to = position.last_id
         if layer.connections.is_cluster:
@@ -394,17 +403,18 @@ class InboxReader(BackgroundReader):
                 self._trimmed(
                     await client.xtrim(self.key, minid=minid, approximate=False), trimmed_to
                 )
+            block = None if checking else self._block_ms[block_seconds]  # see _cursor_check_due
             streams: dict[Any, Any] = {self.key: position.last_id}
             return stream_entries(await client.xread(streams, count=READ_BATCH, block=block))
-        blocking = () if block is None else ("BLOCK", block)
-        xread = ("XREAD", "COUNT", READ_BATCH, *blocking, "STREAMS", self.key)
+        xread = self._xread_now if checking else self._xreads[block_seconds]
         commands = [(*xread, position.last_id)]
         if due is Bookkeeping.ADVANCE:
             keys = [self.state_key, self.key]
             commands.insert(0, evalsha(STREAM_INBOX_ADVANCE.sha, keys, self._advance_args()))
         elif due is Bookkeeping.TRIM:
             commands.insert(0, self._trim_command(trimmed_to))
-        replies = await exchange(await self._connection.get(), commands)
+        connection = self._connection.ready() or await self._connection.get()
+        replies = await exchange(connection, commands)
         if isinstance(replies[-1], Exception):
             raise replies[-1]
         if due is Bookkeeping.ADVANCE:

@@ -319,6 +319,13 @@ class KeptConnection:
         self._pool: aioredis.ConnectionPool | None = None
         self._connection: AbstractConnection | None = None
 
+    def ready(self) -> AbstractConnection | None:
+        """The connection if it is kept and connected: the per-call path needs no await."""
+        connection = self._connection
+        if connection is not None and connection.is_connected:
+            return connection
+        return None
+
     async def get(self) -> AbstractConnection:
         connection = self._connection
         if connection is None:

@@ -25,6 +25,7 @@ __all__ = [
     "access_denied",
     "is_out_of_memory",
     "out_of_memory",
+    "retry_after",
     "retry_forever",
     "retry_transient",
 ]
@@ -106,45 +107,62 @@ async def retry_transient(
     call: Callable[[], Awaitable[T]],
     *,
     give_up_after: float,
-    what: str,
+    what: str | Callable[[], str],
     on_retry: Callable[[BaseException], None] | None = None,
     max_wait: float = DEFAULT_MAX_WAIT,
 ) -> T:
     """Await ``call()``, retrying transient errors for up to ``give_up_after`` seconds
     (backoff with jitter from 50 ms up to ``max_wait`` between attempts).
 
-    The first attempt runs outside tenacity so the happy path costs nothing.
-    ``what`` names the operation and the server in the final error message.
-    ``on_retry`` is told about each transient failure (used to report disconnects).
-    Refused credentials or permissions and a full Redis are never retried: they
-    surface at once as RedisAccessDenied / RedisOutOfMemory, whichever attempt met
-    them (the one place they are told apart from a blip).
+    The first attempt is a plain await: the happy path costs one frame and nothing
+    else (it is every send's and every read's). ``what`` names the operation and
+    the server in the final error message; a function is called only when a message
+    is needed, so a hot path does not format a name per call. ``on_retry`` is told
+    about each transient failure (used to report disconnects). Refused credentials
+    or permissions and a full Redis are never retried: they surface at once as
+    RedisAccessDenied / RedisOutOfMemory, whichever attempt met them (the one place
+    they are told apart from a blip).
     """
     try:
-        return await _retried(call, give_up_after, what, on_retry, max_wait)
+        return await call()
+    except Exception as first:
+        return await retry_after(first, call, give_up_after, what, on_retry, max_wait)
+
+
+async def retry_after(
+    first: Exception,
+    call: Callable[[], Awaitable[T]],
+    give_up_after: float,
+    what: str | Callable[[], str],
+    on_retry: Callable[[BaseException], None] | None,
+    max_wait: float = DEFAULT_MAX_WAIT,
+) -> T:
+    """What :func:`retry_transient` does once ``call()`` failed with ``first``: raise it
+    (as the caller should see it) unless it is transient, else retry."""
+    name = what if isinstance(what, str) else what()
+    try:
+        return await _retried(first, call, give_up_after, name, on_retry, max_wait)
     except ACCESS_ERRORS as denied:
-        raise access_denied(what, denied) from denied
+        raise access_denied(name, denied) from denied
     except redis_errors.ResponseError as refused:
         if is_out_of_memory(refused):
-            raise out_of_memory(what, refused) from refused
+            raise out_of_memory(name, refused) from refused
         raise
 
 
 async def _retried(
+    first: Exception,
     call: Callable[[], Awaitable[T]],
     give_up_after: float,
     what: str,
     on_retry: Callable[[BaseException], None] | None,
     max_wait: float,
 ) -> T:
-    try:
-        return await call()
-    except TRANSIENT_ERRORS as first:
-        if not _retryable(first):
-            raise
-        if on_retry is not None:
-            on_retry(first)
-        logger.info("retrying %s after %s: %s", what, type(first).__name__, first)
+    if not _retryable(first):
+        raise first
+    if on_retry is not None:
+        on_retry(first)
+    logger.info("retrying %s after %s: %s", what, type(first).__name__, first)
 
     def _notify(state: tenacity.RetryCallState) -> None:
         if on_retry is not None and state.outcome is not None:
