@@ -86,17 +86,30 @@ class _LeanWrites:
 
     def pack_command(self, *args: Any) -> list[bytes]:
         connection = cast(Connection, self)
-        first = args[0] if args else b" "
-        if (
-            _hiredis_pack is not None
-            and not (b" " in first if isinstance(first, bytes) else " " in str(first))
-            and _packs_utf8(connection)
-        ):
+        if _hiredis_pack is not None and args and _one_word(args[0]) and _packs_utf8(connection):
             try:
                 return [_hiredis_pack(args)]
             except TypeError:
                 pass
         return cast(list[bytes], super().pack_command(*args))  # type: ignore[misc]
+
+    def pack_commands(self, commands: Iterable[tuple[Any, ...]]) -> list[bytes]:
+        """Several commands for one write (:func:`exchange`'s): each packed by hiredis
+        in one call, as :meth:`pack_command` does; redis-py's packer when any of them
+        needs it. Kept as one chunk per command, not joined: a large message is not
+        copied once more."""
+        connection = cast(Connection, self)
+        commands = list(commands)
+        if (
+            _hiredis_pack is not None
+            and _packs_utf8(connection)
+            and all(_one_word(command[0]) for command in commands)
+        ):
+            try:
+                return [_hiredis_pack(command) for command in commands]
+            except TypeError:
+                pass
+        return cast(list[bytes], super().pack_commands(commands))  # type: ignore[misc]
 
     async def send_packed_command(
         self, command: bytes | str | Iterable[bytes], check_health: bool = True
@@ -105,7 +118,7 @@ class _LeanWrites:
         if not connection.socket_timeout or not connection.is_connected:
             await super().send_packed_command(command, check_health)  # type: ignore[misc]
             return
-        if check_health:
+        if check_health and connection.health_check_interval:
             await connection.check_health()  # type: ignore[no-untyped-call]
         if isinstance(command, str):
             command = command.encode()
@@ -115,7 +128,7 @@ class _LeanWrites:
             command = list(command)
         try:
             if _write_cannot_wait(connection, command):
-                await connection._send_packed_command(command)
+                _write_at_once(connection, command)
             else:
                 async with asyncio.timeout(connection.socket_timeout):
                     await connection._send_packed_command(command)
@@ -128,6 +141,23 @@ class _LeanWrites:
         except BaseException:
             await connection.disconnect(nowait=True)
             raise
+
+
+def _one_word(name: Any) -> bool:
+    """Whether a command name is one word (redis-py splits "CLIENT LIST" in two)."""
+    return not (b" " in name if isinstance(name, bytes) else " " in str(name))
+
+
+def _write_at_once(connection: Connection, command: list[bytes]) -> None:
+    """Write ``command`` to the transport, which sends or buffers it at once (see
+    :func:`_write_cannot_wait`): redis-py's write is this plus ``drain()``, which has
+    nothing to wait for here and would only report a lost connection, which the
+    reply's read reports as well (the transport keeps nothing of a write after it
+    lost its connection)."""
+    writer = connection._writer
+    if writer is None or writer.transport.is_closing():
+        raise ConnectionResetError("Connection closed by the server before write")
+    writer.writelines(command)
 
 
 #: A write this small to an empty transport buffer cannot wait (asyncio pauses a writer

@@ -346,6 +346,11 @@ def test_commands_are_packed_as_redis_py_packs_them(
     for bad in (None, True, [1]):
         with pytest.raises(DataError):
             lean.pack_command("SET", "k", bad)
+        with pytest.raises(DataError):
+            lean.pack_commands([("PING",), ("SET", "k", bad)])
+    several = [("PING",), ("CLIENT LIST",), ("SET", "k", "é"), ("GET", b"k")]
+    for commands in (several, several[2:], [("SET", "k", memoryview(b"v")), ("GET", "k")]):
+        assert b"".join(lean.pack_commands(commands)) == b"".join(plain.pack_commands(commands))
     latin = lean_connection_class(Connection)(encoding="latin-1")
     assert (
         b"".join(latin.pack_command("SET", "k", "é"))
