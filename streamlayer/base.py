@@ -83,7 +83,7 @@ class LayerStats:
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to counter ``name``, exactly, whichever thread counts."""
         with self._lock:
-            setattr(self, name, getattr(self, name) + n)
+            self.__dict__[name] += n
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name[0] != "_"}

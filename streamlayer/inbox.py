@@ -125,11 +125,14 @@ class Inbox:
         self.reader: InboxReader | None = None
         self._recent = RecentTags()
 
-    def serve(self, channel: str) -> None:
-        """Make sure a reader runs in this event loop for a receive on ``channel``."""
+    def serve(self, channel: str, loop: asyncio.AbstractEventLoop) -> None:
+        """Make sure a reader runs in ``loop`` (the running one) for a receive on
+        ``channel``."""
         reader = self.reader
+        if reader is not None and reader.loop is loop and not reader.task.done():
+            return  # every receive() asks: the answer is mostly this
         running = reusable_task(
-            reader.task if reader else None, "receive() on process-specific channels"
+            reader.task if reader else None, "receive() on process-specific channels", loop
         )
         if not running and not self.layer.local.has_queued(channel):
             # The task first runs after local.get() has registered this receiver.

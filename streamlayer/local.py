@@ -177,16 +177,18 @@ class LocalChannels:
         for channel in channels:
             self.deliver(channel, dict(message), deadline, counted=counted)
 
-    async def get(self, channel: str) -> Message:
+    async def get(self, channel: str, loop: asyncio.AbstractEventLoop | None = None) -> Message:
         """The next message of ``channel``, waiting for one if needed. Cancellation-safe.
 
         Awaits its future itself (no helper coroutine): this is the innermost frame of
-        every receive(), resumed once per message."""
+        every receive(), resumed once per message. ``loop``: the running loop, if the
+        caller has it at hand."""
         if channel in self._queues:
             message = self._pop_live(channel)
             if message is not None:
                 return message
-        loop = asyncio.get_running_loop()
+        if loop is None:
+            loop = asyncio.get_running_loop()
         while True:
             future: asyncio.Future[_Entry] = loop.create_future()
             waiters = self._waiters.get(channel)
@@ -247,6 +249,8 @@ class LocalChannels:
         idle_since = time.monotonic() - 600
         for channel in [c for c, at in self._touched.items() if at < idle_since]:
             del self._touched[channel]
+        for channel in [c for c, waiters in self._waiters.items() if not waiters]:
+            del self._waiters[channel]
         for channel in [c for c in self._noticed if c not in self._touched]:
             if not self._waiters.get(channel):
                 self._noticed.discard(channel)
@@ -278,15 +282,16 @@ class LocalChannels:
         return None
 
     def _forget_waiter(self, channel: str, future: asyncio.Future[_Entry]) -> None:
-        """Drop a finished or cancelled receiver's future (a woken one is gone already)."""
+        """Drop a cancelled receiver's future (a woken one is gone already). The empty
+        queue of waiters stays for the channel's next receive (a consumer receives
+        again at once); :meth:`sweep` drops those of channels nobody receives from."""
+        if future.done() and not future.cancelled():
+            return
         current = self._waiters.get(channel)
         if current is not None:
-            if not future.done() or future.cancelled():
-                with contextlib.suppress(ValueError):
-                    current.remove(future)
-                    self._waiting -= 1
-            if not current:
-                del self._waiters[channel]
+            with contextlib.suppress(ValueError):
+                current.remove(future)
+                self._waiting -= 1
 
     def _requeue(self, channel: str, entry: _Entry) -> None:
         if not self._wake_one(channel, entry):

@@ -43,17 +43,21 @@ class _ReaderOwner(Protocol):
     def connection_lost(self) -> None: ...
 
 
-def reusable_task(task: asyncio.Future[Any] | None, what: str) -> bool:
-    """Whether ``task`` can serve the running event loop.
+def reusable_task(
+    task: asyncio.Future[Any] | None, what: str, running: asyncio.AbstractEventLoop
+) -> bool:
+    """Whether ``task`` can serve the ``running`` event loop.
 
     False when there is none, it has finished, or its loop has closed (an
     ``async_to_sync`` call that ended): the caller starts a new one. A task still
     running on another live loop cannot be shared, so that raises RuntimeError.
+    The caller passes the running loop it already has: every receive() asks, and on
+    Python 3.11 each ``asyncio.get_running_loop()`` is a ``getpid`` system call.
     """
     if task is None or task.done():
         return False
     loop = task.get_loop()
-    if loop is asyncio.get_running_loop():
+    if loop is running:
         return True
     if loop.is_closed():
         return False

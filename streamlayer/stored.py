@@ -13,6 +13,7 @@ its storage: the hooks raising NotImplementedError below.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -89,9 +90,11 @@ class StoredLayer(StreamlayerLayer):
         if "!" in channel:
             # Kept flat on purpose: every await level costs a frame resumption per
             # message, and a fan-out to hundreds of local channels pays it hundreds
-            # of times per group_send.
-            self._prepare_local(channel)
-            message = await self.local.get(channel)
+            # of times per group_send. The loop is asked for once (a system call on
+            # Python 3.11).
+            loop = asyncio.get_running_loop()
+            self._prepare_local(channel, loop)
+            message = await self.local.get(channel, loop)
         else:
             message = await self._receive_normal(channel)
         self.stats.count("received")
@@ -115,8 +118,9 @@ class StoredLayer(StreamlayerLayer):
                 f"cannot receive on {channel!r}: it was not made by this layer's new_channel()"
             )
 
-    def _prepare_local(self, channel: str) -> None:
-        """Make sure this loop's reader serves ``channel`` (each layer's own)."""
+    def _prepare_local(self, channel: str, loop: asyncio.AbstractEventLoop) -> None:
+        """Make sure the reader of ``loop`` (the running one) serves ``channel`` (each
+        layer's own)."""
         raise NotImplementedError
 
     async def _receive_normal(self, channel: str) -> dict[str, Any]:

@@ -187,9 +187,9 @@ class StreamsChannelLayer(StoredLayer):
     def owns(self, channel: str) -> bool:
         return process_id_of(channel) == self.process_id
 
-    def _prepare_local(self, channel: str) -> None:
+    def _prepare_local(self, channel: str, loop: asyncio.AbstractEventLoop) -> None:
         self.local.touch(channel)
-        self.inbox.serve(channel)
+        self.inbox.serve(channel, loop)
 
     def _receive_normal(self, channel: str) -> Coroutine[Any, Any, dict[str, Any]]:
         # The normal channels' own coroutine, not one awaiting it: a worker's receive

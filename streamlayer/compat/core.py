@@ -263,12 +263,12 @@ class RedisChannelLayer(StoredLayer):
     def owns(self, channel: str) -> bool:
         return non_local_name(channel).endswith(f".{self.client_prefix}!")
 
-    def _prepare_local(self, channel: str) -> None:
+    def _prepare_local(self, channel: str, loop: asyncio.AbstractEventLoop) -> None:
         self.local.touch(channel)
         inbox = non_local_name(channel)
         reader = self._readers.get(inbox)
         running = reusable_task(
-            reader.task if reader else None, "receive() on process-specific channels"
+            reader.task if reader else None, "receive() on process-specific channels", loop
         )
         if not running and not self.local.has_queued(channel):
             # The task first runs after local.get() has registered this receiver.
