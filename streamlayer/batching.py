@@ -3,16 +3,21 @@
 Most of the cost of one Redis command issued from Python is Python's: building
 the command, taking a connection from the pool, parsing the reply. Fifty
 consumers sending at once pay that fifty times and wait for fifty round trips.
-A :class:`ShardBatcher` (one per shard and event loop) lets the first call of a
-quiet moment go straight out, so a lone send costs one round trip and nothing
-more; calls made while others are on their way are queued, and every call
-queued in the same event-loop turn leaves as one pipeline. Lone calls go on one
-connection the batcher borrowed from the pool and keeps (they come one at a
-time, by definition), written and read by :func:`~streamlayer.redispy.exchange`:
-no lending per call, no redis-py command machinery, the cheapest round trip
-there is for a request/reply exchange. Each caller still
-awaits its own result: a script's reply, or its own error (a ``ChannelFull``
-decision is just a reply, so it stays per caller).
+A :class:`ShardBatcher` (one per shard and event loop) lets a call go straight
+out when nothing is queued and one of its two lone-call connections is free, so
+a lone send costs one round trip and nothing more; calls made while both are on
+their way are queued, and every call queued in the same event-loop turn leaves
+as one pipeline. The lone-call connections are borrowed from the pool and kept,
+written and read by :func:`~streamlayer.redispy.exchange`: no lending per call,
+no redis-py command machinery, the cheapest round trip there is for a
+request/reply exchange. Two, not one: in a request/reply exchange within one
+process the reply is sent while the request's own reply is still unread in its
+socket (both arrived in the same instant, and the receiver ran first), and with
+one connection that reply went as a pipeline of one, a task and a connection
+lent by the pool: in 40-70% of the rounds of the latency benchmark, for 18% of
+its median (docs/performance.rst). Each caller still awaits its own result: a
+script's reply, or its own error (a ``ChannelFull`` decision is just a reply, so
+it stays per caller).
 
 What a pipeline changes and what it does not:
 
@@ -48,6 +53,8 @@ __all__ = ["ShardBatcher"]
 
 #: At most this many calls leave in one pipeline; more wait for the next one.
 MAX_BATCH = 512
+#: Connections kept for lone calls (see the module docstring: why two).
+LONE_CONNECTIONS = 2
 
 
 @dataclass
@@ -66,10 +73,11 @@ class ShardBatcher:
         self._pipelining = pipelining
         self._loop = asyncio.get_running_loop()
         self._queue: list[_Call] = []
-        self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        #: The connection lone calls go on, borrowed (see the module docstring).
-        self._own = KeptConnection(lambda: client)
+        #: The connections lone calls go on, borrowed (see the module docstring), and
+        #: those of them not in use now.
+        self._own = [KeptConnection(lambda: client) for _ in range(LONE_CONNECTIONS)]
+        self._free = list(self._own)
         #: How many pipelines left, and how many calls they carried (for stats and tests).
         self.pipelines = 0
         self.pipelined_calls = 0
@@ -86,15 +94,14 @@ class ShardBatcher:
         pipeline. ``together``: always in the next pipeline, for a caller issuing
         several calls in one turn that should share one round trip (the first would
         otherwise go alone)."""
-        alone = not together and not self._in_flight and not self._queue
-        if not self._pipelining or alone:
-            self._in_flight += 1
+        if not self._pipelining:  # a cluster client routes each call itself
+            return await script(self._client, keys, args)
+        if not together and not self._queue and self._free:
+            own = self._free.pop()
             try:
-                if not self._pipelining:  # a cluster client routes each call itself
-                    return await script(self._client, keys, args)
-                return await self._call_alone(script, keys, args)
+                return await self._call_alone(own, script, keys, args)
             finally:
-                self._in_flight -= 1
+                self._free.append(own)
         future: asyncio.Future[Any] = self._loop.create_future()
         if not self._queue:
             # The task's first step runs after every callback already due in this
@@ -106,18 +113,19 @@ class ShardBatcher:
         return await future
 
     async def _call_alone(
-        self, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]
+        self, own: KeptConnection, script: LuaScript, keys: Sequence[Any], args: Sequence[Any]
     ) -> Any:
-        """One call on the lone calls' kept connection."""
-        connection = self._own.ready() or await self._own.get()
+        """One call on a lone calls' kept connection."""
+        connection = own.ready() or await own.get()
         (reply,) = await run_scripts(connection, [(script, keys, args)])
         if isinstance(reply, Exception):
             raise reply
         return reply
 
     async def close(self) -> None:
-        """Hand the lone calls' connection back (its loop's clients are closing)."""
-        await self._own.give_back()
+        """Hand the lone calls' connections back (its loop's clients are closing)."""
+        for own in self._own:
+            await own.give_back()
 
     async def _send_queued(self) -> None:
         queue, self._queue = self._queue, []
@@ -130,7 +138,6 @@ class ShardBatcher:
         calls = [call for call in queue if not call.future.done()]  # drop cancelled callers
         if not calls:
             return
-        self._in_flight += 1
         try:
             await self._run(calls)
         except BaseException as exc:
@@ -142,8 +149,6 @@ class ShardBatcher:
                     call.future.set_exception(error)
             if not isinstance(exc, Exception):
                 raise
-        finally:
-            self._in_flight -= 1
 
     async def _run(self, calls: list[_Call]) -> None:
         """One pipeline of EVALSHAs, written at once to a connection lent by the pool
