@@ -491,10 +491,7 @@ class ClusterSetup:
     def _start(self) -> ClusterSetup:
         for server in self.servers:
             server.start()
-        first = self.masters[0]
-        for server in self.servers[1:]:
-            with server.client() as client:
-                client.execute_command("CLUSTER", "MEET", first.host, first.port)
+        self._meet_first(self.servers[1:])
         share = _SLOTS // len(self.masters)
         for index, master in enumerate(self.masters):
             last = _SLOTS if index == len(self.masters) - 1 else (index + 1) * share
@@ -513,13 +510,25 @@ class ClusterSetup:
         with server.client() as client:
             return str(client.execute_command("CLUSTER", "MYID").decode())
 
+    def _meet_first(self, servers: list[RedisServer]) -> None:
+        first = self.masters[0]
+        for server in servers:
+            with server.client() as client:
+                client.execute_command("CLUSTER", "MEET", first.host, first.port)
+
     def _all_know_each_other(self) -> bool:
+        """Whether every node knows every other. Those that do not yet meet the first
+        node again: a node drops a handshake not done within the node timeout (1 s
+        here), which a loaded machine can miss, and then never retries it (a MEET to
+        a node already in handshake is ignored, so asking again is harmless)."""
+        strangers = []
         for server in self.servers:
             with server.client() as client:
                 nodes = client.execute_command("CLUSTER", "NODES").decode().splitlines()
                 if len(nodes) != len(self.servers) or any("handshake" in n for n in nodes):
-                    return False
-        return True
+                    strangers.append(server)
+        self._meet_first([server for server in strangers if server is not self.masters[0]])
+        return not strangers
 
     def live(self) -> list[RedisServer]:
         return [s for s in self.servers if s.process is not None]
