@@ -272,40 +272,108 @@ async def exchange(connection: AbstractConnection, commands: list[tuple[Any, ...
 
 
 async def _read_replies(connection: AbstractConnection, count: int) -> list[Any]:
-    """``count`` replies, straight from the connection's parser, under one timer.
+    """``count`` replies, straight from the connection's parser, each within
+    ``socket_timeout`` of the one before (as redis-py gives each reply).
 
     ``Connection.read_response`` arms and cancels an ``asyncio.timeout`` for every
-    reply and wraps it in redis-py's error handling: with RESP3 (redis-py 8's
-    default) that was 9% of the instructions of a request/reply round of the Streams
-    layer (docs/performance.rst). Here one timer bounds the whole wait: a silent
-    server is given up after ``socket_timeout``, and a reply that comes within half
-    of it after the one before is never cut off (the timer is moved on once less than
-    half is left, not after every reply: moving it costs what it saves). Errors are
-    reported as redis-py reports them: an error reply as its exception in the list, a
-    closed or failed socket as ``ConnectionError``, a silent one as ``TimeoutError``.
-    The caller closes the connection on any of them (replies may be left unread)."""
+    reply and wraps it in redis-py's error handling. Here a :class:`_Watch` kept with
+    the connection bounds the wait instead, for two clock reads per reply: in a
+    request/reply exchange the timers were 15% of the Streams layer's latency
+    (docs/performance.rst). Errors are reported as redis-py reports them: an error
+    reply as its exception in the list, a closed or failed socket as
+    ``ConnectionError``, a silent one as ``TimeoutError``. The caller closes the
+    connection on any of them (replies may be left unread)."""
     read = connection._parser.read_response  # type: ignore[attr-defined]  # redis-py reads with it
-    timeout: float | None = connection.socket_timeout
     replies: list[Any] = []
+    watch = _Watch.of(connection)
     try:
-        if timeout is None:
+        if watch is None:  # no socket_timeout: wait for as long as it takes
             for _ in range(count):
                 replies.append(await read())
             return replies
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(timeout) as timer:
+        watch.begin()
+        try:
             replies.append(await read())
             while len(replies) < count:
-                now = loop.time()
-                if cast(float, timer.when()) - now < timeout / 2:
-                    timer.reschedule(now + timeout)
+                watch.moved_on()
                 replies.append(await read())
+        finally:
+            fired = watch.end()
+        if fired:  # the replies came as the timer fired: the stream holds its error
+            raise _Expired
         return replies
     except OSError as exc:
         where = connection._host_error()
-        if isinstance(exc, TimeoutError) and exc.errno is None:  # our timer, not the OS
+        if isinstance(exc, _Expired):
             raise RedisTimeoutError(f"Timeout reading from {where}") from None
         raise RedisConnectionError(f"Error while reading from {where}: {exc}") from exc
+
+
+class _Expired(TimeoutError):
+    """What a :class:`_Watch` makes a silent connection's read raise."""
+
+
+class _Watch:
+    """The timer bounding the replies read on one connection: one timer, armed at the
+    first read and moved on only when it fires, not one armed and cancelled per
+    reply (``asyncio.timeout`` asks for the running loop three times, each a system
+    call on Python 3.11, and leaves a cancelled handle in the loop's heap).
+
+    While a read is under way, each reply moves the deadline ``socket_timeout``
+    ahead; when the timer fires before the deadline it is set again for it, and past
+    it the read fails: the connection's stream is given an error, which the waiting
+    read raises at once (no task is cancelled, so nothing has to tell a timeout from
+    a cancellation). A timer that finds no read under way is dropped; the next read
+    arms one."""
+
+    __slots__ = ("_connection", "_deadline", "_handle", "_loop", "_reading", "_timeout", "fired")
+
+    def __init__(self, connection: AbstractConnection, timeout: float) -> None:
+        self._connection = connection
+        self._timeout = timeout
+        self._loop = asyncio.get_running_loop()  # a connection serves one loop
+        self._handle: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self._reading = False
+        self.fired = False
+
+    @staticmethod
+    def of(connection: AbstractConnection) -> _Watch | None:
+        """The connection's watch, made at its first read (None: no socket_timeout)."""
+        watch: _Watch | None = connection.__dict__.get("_streamlayer_watch")
+        timeout = connection.socket_timeout
+        if watch is None or watch._timeout != timeout:
+            if not timeout:
+                return None
+            watch = connection.__dict__["_streamlayer_watch"] = _Watch(connection, timeout)
+        return watch
+
+    def begin(self) -> None:
+        self._reading, self.fired = True, False
+        self._deadline = self._loop.time() + self._timeout
+        if self._handle is None:
+            self._handle = self._loop.call_at(self._deadline, self._check)
+
+    def moved_on(self) -> None:
+        """A reply came: the next one has ``socket_timeout`` from now."""
+        self._deadline = self._loop.time() + self._timeout
+
+    def end(self) -> bool:
+        """The read is over; whether the timer fired during it."""
+        self._reading = False
+        return self.fired
+
+    def _check(self) -> None:
+        self._handle = None
+        if not self._reading:
+            return
+        if self._loop.time() < self._deadline:
+            self._handle = self._loop.call_at(self._deadline, self._check)
+            return
+        self.fired = True
+        stream = getattr(self._connection, "_reader", None)
+        if stream is not None:
+            stream.set_exception(_Expired())
 
 
 _COMMAND_NAME_REQUIRED = (

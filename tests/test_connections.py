@@ -452,6 +452,11 @@ async def test_exchange_reads_each_reply_under_its_own_socket_timeout(
         assert isinstance(replies[2], ResponseError)
         assert replies[4] == b"text"
         assert connection.is_connected
+        # Idle past the timeout (the time itself is under test): the timer finds no
+        # read under way and is dropped, and the next read arms one afresh.
+        await asyncio.sleep(0.6)
+        wait = ("XREAD", "BLOCK", 300, "STREAMS", f"{key}-s", "$")
+        assert await exchange(connection, [wait]) == [None]
         assert await exchange(connection, [("DEL", key)]) == [1]
     finally:
         await connection.disconnect()
@@ -485,6 +490,10 @@ async def test_exchange_gives_up_on_a_silent_or_closed_server(
     admin = aioredis.Redis.from_url(fresh_server.url)
     assert fresh_server.process is not None
     try:
+        # A read first, then idle past the timeout: the stop below meets a timer armed
+        # afresh, not the first read's.
+        assert await exchange(connection, [("PING",)]) in ([True], [b"PONG"])
+        await asyncio.sleep(0.5)
         fresh_server.process.send_signal(signal.SIGSTOP)
         try:
             started = time.monotonic()
