@@ -35,6 +35,7 @@ def test_quick_bench_runs_every_layer_and_checks_every_message(
                 "p2p_concurrent",
                 "p2p_concurrent_awaited",
                 "latency",
+                "latency_paired",
                 "sync_calls",
             }
             assert measured["sync_calls"]["per_second"] > 0  # asgiref's floor
@@ -44,6 +45,8 @@ def test_quick_bench_runs_every_layer_and_checks_every_message(
                 assert "skipped" in measured[scenario.name]
             else:
                 assert measured[scenario.name], f"{name} {scenario.name} measured nothing"
+        paired = measured["latency_paired"]
+        assert 0 < paired["p50_us"] <= paired["p99_us"], paired
         assert measured["cross_process"]["per_second"] > 0
         assert measured["sync_calls"]["per_second"] > 0
         if not name.startswith("channels_redis"):  # which opens one per call
@@ -75,3 +78,34 @@ def test_quick_bench_runs_every_layer_and_checks_every_message(
         assert ("redis_bytes_per_message" in memory) is not broadcast
     assert "StreamsChannelLayer against the performance targets" in done.stdout
     assert chart.stat().st_size > 10_000
+
+
+@pytest.mark.timeout(180)
+def test_pairs_compares_contenders_batch_by_batch(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The paired-batches tool (streamlayer.tools.bench.pairs): long-lived workers
+    take turns; each contender's medians and its paired ratios to the first, which
+    is 1 to itself."""
+    summary_file = tmp_path / "pairs.json"
+    command = [sys.executable, "-m", "streamlayer.tools.bench.pairs", redis_server.url]
+    command += ["first=Streams", "compat.pubsub", "raw redis-py", "--batches", "3"]
+    command += ["--rounds", "40", "--json", str(summary_file)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(summary_file.read_text())
+    assert list(summary) == ["first", "compat.pubsub", "raw redis-py"]
+    assert summary["first"]["p50_ratio"] == summary["first"]["cpu_ratio"] == 1.0
+    for figures in summary.values():
+        assert 0 < figures["p50_us"] <= figures["p99_us"]
+        assert figures["cpu_us_per_round"] > 0 and figures["p50_ratio"] > 0
+    assert "compat.pubsub" in done.stdout
+
+
+def test_pairs_refuses_an_unknown_layer() -> None:
+    from streamlayer.tools.bench.pairs import Contender
+
+    assert Contender.parse("old=Streams@/tmp/x") == Contender("old", "Streams", "/tmp/x")
+    assert Contender.parse("compat.pubsub") == Contender("compat.pubsub", "compat.pubsub")
+    with pytest.raises(ValueError, match="unknown layer 'Stream'"):
+        Contender.parse("old=Stream")

@@ -24,22 +24,13 @@ import redis
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ...backends import BACKENDS
 from ...testing import RedisServer
-from .commands import worker_command
+from .commands import LAYERS, worker_command
+from .pairs import Contender, compare
 from .report import print_report, write_plot
 from .scenarios import Sizes
 
 __all__ = ["LAYERS", "run_bench"]
-
-#: name -> (class path, whether it broadcasts like Pub/Sub). channels_redis rows
-#: need the ``bench`` extra; "raw redis-py" is the floor.
-LAYERS: dict[str, tuple[str, bool]] = {
-    **{backend.name: (backend.path, backend.pubsub) for backend in BACKENDS},
-    "channels_redis core": ("channels_redis.core.RedisChannelLayer", False),
-    "channels_redis pubsub": ("channels_redis.pubsub.RedisPubSubChannelLayer", True),
-    "raw redis-py": ("raw", False),
-}
 
 _LAYER_TIMEOUT = 900
 _BENCH_EXTRA = "pip install 'streamlayer[bench]'"
@@ -120,6 +111,9 @@ def run_bench(
                         took = time.monotonic() - started
                         console.print(f"round {round_number}/{rounds}: {name} ({took:.0f} s)")
         results = {name: median_of(layer_runs) for name, layer_runs in runs.items()}
+        console.print("latency in paired batches: every layer at once, taking turns")
+        for name, paired in _paired_latency(list(layers), url, sizes).items():
+            results[name]["latency_paired"] = paired
     finally:
         if server is not None:
             server.cleanup()
@@ -138,6 +132,18 @@ def run_bench(
     if plot_path:
         console.print(write_plot(results, plot_path))
     return 1 if _errors(results) else 0
+
+
+def _paired_latency(names: list[str], url: str, sizes: Sizes) -> dict[str, dict[str, Any]]:
+    """The latency scenario once more, the layers' workers alive together and taking
+    turns batch by batch (:mod:`streamlayer.tools.bench.pairs`): the machine's drift
+    between one layer's run and the next (a quarter of a median within minutes here)
+    lands on every layer alike, so the latency ratios are read from these rows."""
+    contenders = [Contender(name, name) for name in names]
+    try:
+        return compare(contenders, url, sizes.paired_batches, sizes.paired_rounds)
+    except (RuntimeError, ValueError, OSError) as exc:
+        return {name: {"error": f"paired latency: {exc}"} for name in names}
 
 
 def _console() -> Console:

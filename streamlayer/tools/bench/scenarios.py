@@ -43,6 +43,10 @@ class Sizes:
     per_sender: int = 100
     worker_messages: int = 4000
     latency_rounds: int = 2000
+    #: The latency in paired batches (streamlayer.tools.bench.pairs): every layer's
+    #: worker alive at once, taking turns, this many batches of this many rounds.
+    paired_batches: int = 24
+    paired_rounds: int = 300
     fanout_members: tuple[int, ...] = (200,)
     fanout_sends: int = 50
     #: The scale curve: group sizes spread over the receiving processes, and sends.
@@ -75,6 +79,8 @@ class Sizes:
             per_sender=20,
             worker_messages=400,
             latency_rounds=200,
+            paired_batches=3,
+            paired_rounds=40,
             fanout_members=(50,),
             fanout_sends=20,
             scale_members=(10, 100),

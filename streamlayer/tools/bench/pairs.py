@@ -1,0 +1,162 @@
+"""Latency in paired batches: two or more layers, or two checkouts of one, compared
+on the bench's ``latency`` scenario.
+
+    python -m streamlayer.tools.bench.pairs redis://127.0.0.1:6379 \\
+        before=Streams@/path/to/old/checkout after=Streams compat.pubsub
+
+Why not separate runs: on a shared virtual machine the speed of the whole machine
+drifts from one minute to the next, and one process's median moved by a quarter
+between runs of the same code (docs/performance.rst, "A fourth run"); five or ten
+runs of each could not tell a 10% change. Here each label gets one long-lived
+worker process, and the workers take turns, batch after batch, in alternating
+order: a drift lands on all of them alike. A ratio is the median over batches of
+each batch's ratio to the first label's batch next to it.
+
+A label is ``NAME=LAYER@PATH``: ``LAYER`` a name of the bench's table
+(``python -m streamlayer bench --help``), ``@PATH`` a checkout put first on the
+worker's ``PYTHONPATH`` (to compare versions), ``NAME=`` what to call it; only
+``LAYER`` is required.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from .commands import LAYERS
+
+__all__ = ["Contender", "compare", "main"]
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One label of the comparison: a layer of the bench's table, from a checkout."""
+
+    name: str
+    layer: str
+    path: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Contender:
+        name, _, rest = text.rpartition("=")
+        layer, _, path = rest.partition("@")
+        if layer not in LAYERS:
+            known = ", ".join(LAYERS)
+            raise ValueError(f"unknown layer {layer!r} in {text!r}: one of {known}")
+        return cls(name or layer, layer, path or None)
+
+
+class _Worker:
+    """One contender's process, running batches when told."""
+
+    def __init__(self, contender: Contender, url: str) -> None:
+        env = dict(os.environ)
+        if contender.path:
+            paths = [contender.path, env.get("PYTHONPATH", "")]
+            env["PYTHONPATH"] = os.pathsep.join(path for path in paths if path)
+        # Run by its file, from a directory of no checkout: ``python -m`` and the
+        # current directory would put this checkout first, whatever PYTHONPATH says.
+        command = [sys.executable, str(Path(__file__).with_name("pairs_worker.py"))]
+        command += [LAYERS[contender.layer][0], url]
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=tempfile.gettempdir(),
+        )
+
+    def batch(self, rounds: int) -> dict[str, float]:
+        stdin, stdout = self._pipes()
+        stdin.write(f"{rounds}\n")
+        stdin.flush()
+        line = stdout.readline()
+        if not line:
+            raise RuntimeError(f"a worker ended (exit code {self.process.wait()})")
+        result: dict[str, float] = json.loads(line)
+        return result
+
+    def stop(self) -> None:
+        stdin, _ = self._pipes()
+        stdin.close()
+        self.process.wait(timeout=60)
+
+    def _pipes(self) -> tuple[IO[str], IO[str]]:
+        if self.process.stdin is None or self.process.stdout is None:  # pragma: no cover
+            raise RuntimeError("the worker has no pipes")
+        return self.process.stdin, self.process.stdout
+
+
+def compare(
+    contenders: list[Contender], url: str, batches: int, rounds: int
+) -> dict[str, dict[str, float]]:
+    """Per contender: the medians of its batches (``p50_us``, ``p99_us``,
+    ``cpu_us_per_round``) and the paired ratios of its p50 and CPU to the first's."""
+    workers = [_Worker(contender, url) for contender in contenders]
+    runs: list[list[dict[str, float]]] = [[] for _ in contenders]
+    try:
+        for number in range(batches):
+            order = list(range(len(workers)))
+            if number % 2:
+                order.reverse()
+            for index in order:
+                runs[index].append(workers[index].batch(rounds))
+    finally:
+        for worker in workers:
+            worker.stop()
+    first = runs[0]
+    summary: dict[str, dict[str, float]] = {}
+    for contender, batches_run in zip(contenders, runs, strict=True):
+        figures = {
+            key: statistics.median(run[key] for run in batches_run)
+            for key in ("p50_us", "p99_us", "cpu_us_per_round")
+        }
+        for key, ratio in (("p50_us", "p50_ratio"), ("cpu_us_per_round", "cpu_ratio")):
+            figures[ratio] = statistics.median(
+                run[key] / base[key] for run, base in zip(batches_run, first, strict=True)
+            )
+        summary[contender.name] = figures
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m streamlayer.tools.bench.pairs", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("url", help="the Redis every worker uses")
+    parser.add_argument("contenders", nargs="*", metavar="[NAME=]LAYER[@PATH]")
+    parser.add_argument("--batches", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=300, help="ping-pong rounds per batch")
+    parser.add_argument("--json", metavar="FILE", help="also write the summary here")
+    args = parser.parse_args(argv)
+    if len(args.contenders) < 2:
+        parser.error("give a Redis URL and at least two contenders")
+    try:
+        contenders = [Contender.parse(text) for text in args.contenders]
+    except ValueError as exc:
+        parser.error(str(exc))
+    summary = compare(contenders, args.url, args.batches, args.rounds)
+    base = contenders[0].name
+    for name, figures in summary.items():
+        print(
+            f"{name:>24}: p50 {figures['p50_us']:6.0f} us  p99 {figures['p99_us']:6.0f} us  "
+            f"CPU {figures['cpu_us_per_round']:6.0f} us/round  "
+            f"p50 {figures['p50_ratio']:.3f}x {base}  CPU {figures['cpu_ratio']:.3f}x {base}"
+        )
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(summary, out, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
