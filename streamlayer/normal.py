@@ -116,8 +116,9 @@ class NormalChannels:
                     return message
                 continue
             fetch = state.fetch
-            running = asyncio.get_running_loop()
-            if fetch is None or not reusable_task(fetch, f"receive() on {channel!r}", running):
+            if fetch is None or not reusable_task(
+                fetch, f"receive() on {channel!r}", asyncio.get_running_loop()
+            ):
                 if fetch is not None and not fetch.done():
                     state.check_pending = True  # abandoned with its loop: it may hold entries
                 fetch = state.fetch = asyncio.ensure_future(self._fetch(channel, state))

@@ -16,7 +16,10 @@ on the oldest redis-py ``pyproject.toml`` allows (``.ci/run``) covers each use:
   kept by its borrower.
 - :func:`exchange`: commands written to a connection of one's own as one write, and
   their replies read back, as a pipeline does without a pipeline's cost (the inbox
-  reader's blocking reads).
+  reader's blocking reads, the batcher's calls): packed by
+  ``_LeanWrites.pack_commands``, read straight from the connection's ``_parser``,
+  bounded by a :class:`_Watch` that fails a silent server's read through the
+  connection's ``_reader`` (asyncio's ``StreamReader``).
 - :func:`lend_sync_connection`: a synchronous pool's connection, to send a command in
   one thread and read its reply later (the sync-caller path, doctor's transaction).
   Its signature changed in redis-py 5.3: the command name was required before and is
