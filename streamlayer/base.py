@@ -373,7 +373,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
 
     async def with_retry(
         self,
-        what: str | Callable[[], str],
+        what: str,
         call: Callable[[], Awaitable[T]],
         on_error: Callable[[BaseException], None] | None = None,
         *,
@@ -382,8 +382,7 @@ class StreamlayerLayer(BaseChannelLayer):  # type: ignore[misc]
         """Run one Redis operation under the shared retry policy (see :mod:`streamlayer.retry`).
 
         ``on_error`` hears of every transient error (a reader uses it to notice disconnects).
-        A ``reader`` (an inbox reader) retries sooner (``READER_MAX_WAIT``). ``what``
-        may be a function that names the operation (called only for a message).
+        A ``reader`` (an inbox reader) retries sooner (``READER_MAX_WAIT``).
         The first attempt is a plain await: every send and every read passes here.
         """
         try:

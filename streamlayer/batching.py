@@ -90,10 +90,10 @@ class ShardBatcher:
         *,
         together: bool = False,
     ) -> Any:
-        """Run ``script``: at once when nothing else is on its way, else in the next
-        pipeline. ``together``: always in the next pipeline, for a caller issuing
-        several calls in one turn that should share one round trip (the first would
-        otherwise go alone)."""
+        """Run ``script``: at once on a free lone-call connection when nothing is
+        queued, else in the next pipeline. ``together``: always in the next pipeline,
+        for a caller issuing several calls in one turn that should share one round
+        trip (the first would otherwise go alone)."""
         if not self._pipelining:  # a cluster client routes each call itself
             return await script(self._client, keys, args)
         if not together and not self._queue and self._free:

@@ -107,7 +107,7 @@ async def retry_transient(
     call: Callable[[], Awaitable[T]],
     *,
     give_up_after: float,
-    what: str | Callable[[], str],
+    what: str,
     on_retry: Callable[[BaseException], None] | None = None,
     max_wait: float = DEFAULT_MAX_WAIT,
 ) -> T:
@@ -116,9 +116,8 @@ async def retry_transient(
 
     The first attempt is a plain await: the happy path costs one frame and nothing
     else (it is every send's and every read's). ``what`` names the operation and
-    the server in the final error message; a function is called only when a message
-    is needed, so a hot path does not format a name per call. ``on_retry`` is told
-    about each transient failure (used to report disconnects). Refused credentials
+    the server in the final error message. ``on_retry`` is told about each
+    transient failure (used to report disconnects). Refused credentials
     or permissions and a full Redis are never retried: they surface at once as
     RedisAccessDenied / RedisOutOfMemory, whichever attempt met them (the one place
     they are told apart from a blip).
@@ -133,20 +132,19 @@ async def retry_after(
     first: Exception,
     call: Callable[[], Awaitable[T]],
     give_up_after: float,
-    what: str | Callable[[], str],
+    what: str,
     on_retry: Callable[[BaseException], None] | None,
     max_wait: float = DEFAULT_MAX_WAIT,
 ) -> T:
     """What :func:`retry_transient` does once ``call()`` failed with ``first``: raise it
     (as the caller should see it) unless it is transient, else retry."""
-    name = what if isinstance(what, str) else what()
     try:
-        return await _retried(first, call, give_up_after, name, on_retry, max_wait)
+        return await _retried(first, call, give_up_after, what, on_retry, max_wait)
     except ACCESS_ERRORS as denied:
-        raise access_denied(name, denied) from denied
+        raise access_denied(what, denied) from denied
     except redis_errors.ResponseError as refused:
         if is_out_of_memory(refused):
-            raise out_of_memory(name, refused) from refused
+            raise out_of_memory(what, refused) from refused
         raise
 
 
