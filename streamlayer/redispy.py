@@ -88,10 +88,10 @@ class _LeanWrites:
     """
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        connection = cast(Connection, self)
-        if _hiredis_pack is not None and args and _one_word(args[0]) and _packs_utf8(connection):
+        pack = _hiredis_packer(cast(Connection, self), [args]) if args else None
+        if pack is not None:
             try:
-                return [_hiredis_pack(args)]
+                return [pack(args)]
             except TypeError:
                 pass
         return cast(list[bytes], super().pack_command(*args))  # type: ignore[misc]
@@ -101,15 +101,11 @@ class _LeanWrites:
         in one call, as :meth:`pack_command` does; redis-py's packer when any of them
         needs it. Kept as one chunk per command, not joined: a large message is not
         copied once more."""
-        connection = cast(Connection, self)
         commands = list(commands)
-        if (
-            _hiredis_pack is not None
-            and _packs_utf8(connection)
-            and all(_one_word(command[0]) for command in commands)
-        ):
+        pack = _hiredis_packer(cast(Connection, self), commands)
+        if pack is not None:
             try:
-                return [_hiredis_pack(command) for command in commands]
+                return [pack(command) for command in commands]
             except TypeError:
                 pass
         return cast(list[bytes], super().pack_commands(commands))  # type: ignore[misc]
@@ -146,8 +142,18 @@ class _LeanWrites:
             raise
 
 
+def _hiredis_packer(
+    connection: Connection, commands: Sequence[tuple[Any, ...]]
+) -> Callable[[tuple[Any, ...]], bytes] | None:
+    """hiredis' packer if it may pack ``commands`` for ``connection`` as they are: it
+    is installed, the connection encodes as hiredis does, and every command name is
+    one word (redis-py splits "CLIENT LIST" in two)."""
+    if _hiredis_pack is None or not _packs_utf8(connection):
+        return None
+    return _hiredis_pack if all(_one_word(command[0]) for command in commands) else None
+
+
 def _one_word(name: Any) -> bool:
-    """Whether a command name is one word (redis-py splits "CLIENT LIST" in two)."""
     return not (b" " in name if isinstance(name, bytes) else " " in str(name))
 
 

@@ -497,7 +497,7 @@ class ClusterSetup:
             last = _SLOTS if index == len(self.masters) - 1 else (index + 1) * share
             with master.client() as client:
                 client.execute_command("CLUSTER", "ADDSLOTS", *range(index * share, last))
-        _wait_until(self._all_know_each_other, 30, "the cluster nodes to meet")
+        _wait_until(self._meet_strangers, 30, "the cluster nodes to meet")
         for index, replica in enumerate(self.replicas):
             master_id = self.node_id(self.masters[index % len(self.masters)])
             with replica.client() as client:
@@ -516,11 +516,12 @@ class ClusterSetup:
             with server.client() as client:
                 client.execute_command("CLUSTER", "MEET", first.host, first.port)
 
-    def _all_know_each_other(self) -> bool:
-        """Whether every node knows every other. Those that do not yet meet the first
-        node again: a node drops a handshake not done within the node timeout (1 s
-        here), which a loaded machine can miss, and then never retries it (a MEET to
-        a node already in handshake is ignored, so asking again is harmless)."""
+    def _meet_strangers(self) -> bool:
+        """Whether every node knows every other; those that do not yet meet the first
+        node again (polled until it holds): a node drops a handshake not done within
+        the node timeout (1 s here), which a loaded machine can miss, and then never
+        retries it (a MEET to a node already in handshake is ignored, so asking again
+        is harmless)."""
         strangers = []
         for server in self.servers:
             with server.client() as client:
