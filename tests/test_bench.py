@@ -5,6 +5,7 @@ reordered) pass. Correctness only: no figure is asserted."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,27 @@ def test_pairs_compares_contenders_batch_by_batch(
         assert 0 < figures["p50_us"] <= figures["p99_us"]
         assert figures["cpu_us_per_round"] > 0 and figures["p50_ratio"] > 0
     assert "compat.pubsub" in done.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="pinning needs Linux")
+def test_pairs_pins_its_workers_off_the_scheduler(redis_server: RedisServer) -> None:
+    """Every worker runs on one CPU, the same for all (where there are two or more): left
+    free, the scheduler's placement beside Redis or apart moved a median by 40%."""
+    from streamlayer.tools.bench.pairs import Contender, _Worker, client_cpu
+
+    cpu = client_cpu()
+    if len(os.sched_getaffinity(0)) < 2:
+        assert cpu is None
+        return
+    assert cpu == max(os.sched_getaffinity(0))
+    workers = [_Worker(Contender(name, "raw redis-py"), redis_server.url) for name in "ab"]
+    try:
+        for worker in workers:
+            assert os.sched_getaffinity(worker.process.pid) == {cpu}
+            assert worker.batch(20)["p50_us"] > 0
+    finally:
+        for worker in workers:
+            worker.stop()
 
 
 def test_pairs_refuses_an_unknown_layer() -> None:

@@ -26,7 +26,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ...testing import RedisServer
 from .commands import LAYERS, worker_command
-from .pairs import Contender, compare
 from .report import print_report, write_plot
 from .scenarios import Sizes
 
@@ -139,6 +138,10 @@ def _paired_latency(names: list[str], url: str, sizes: Sizes) -> dict[str, dict[
     turns batch by batch (:mod:`streamlayer.tools.bench.pairs`): the machine's drift
     between one layer's run and the next (a quarter of a median within minutes here)
     lands on every layer alike, so the latency ratios are read from these rows."""
+    # Imported here: ``python -m streamlayer.tools.bench.pairs`` imports this package
+    # first, and runpy warns when the package already imported the module it runs.
+    from .pairs import Contender, compare
+
     contenders = [Contender(name, name) for name in names]
     try:
         return compare(contenders, url, sizes.paired_batches, sizes.paired_rounds)

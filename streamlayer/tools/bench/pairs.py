@@ -8,9 +8,17 @@ Why not separate runs: on a shared virtual machine the speed of the whole machin
 drifts from one minute to the next, and one process's median moved by a quarter
 between runs of the same code (docs/performance.rst, "A fourth run"); five or ten
 runs of each could not tell a 10% change. Here each label gets one long-lived
-worker process, and the workers take turns, batch after batch, in alternating
-order: a drift lands on all of them alike. A ratio is the median over batches of
-each batch's ratio to the first label's batch next to it.
+worker process, and the workers take turns, batch after batch, always in the same
+order, so that no worker runs two batches in a row: a drift lands on all of them
+alike. A ratio is the median over batches of each batch's ratio to the first
+label's batch next to it.
+
+Where the machine has two CPUs or more, every worker is pinned to the last one
+(``sched_setaffinity``), so the client never shares a CPU with Redis. Left to the
+scheduler, a worker sometimes lands on Redis' CPU and sometimes not, and that
+alone moved one layer's median from 185 to 110 µs (a ping-pong on one CPU costs
+no cross-CPU wake-ups, but pays Redis' own CPU time in full): which layer got the
+lucky placement decided the ratio (docs/performance.rst, "A fifth run").
 
 A label is ``NAME=LAYER@PATH``: ``LAYER`` a name of the bench's table
 (``python -m streamlayer bench --help``), ``@PATH`` a checkout put first on the
@@ -33,7 +41,7 @@ from typing import IO
 
 from .commands import LAYERS
 
-__all__ = ["Contender", "compare", "main"]
+__all__ = ["Contender", "client_cpu", "compare", "main"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,15 @@ class Contender:
             known = ", ".join(LAYERS)
             raise ValueError(f"unknown layer {layer!r} in {text!r}: one of {known}")
         return cls(name or layer, layer, path or None)
+
+
+def client_cpu() -> int | None:
+    """The CPU every worker is pinned to (the last this process may use), or None
+    where there is no choice to make (one CPU) or no way to pin (not Linux)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    allowed = os.sched_getaffinity(0)
+    return max(allowed) if len(allowed) > 1 else None
 
 
 class _Worker:
@@ -74,6 +91,9 @@ class _Worker:
             env=env,
             cwd=tempfile.gettempdir(),
         )
+        cpu = client_cpu()
+        if cpu is not None:
+            os.sched_setaffinity(self.process.pid, {cpu})
 
     def batch(self, rounds: int) -> dict[str, float]:
         stdin, stdout = self._pipes()
@@ -86,9 +106,10 @@ class _Worker:
         return result
 
     def stop(self) -> None:
-        stdin, _ = self._pipes()
+        stdin, stdout = self._pipes()
         stdin.close()
         self.process.wait(timeout=60)
+        stdout.close()
 
     def _pipes(self) -> tuple[IO[str], IO[str]]:
         if self.process.stdin is None or self.process.stdout is None:  # pragma: no cover
@@ -104,12 +125,9 @@ def compare(
     workers = [_Worker(contender, url) for contender in contenders]
     runs: list[list[dict[str, float]]] = [[] for _ in contenders]
     try:
-        for number in range(batches):
-            order = list(range(len(workers)))
-            if number % 2:
-                order.reverse()
-            for index in order:
-                runs[index].append(workers[index].batch(rounds))
+        for _ in range(batches):
+            for index, worker in enumerate(workers):
+                runs[index].append(worker.batch(rounds))
     finally:
         for worker in workers:
             worker.stop()
@@ -146,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     summary = compare(contenders, args.url, args.batches, args.rounds)
     base = contenders[0].name
+    cpu = client_cpu()
+    print("workers on CPU", cpu, "(Redis not pinned)" if cpu is not None else "workers not pinned")
     for name, figures in summary.items():
         print(
             f"{name:>24}: p50 {figures['p50_us']:6.0f} us  p99 {figures['p99_us']:6.0f} us  "
