@@ -44,6 +44,7 @@ __all__ = [
     "PRESENCE_REFRESH",
     "STREAM_ACK",
     "STREAM_APPEND",
+    "STREAM_APPEND_EACH",
     "STREAM_FORGET_CONSUMER",
     "STREAM_GROUP_JOIN",
     "STREAM_GROUP_PUBLISH",
@@ -62,6 +63,10 @@ class LuaScript:
 
     name: str
     source: str
+    #: A script that runs several calls of this one with the same KEYS as one call
+    #: (ARGV: each call's argument count, then its arguments; the reply: each call's
+    #: reply), for the batcher to merge concurrent calls into; None: never merged.
+    each: LuaScript | None = None
     sha: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -292,16 +297,18 @@ return #parked / 2
 # refuses the rest. Its messages' dedup tags are the batch's tag, then ':' and the
 # message's number (a batch of one keeps the tag as it is).
 _STREAM_APPEND = """
--- The batch: its messages' payloads and history positions, the group ('' for a send),
--- the time of the call in ms and the retry flag.
-local function read_batch(a)
-    local n = tonumber(ARGV[a + 1])
+-- The batch in ``argv`` (ARGV, or one call's arguments of STREAM_APPEND_EACH): its
+-- messages' payloads and history positions, the group ('' for a send), the time of
+-- the call in ms and the retry flag.
+local function read_batch(argv, a)
+    local n = tonumber(argv[a + 1])
     local batch = {n = n, payloads = {}, positions = {}}
     for m = 1, n do
-        batch.payloads[m] = ARGV[a + 2 * m]
-        batch.positions[m] = ARGV[a + 2 * m + 1]
+        batch.payloads[m] = argv[a + 2 * m]
+        batch.positions[m] = argv[a + 2 * m + 1]
     end
-    batch.group, batch.now, batch.retry = ARGV[#ARGV - 2], tonumber(ARGV[#ARGV - 1]), ARGV[#ARGV]
+    local last = #argv
+    batch.group, batch.now, batch.retry = argv[last - 2], tonumber(argv[last - 1]), argv[last]
     return batch, a + 1 + 2 * n
 end
 
@@ -483,24 +490,25 @@ local function append_inbox(key, state, batch, tag, listed, capacities, expiry_m
     return refused
 end
 
-local function append_all(k, a)
-    -- ARGV[a+1]: n, how many messages the batch has
-    -- ARGV[a+2..a+1+2n]: each message's payload and history position ('' for none)
+local function append_all(k, argv, a)
+    -- argv: ARGV, or one call's arguments (STREAM_APPEND_EACH)
+    -- argv[a+1]: n, how many messages the batch has
+    -- argv[a+2..a+1+2n]: each message's payload and history position ('' for none)
     -- then per destination d, with KEYS[k+2d-1] its stream and KEYS[k+2d] its delivered
     -- tags (a normal channel) or its state hash (a process inbox), four values: dedup
     -- tag, channels ('' for a normal channel; an inbox's destination channels,
     -- comma-separated), capacity (an inbox's: one for all its channels, or one each,
     -- comma-separated), expiry in ms (an inbox's: the longest of the layer)
-    -- ARGV[#ARGV-2]: group ('' for a send)   ARGV[#ARGV-1]: now in ms
-    -- ARGV[#ARGV]: '1' on a retry
+    -- argv[#argv-2]: group ('' for a send)   argv[#argv-1]: now in ms
+    -- argv[#argv]: '1' on a retry
     -- Returns how many (channel, message) pairs were refused: no room.
     -- A retry that finds its first attempt landed appends nothing, and counts the
     -- batch's messages it did not find as refused.
-    local batch, i = read_batch(a)
-    local full, key = 0, k + 1
-    while i + 4 <= #ARGV - 3 do
-        local tag, listed, capacity, expiry_ms = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
-            tonumber(ARGV[i + 4])
+    local batch, i = read_batch(argv, a)
+    local full, key, last = 0, k + 1, #argv
+    while i + 4 <= last - 3 do
+        local tag, listed, capacity, expiry_ms = argv[i + 1], argv[i + 2], argv[i + 3],
+            tonumber(argv[i + 4])
         local found = 0
         if batch.retry == '1' and listed == '' then
             found = landed(KEYS[key], KEYS[key + 1], tag, batch.n, tonumber(capacity))
@@ -522,6 +530,28 @@ local function append_all(k, a)
 end
 """
 
+STREAM_APPEND_EACH = LuaScript(
+    "stream_append_each",
+    _STREAM_APPEND
+    + """
+-- KEYS: as STREAM_APPEND, the same for every call
+-- ARGV: per call of STREAM_APPEND, how many arguments it has, then those arguments
+-- Returns each call's reply, in order: the calls run one after another, exactly as
+-- they would in a pipeline, in one script call instead of one each (the batcher
+-- merges concurrent sends to one stream this way; see streamlayer.batching).
+local replies, i = {}, 1
+while i <= #ARGV do
+    local count, argv = tonumber(ARGV[i]), {}
+    for j = 1, count do
+        argv[j] = ARGV[i + j]
+    end
+    replies[#replies + 1] = append_all(0, argv, 0)
+    i = i + 1 + count
+end
+return replies
+""",
+)
+
 STREAM_APPEND = LuaScript(
     "stream_append",
     _STREAM_APPEND
@@ -530,9 +560,11 @@ STREAM_APPEND = LuaScript(
 -- now, '1' on a retry)
 -- Returns how many (channel, message) pairs were refused (no room): for a send to
 -- one channel, how many of the batch's last messages it refused.
-return append_all(0, 0)
+return append_all(0, ARGV, 0)
 """,
+    each=STREAM_APPEND_EACH,
 )
+
 
 STREAM_GROUP_SEND_KNOWN = LuaScript(
     "stream_group_send_known",
@@ -556,7 +588,7 @@ local changed = members_changed(KEYS[1], ARGV[1], ARGV[2], true)
 if changed then
     return changed
 end
-local full = append_all(1, 2)
+local full = append_all(1, ARGV, 2)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
 return {full}
 """,

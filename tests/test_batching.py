@@ -13,7 +13,7 @@ import pytest
 from streamlayer import ChannelFull, StreamsChannelLayer
 from streamlayer.batching import LONE_CONNECTIONS, ShardBatcher
 from streamlayer.keys import stream_inbox_key
-from streamlayer.scripts import STREAM_INBOX_ADVANCE
+from streamlayer.scripts import STREAM_INBOX_ADVANCE, LuaScript
 from streamlayer.testing import RedisServer
 
 
@@ -99,12 +99,62 @@ async def test_each_caller_gets_its_own_channel_full(fresh_server: RedisServer) 
         pipelined = [i for i in accepted if i >= alone]
         assert pipelined == list(range(alone, alone + len(pipelined))), results
         assert batcher_of(layer).pipelines >= 1
+        # The pipeline's sends to the channel went as one merged script call, whose
+        # reply answered each caller on its own.
+        assert batcher_of(layer).merged_calls == 12 - alone - 1
         got = [(await asyncio.wait_for(layer.receive(channel), 10))["i"] for _ in range(5)]
         assert sorted(got) == accepted
         assert [i for i in got if i >= alone] == pipelined
     finally:
         await layer.flush()
         await layer.close()
+
+
+async def test_concurrent_sends_to_one_inbox_go_as_one_script_call(
+    layer: StreamsChannelLayer, fresh_server: RedisServer
+) -> None:
+    """Fifty consumers of one process sending at once append to one inbox: the
+    pipeline carries one merged script call for them, not fifty (Redis' per-call cost
+    is most of a small append's), and every message arrives once, in order per sender."""
+    channels = [await layer.new_channel() for _ in range(50)]
+    with fresh_server.client() as client:
+        client.config_resetstat()
+
+    async def sender(channel: str) -> None:
+        for i in range(20):
+            await layer.send(channel, {"type": "m", "i": i})
+
+    await asyncio.wait_for(asyncio.gather(*(sender(c) for c in channels)), 30)
+    batcher = batcher_of(layer)
+    with fresh_server.client() as client:
+        script_calls = client.info("commandstats")["cmdstat_evalsha"]["calls"]
+    assert batcher.merged_calls > 500, (batcher.merged_calls, batcher.pipelined_calls)
+    assert script_calls < 1000 - batcher.merged_calls + 50, script_calls  # + the reader's
+    for channel in channels:
+        got = [(await asyncio.wait_for(layer.receive(channel), 10))["i"] for _ in range(20)]
+        assert got == list(range(20))
+
+
+async def test_a_merged_call_stays_behind_another_script_on_its_keys() -> None:
+    """What merge() may reorder: calls of one script to the same keys join the first of
+    them, but not past a call of another script that touched those keys in between
+    (that one's effect stays before theirs); calls to other keys are not held back."""
+    from streamlayer.batching import _Call, merge
+    from streamlayer.scripts import STREAM_APPEND, STREAM_GROUP_SEND_KNOWN
+
+    loop = asyncio.get_running_loop()
+
+    def call(script: LuaScript, *keys: str) -> _Call:
+        return _Call(script, list(keys), [], loop.create_future())
+
+    a1, b1 = call(STREAM_APPEND, "in:a", "st:a"), call(STREAM_APPEND, "in:b", "st:b")
+    group = call(STREAM_GROUP_SEND_KNOWN, "members", "in:a", "st:a")
+    a2, b2 = call(STREAM_APPEND, "in:a", "st:a"), call(STREAM_APPEND, "in:b", "st:b")
+    a3 = call(STREAM_APPEND, "in:a", "st:a")
+    units = merge([a1, b1, group, a2, b2, a3])
+    assert [unit.calls for unit in units] == [[a1], [b1, b2], [group], [a2, a3]]
+    script, keys, args = units[3].command()
+    assert script is STREAM_APPEND.each and keys == ["in:a", "st:a"] and args == [0, 0]
 
 
 async def test_a_caller_cancelled_before_its_pipeline_left_sends_nothing(
@@ -222,4 +272,6 @@ async def test_pipelined_sends_survive_killed_connections(
     }
     assert not wrong, f"lost, duplicated or reordered: {wrong}"
     assert batcher_of(layer).pipelines > 0
+    if kind == "specific":  # one process's channels: one inbox, so sends went merged
+        assert batcher_of(layer).merged_calls > 0
     assert layer.stats.retries > 0, "no connection was killed under load: the test proves nothing"

@@ -32,6 +32,7 @@ from streamlayer.scripts import (
     PRESENCE_REFRESH,
     STREAM_ACK,
     STREAM_APPEND,
+    STREAM_APPEND_EACH,
     STREAM_FORGET_CONSUMER,
     STREAM_GROUP_JOIN,
     STREAM_GROUP_PUBLISH,
@@ -270,6 +271,31 @@ async def test_stream_append_takes_a_prefix_of_a_batch(client: Redis) -> None:
     args = _append(batch, ["v", "x.p!1", 2, 60_000])
     assert await STREAM_APPEND(client, ["inbox", "state"], args) == 3
     assert await client.xlen("inbox") == 3
+
+
+async def test_stream_append_each_answers_as_the_calls_would_one_by_one(client: Redis) -> None:
+    """Several STREAM_APPEND calls to the same keys merged into one script call (how the
+    batcher sends concurrent appends to one stream): each call's reply, in order, and
+    the same entries, as the calls made one after another give; a retried call among
+    them is still found out by its tag."""
+    for stream, side, first, second in [("inbox", "state", "x.p!1", "x.p!2"), ("s", "d", "", "")]:
+        calls = [
+            _append([b"a"], ["t1", first, 2, 60_000]),
+            _append([b"b"], ["t2", second, 2, 60_000]),
+            _append([b"c", b"d"], ["t3", first, 2, 60_000]),  # past capacity: refuses
+            _append([b"a"], ["t1", first, 2, 60_000], retry="1"),  # t1 again: landed
+            _append([b"e"], ["t4", first, 2, 60_000]),  # full
+        ]
+        one_by_one = [await STREAM_APPEND(client, [stream, side], call) for call in calls]
+        merged: list[object] = []
+        for call in calls:
+            merged += [len(call), *call]
+        together = await STREAM_APPEND_EACH(client, [f"{stream}2", f"{side}2"], merged)
+        assert together == one_by_one, stream
+        assert one_by_one[2] >= 1 and one_by_one[3] == 0 and one_by_one[4] == 1, one_by_one
+        alone = [(f[b"d"], f.get(b"c")) for f in await _fields(client, stream)]
+        assert [(f[b"d"], f.get(b"c")) for f in await _fields(client, f"{stream}2")] == alone
+        assert [d for d, _ in alone][:2] == [b"a", b"b"] and await client.pttl(f"{stream}2") > 0
 
 
 async def test_stream_append_trims_each_channel_by_its_own_expiry(client: Redis) -> None:
