@@ -19,6 +19,14 @@ its median (docs/performance.rst). Each caller still awaits its own result: a
 script's reply, or its own error (a ``ChannelFull`` decision is just a reply, so
 it stays per caller).
 
+Calls of one script to the same keys in one pipeline go as one script call
+when the script has an ``each`` form (STREAM_APPEND: fifty consumers of one
+process sending at once append to one inbox): Redis' per-call cost of a script
+is most of what a small append costs it, and the client reads one reply
+instead of fifty. The merged call runs the calls one after another, exactly as
+the pipeline would, and answers each caller with its own reply (see
+:func:`merge` for what may and may not move).
+
 What a pipeline changes and what it does not:
 
 * a script runs exactly as it would alone (Redis runs each script atomically;
@@ -27,7 +35,9 @@ What a pipeline changes and what it does not:
   never reached Redis); one cancelled later may or may not have landed, as a
   cancelled direct call may;
 * a connection error fails every call of the pipeline, and each caller retries
-  on its own under the retry policy (:mod:`streamlayer.retry`);
+  on its own under the retry policy (:mod:`streamlayer.retry`); so does an
+  error reply to a merged call, some of whose calls may have run: the retry
+  flag and the dedup tags find what landed, as after any lost reply;
 * NOSCRIPT (a server that restarted or flushed its script cache) is answered
   by loading the script and running again only the calls that failed with it:
   they did not run.
