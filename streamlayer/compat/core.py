@@ -264,7 +264,6 @@ class RedisChannelLayer(StoredLayer):
         return non_local_name(channel).endswith(f".{self.client_prefix}!")
 
     def _prepare_local(self, channel: str, loop: asyncio.AbstractEventLoop) -> None:
-        self.local.touch(channel)
         inbox = non_local_name(channel)
         reader = self._readers.get(inbox)
         running = reusable_task(

@@ -145,11 +145,11 @@ class _LoopPresence:
             raise
 
     def keep(self, channel: str) -> None:
-        """A receive() came: the channel's consumer is alive."""
+        """A receive() came: the channel's consumer is alive (its local.get() touches
+        it), so a release planned for it is off."""
         release = self._releases.pop(channel, None)
         if release is not None:
             release.cancel()
-        self.local.touch(channel)
 
     def release_later(self, channel: str) -> None:
         """The last receive() on ``channel`` was cancelled: unsubscribe it unless
