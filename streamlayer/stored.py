@@ -46,6 +46,9 @@ class KnownMembers(list[str]):
         #: one): 40 bytes on the wire whatever the group's size; the script hashes the
         #: members it finds the same way (redis.sha1hex).
         self.digest = hashlib.sha1("\n".join(sorted(members)).encode()).hexdigest()
+        #: The layer's plan of where a send to these members goes, made at the first
+        #: send to them and kept while they are the members (the layer's own form).
+        self.plan: Any = None
 
 
 def decode_members(raw: list[Any]) -> list[str]:

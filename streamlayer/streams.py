@@ -282,7 +282,7 @@ class StreamsChannelLayer(StoredLayer):
         keys: list[str] = [self.group_key(group)]
         args: list[Any] = [time.time() - self.group_expiry, known.digest, *batch.args()]
         tags: dict[str, str] = {}
-        for _shard, destinations, records in self._plan_group_send(known, tags):
+        for _shard, destinations, records in self._tagged(self._known_plan(known), tags):
             keys += destinations
             args += records
         args.append(group)
@@ -331,24 +331,29 @@ class StreamsChannelLayer(StoredLayer):
         in :mod:`streamlayer.scripts`). Local channels of one process share one entry
         per message in its inbox, which names those with room. ``tags``: the dedup tag
         of each destination stream, kept (and reused) there."""
+        return self._tagged(self._destinations(members), tags)
+
+    def _known_plan(self, known: KnownMembers) -> list[_Scope]:
+        """The destinations of a group's known members, planned at its first send and
+        kept with them: a steady group's send then costs per destination stream, not
+        per member (a group of 10,000 took 2.2 ms a send to plan)."""
+        plan: list[_Scope] | None = known.plan
+        if plan is None:
+            plan = known.plan = self._destinations(known)
+        return plan
+
+    def _destinations(self, members: Iterable[str]) -> list[_Scope]:
+        """``members`` sorted into destinations, per shard and slot: each stream and its
+        side key, and its record without the dedup tag (channels, capacity, expiry)."""
         inboxes: dict[str, list[str]] = {}
-
-        def tag_for(key: str) -> str:
-            if tags is None:
-                return self.new_tag()
-            tag = tags.get(key)
-            if tag is None:
-                tag = tags[key] = self.new_tag()
-            return tag
-
-        by_scope: dict[tuple[int, int], tuple[list[str], list[Any]]] = {}
+        by_scope: dict[tuple[int, int], _Scope] = {}
 
         def add(shard: int, key: str, side: str, record: list[Any]) -> None:
-            keys, records = by_scope.setdefault(
-                self.connections.script_scope(shard, key), ([], [])
+            _, keys, records = by_scope.setdefault(
+                self.connections.script_scope(shard, key), (shard, [], [])
             )
             keys += (key, side)
-            records += record
+            records.append(record)
 
         process_of = self._process_of
         for channel in members:
@@ -361,7 +366,7 @@ class StreamsChannelLayer(StoredLayer):
                 key = stream_channel_key(self.prefix, channel)
                 side = stream_delivered_key(self.prefix, channel)
                 capacity, expiry = self.get_capacity(channel), self.expiry_ms(channel)
-                add(self._shard(channel), key, side, [tag_for(key), "", capacity, expiry])
+                add(self._shard(channel), key, side, ["", capacity, expiry])
         for process_id, channels in inboxes.items():
             # Comma-joined, not one argument each: a process with hundreds of members
             # would otherwise cost the client hundreds of arguments to encode per send.
@@ -371,10 +376,28 @@ class StreamsChannelLayer(StoredLayer):
             else:
                 caps = ",".join(str(self.get_capacity(channel)) for channel in channels)
             key = stream_inbox_key(self.prefix, process_id)
-            record = [tag_for(key), ",".join(channels), caps, self._inbox_expiry_ms]
+            record = [",".join(channels), caps, self._inbox_expiry_ms]
             side = stream_inbox_state_key(self.prefix, process_id)
             add(self._shard(process_id), key, side, record)
-        return [(shard, keys, records) for (shard, _slot), (keys, records) in by_scope.items()]
+        return list(by_scope.values())
+
+    def _tagged(
+        self, plan: list[_Scope], tags: dict[str, str] | None
+    ) -> list[tuple[int, list[str], list[Any]]]:
+        """``plan`` with a dedup tag before each destination's record: a new one, or
+        the one ``tags`` keeps for its stream (kept there when new)."""
+        tagged = []
+        for shard, keys, records in plan:
+            flat: list[Any] = []
+            for key, record in zip(keys[::2], records, strict=True):
+                tag = None if tags is None else tags.get(key)
+                if tag is None:
+                    tag = self.new_tag()
+                    if tags is not None:
+                        tags[key] = tag
+                flat += (tag, *record)
+            tagged.append((shard, keys, flat))
+        return tagged
 
     # --- flush and close ------------------------------------------------------------------
 
@@ -410,6 +433,11 @@ class StreamsChannelLayer(StoredLayer):
         await self.inbox.stop(loop)
         await self.normal.stop_fetches(loop)
         await self.presence_book.stop(loop)
+
+
+#: A plan's destinations on one shard and slot: the shard, each destination's stream
+#: and side key, and each destination's record without its dedup tag.
+_Scope = tuple[int, list[str], list[list[Any]]]
 
 
 class _Replan(list[str]):
