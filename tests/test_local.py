@@ -134,6 +134,28 @@ async def test_deliver_to_gives_each_channel_its_own_copy() -> None:
     assert await local.get("c") is message  # one channel: no copy needed
 
 
+async def test_a_shared_message_is_copied_for_whoever_takes_it() -> None:
+    """deliver_to hands one entry to every member and the copy is made on receipt:
+    a waiting receiver, a queued message and one passed on by a receiver cancelled
+    in that instant each come out as a copy of their own, the original untouched."""
+    local, _ = counting()
+    waiting = asyncio.ensure_future(local.get("a"))
+    cancelled = asyncio.ensure_future(local.get("b"))
+    await asyncio.sleep(0)  # both wait
+    message = {"n": 1, "nested": [1]}
+    local.deliver_to(["a", "b", "c"], message, later())
+    cancelled.cancel()  # b's entry goes back to b's queue
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    got = [await asyncio.wait_for(waiting, 1), await local.get("b"), await local.get("c")]
+    assert got == [message] * 3
+    assert all(each is not message for each in got)
+    assert len({id(each) for each in got}) == 3
+    for each in got:
+        each["changed"] = True
+    assert "changed" not in message
+
+
 def test_notices_go_only_to_the_channels_that_asked() -> None:
     local, _ = counting()
     local.want_notices("asked")
