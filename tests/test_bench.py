@@ -4,6 +4,7 @@ reordered) pass. Correctness only: no figure is asserted."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -122,6 +123,23 @@ def test_pairs_pins_its_workers_off_the_scheduler(redis_server: RedisServer) -> 
     finally:
         for worker in workers:
             worker.stop()
+
+
+def test_pairs_turns_vary_the_order_and_never_repeat_a_worker() -> None:
+    """Each round of batches is a shuffled order, the same every run; no worker runs
+    two batches in a row, and every worker follows every other one at some point (a
+    fixed order gave each worker's p99 what its fixed predecessor left running)."""
+    from streamlayer.tools.bench.pairs import turns
+
+    orders = turns(3, 24)
+    assert orders == turns(3, 24)
+    assert all(sorted(order) == [0, 1, 2] for order in orders)
+    sequence = [index for order in orders for index in order]
+    pairs = set(itertools.pairwise(sequence))
+    assert all(a != b for a, b in pairs), "a worker ran two batches in a row"
+    assert pairs == {(a, b) for a in range(3) for b in range(3) if a != b}
+    assert {order[0] for order in orders} == {0, 1, 2}
+    assert turns(2, 4) == [[0, 1]] * 4  # two workers: alternating is the only way
 
 
 def test_pairs_refuses_an_unknown_layer() -> None:

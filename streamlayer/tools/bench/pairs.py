@@ -8,17 +8,21 @@ Why not separate runs: on a shared virtual machine the speed of the whole machin
 drifts from one minute to the next, and one process's median moved by a quarter
 between runs of the same code (docs/performance.rst, "A fourth run"); five or ten
 runs of each could not tell a 10% change. Here each label gets one long-lived
-worker process, and the workers take turns, batch after batch, always in the same
-order, so that no worker runs two batches in a row: a drift lands on all of them
-alike. A ratio is the median over batches of each batch's ratio to the first
-label's batch next to it.
+worker process, and the workers take turns, batch after batch: a drift lands on
+all of them alike. Each round of turns goes in a shuffled order (the same shuffles
+every run), and no worker runs two batches in a row: a batch run right after the
+same worker's was slow (median 190 µs against 110), and in one fixed order a
+worker's p99 carried what its fixed predecessor left running. A ratio is the
+median over rounds of each batch's ratio to the first label's batch of the round.
 
 Where the machine has two CPUs or more, every worker is pinned to the last one
-(``sched_setaffinity``), so the client never shares a CPU with Redis. Left to the
-scheduler, a worker sometimes lands on Redis' CPU and sometimes not, and that
+(``sched_setaffinity``), so every worker runs where the others did. Left to the
+scheduler, a worker sometimes landed on Redis' CPU and sometimes not, and that
 alone moved one layer's median from 185 to 110 µs (a ping-pong on one CPU costs
 no cross-CPU wake-ups, but pays Redis' own CPU time in full): which layer got the
-lucky placement decided the ratio (docs/performance.rst, "A fifth run").
+lucky placement decided the ratio. Pinned so, with Redis left free, the medians
+match those with Redis pinned to another CPU (docs/performance.rst, "A fifth
+run").
 
 A label is ``NAME=LAYER@PATH``: ``LAYER`` a name of the bench's table
 (``python -m streamlayer bench --help``), ``@PATH`` a checkout put first on the
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -41,7 +46,7 @@ from typing import IO
 
 from .commands import LAYERS
 
-__all__ = ["Contender", "client_cpu", "compare", "main"]
+__all__ = ["Contender", "client_cpu", "compare", "main", "turns"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,20 @@ def client_cpu() -> int | None:
         return None
     allowed = os.sched_getaffinity(0)
     return max(allowed) if len(allowed) > 1 else None
+
+
+def turns(workers: int, rounds: int) -> list[list[int]]:
+    """The order of each round of batches: shuffled (seeded: every run takes the same
+    turns), the first of a round never the last of the one before."""
+    shuffler = random.Random(0)
+    orders: list[list[int]] = []
+    for _ in range(rounds):
+        order = list(range(workers))
+        shuffler.shuffle(order)
+        if orders and workers > 1 and order[0] == orders[-1][-1]:
+            order[0], order[1] = order[1], order[0]
+        orders.append(order)
+    return orders
 
 
 class _Worker:
@@ -125,9 +144,9 @@ def compare(
     workers = [_Worker(contender, url) for contender in contenders]
     runs: list[list[dict[str, float]]] = [[] for _ in contenders]
     try:
-        for _ in range(batches):
-            for index, worker in enumerate(workers):
-                runs[index].append(worker.batch(rounds))
+        for order in turns(len(workers), batches):
+            for index in order:
+                runs[index].append(workers[index].batch(rounds))
     finally:
         for worker in workers:
             worker.stop()
