@@ -129,8 +129,6 @@ class Inbox:
         """Make sure a reader runs in ``loop`` (the running one) for a receive on
         ``channel``."""
         reader = self.reader
-        if reader is not None and reader.loop is loop and not reader.task.done():
-            return  # every receive() asks: the common answer without another call
         running = reusable_task(
             reader.task if reader else None, "receive() on process-specific channels", loop
         )
