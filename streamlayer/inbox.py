@@ -48,7 +48,7 @@ from .history import POSITION_KEY, position_tag
 from .host import LayerHost
 from .keys import stream_inbox_key, stream_inbox_state_key
 from .local import LocalChannels
-from .reader import BLOCK_SECONDS, BackgroundReader, reusable_task
+from .reader import BLOCK_SECONDS, BackgroundReader, let_woken_run, reusable_task
 from .redispy import KeptConnection, evalsha, exchange
 from .scripts import STREAM_INBOX_ADVANCE
 
@@ -258,8 +258,10 @@ class InboxReader(BackgroundReader):
         if entries:
             # Let the receivers just woken run first: what they send in reply leaves
             # before our next read, which then finds it at once (a request/reply
-            # round trip does not wait behind our bookkeeping).
-            await asyncio.sleep(0)
+            # round trip does not wait behind our read and its bookkeeping). While a
+            # queue's backlog is to be reported, one turn only: the report gives
+            # room back to senders, and goes before the consumers' own sends.
+            await let_woken_run(None if local.has_reports() else self.loop_ready)
         return True
 
     def _bookkeeping_due(self, checking: bool, since_write: float) -> Bookkeeping | None:

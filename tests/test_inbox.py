@@ -1,9 +1,12 @@
 """The Streams layer's inbox demultiplexing (streamlayer.inbox) on its own: entries as
 the inbox stream holds them, handed to a real layer's local channels. No Redis is
-reached: dispatching touches only the process's own queues and counters."""
+reached: dispatching touches only the process's own queues and counters. Also how
+long the reader lets the receivers it woke run before its next read (an event loop's
+turns, no Redis either)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -12,6 +15,7 @@ import pytest
 from streamlayer import StreamsChannelLayer
 from streamlayer.history import POSITION_KEY
 from streamlayer.inbox import RecentTags
+from streamlayer.reader import WOKEN_TURNS, let_woken_run, ready_queue
 
 
 @pytest.fixture
@@ -95,3 +99,52 @@ def test_recent_tags_remember_a_bounded_number() -> None:
     assert tags.seen(b"d") is False  # "a" is the oldest now: forgotten
     assert tags.seen(b"a") is False
     assert tags.seen(b"d") is True
+
+
+def hops(loop: asyncio.AbstractEventLoop, count: int, done: list[int]) -> None:
+    """A chain of ``count`` callbacks, each scheduling the next (a receiver's wake-up
+    travelling to its handler); the last notes that it ran."""
+
+    def hop(left: int) -> None:
+        if left:
+            loop.call_soon(hop, left - 1)
+        else:
+            done.append(count)
+
+    loop.call_soon(hop, count - 1)
+
+
+async def test_the_reader_waits_for_a_woken_chain_to_end() -> None:
+    loop = asyncio.get_running_loop()
+    done: list[int] = []
+    hops(loop, 4, done)
+    await let_woken_run(ready_queue(loop))
+    assert done == [4]
+
+
+async def test_the_reader_waits_a_bounded_number_of_turns() -> None:
+    """A loop that is never idle (a callback that keeps rescheduling itself) holds the
+    reader back for WOKEN_TURNS turns, not for ever."""
+    loop = asyncio.get_running_loop()
+    ticks = 0
+    stop = False
+
+    def busy() -> None:
+        nonlocal ticks
+        ticks += 1
+        if not stop:
+            loop.call_soon(busy)
+
+    loop.call_soon(busy)
+    await let_woken_run(ready_queue(loop))
+    stop = True
+    assert ticks == WOKEN_TURNS
+
+
+async def test_without_a_ready_queue_the_reader_waits_one_turn() -> None:
+    loop = asyncio.get_running_loop()
+    assert ready_queue(loop) is not None  # asyncio's own loop has one
+    done: list[int] = []
+    hops(loop, 2, done)
+    await let_woken_run(None)
+    assert done == []
