@@ -37,8 +37,8 @@ logger = logging.getLogger(__name__)
 #: ConnectionManager.block_timeout), so an idle wait never looks like a dead socket.
 BLOCK_SECONDS = 5.0
 #: Most event-loop turns a reader lets the receivers it woke run before its next read
-#: (see let_woken_run). A Channels consumer's receive is three turns
-#: from its handler: the receive task, ``asyncio.wait``'s callback, the consumer task.
+#: (see let_woken_run). A Channels consumer's receive is three turns from its
+#: handler: the receive task, ``asyncio.wait``'s callback, the consumer task.
 WOKEN_TURNS = 6
 
 

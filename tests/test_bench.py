@@ -108,7 +108,8 @@ def test_pairs_compares_contenders_batch_by_batch(
 def test_pairs_pins_its_workers_off_the_scheduler(redis_server: RedisServer) -> None:
     """Every worker runs on one CPU, the same for all (where there are two or more): left
     free, the scheduler's placement beside Redis or apart moved a median by 40%."""
-    from streamlayer.tools.bench.pairs import Contender, _Worker, client_cpu
+    from streamlayer.tools.bench.pairs import Contender, _Worker
+    from streamlayer.tools.bench.placement import client_cpu
 
     cpu = client_cpu()
     if len(os.sched_getaffinity(0)) < 2:
@@ -123,6 +124,24 @@ def test_pairs_pins_its_workers_off_the_scheduler(redis_server: RedisServer) -> 
     finally:
         for worker in workers:
             worker.stop()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="pinning needs Linux")
+def test_a_local_server_is_pinned_off_the_workers_cpu(fresh_server: RedisServer) -> None:
+    """The bench pins the server it starts, and ``pairs --pin-redis`` a server on this
+    machine, to every CPU but the workers': left free, Redis followed the workers in
+    one full bench and not in the next, and the paired ratios went with it."""
+    from streamlayer.tools.bench.pairs import pin_local_server
+    from streamlayer.tools.bench.placement import client_cpu
+
+    assert fresh_server.process is not None
+    allowed = os.sched_getaffinity(0)
+    cpus = pin_local_server(fresh_server.url)
+    if len(allowed) < 2:
+        assert cpus is None
+        return
+    assert cpus == allowed - {client_cpu()}
+    assert os.sched_getaffinity(fresh_server.process.pid) == cpus
 
 
 def test_pairs_turns_vary_the_order_and_never_repeat_a_worker() -> None:

@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ...testing import RedisServer
 from .commands import LAYERS, worker_command
+from .placement import client_cpu, pin_server
 from .report import print_report, write_plot
 from .scenarios import Sizes
 
@@ -83,6 +84,9 @@ def run_bench(
         server = RedisServer().start()
         url = server.url
         console.print(f"started a throwaway redis-server on {url} ({server.binary})")
+        if server.process is not None and (cpus := pin_server(server.process.pid)):
+            workers = client_cpu()
+            console.print(f"redis-server on CPUs {sorted(cpus)}, latency pairs on CPU {workers}")
     else:
         url = hosts
     results: dict[str, Any] = {}

@@ -20,9 +20,11 @@ Where the machine has two CPUs or more, every worker is pinned to the last one
 scheduler, a worker sometimes landed on Redis' CPU and sometimes not, and that
 alone moved one layer's median from 185 to 110 µs (a ping-pong on one CPU costs
 no cross-CPU wake-ups, but pays Redis' own CPU time in full): which layer got the
-lucky placement decided the ratio. Pinned so, with Redis left free, the medians
-match those with Redis pinned to another CPU (docs/performance.rst, "A fifth
-run").
+lucky placement decided the ratio. Redis, left free, wandered too: on one
+machine it mostly kept to the other CPU (docs/performance.rst, "A fifth run"), on
+another it followed the workers in one full bench and not in the next ("A sixth
+run"). ``--pin-redis`` pins a server on this machine to the other CPUs (the
+bench pins the throwaway server it starts): see :mod:`.placement`.
 
 A label is ``NAME=LAYER@PATH``: ``LAYER`` a name of the bench's table
 (``python -m streamlayer bench --help``), ``@PATH`` a checkout put first on the
@@ -44,9 +46,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .commands import LAYERS
+import redis
 
-__all__ = ["Contender", "client_cpu", "compare", "main", "turns"]
+from .commands import LAYERS
+from .placement import client_cpu, pin_server
+
+__all__ = ["Contender", "compare", "main", "turns"]
 
 
 @dataclass(frozen=True)
@@ -65,15 +70,6 @@ class Contender:
             known = ", ".join(LAYERS)
             raise ValueError(f"unknown layer {layer!r} in {text!r}: one of {known}")
         return cls(name or layer, layer, path or None)
-
-
-def client_cpu() -> int | None:
-    """The CPU every worker is pinned to (the last this process may use), or None
-    where there is no choice to make (one CPU) or no way to pin (not Linux)."""
-    if not hasattr(os, "sched_getaffinity"):
-        return None
-    allowed = os.sched_getaffinity(0)
-    return max(allowed) if len(allowed) > 1 else None
 
 
 def turns(workers: int, rounds: int) -> list[list[int]]:
@@ -165,6 +161,17 @@ def compare(
     return summary
 
 
+def pin_local_server(url: str) -> set[int] | None:
+    """Pin the server at ``url`` off the workers' CPU when it runs on this machine
+    (its ``INFO`` names its process; a server elsewhere has another machine's ids)."""
+    with redis.Redis.from_url(url) as client:
+        where = client.connection_pool.connection_kwargs
+        if "path" not in where and where.get("host") not in ("127.0.0.1", "localhost", "::1"):
+            return None
+        pid = int(client.info("server")["process_id"])
+    return pin_server(pid)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m streamlayer.tools.bench.pairs", description=__doc__.split("\n\n")[0]
@@ -174,17 +181,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=300, help="ping-pong rounds per batch")
     parser.add_argument("--json", metavar="FILE", help="also write the summary here")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--pin-redis",
+        action="store_true",
+        help="pin the Redis at url (a process on this machine) off the workers' CPU",
+    )
+    args = parser.parse_intermixed_args(argv)  # flags before the contenders too
     if len(args.contenders) < 2:
         parser.error("give a Redis URL and at least two contenders")
     try:
         contenders = [Contender.parse(text) for text in args.contenders]
     except ValueError as exc:
         parser.error(str(exc))
+    pinned = pin_local_server(args.url) if args.pin_redis else None
     summary = compare(contenders, args.url, args.batches, args.rounds)
     base = contenders[0].name
     cpu = client_cpu()
-    print("workers on CPU", cpu, "(Redis not pinned)" if cpu is not None else "workers not pinned")
+    redis_on = f"Redis on CPUs {sorted(pinned)}" if pinned else "Redis not pinned"
+    print("workers on CPU", cpu, f"({redis_on})" if cpu is not None else "workers not pinned")
     for name, figures in summary.items():
         print(
             f"{name:>24}: p50 {figures['p50_us']:6.0f} us  p99 {figures['p99_us']:6.0f} us  "
