@@ -11,16 +11,14 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Iterable
-from typing import Any, ClassVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
-from redis.asyncio import Connection as AsyncConnection
 
 from streamlayer import StreamsChannelLayer
 from streamlayer.entries import Batch
 from streamlayer.keys import stream_inbox_key
-from streamlayer.redispy import lean_connection_class
 from streamlayer.scripts import STREAM_APPEND
 from streamlayer.testing import RedisServer
 
@@ -482,61 +480,6 @@ async def test_the_inbox_is_trimmed_as_it_is_read_and_fully_when_idle(
                 break
             await asyncio.sleep(0.01)
         assert client.xlen(inbox) == 0
-
-
-class TracedConnection(lean_connection_class(AsyncConnection)):  # type: ignore[misc]
-    """A connection that notes what each write carries: 's' a send (a STREAM_APPEND
-    call), 'r' a read (a write with an XREAD), in the order written. It writes as the
-    layer's own connections do (lean_connection_class), or its timing would differ."""
-
-    writes: ClassVar[list[str]] = []
-
-    async def send_packed_command(
-        self, command: bytes | str | Iterable[bytes], check_health: bool = True
-    ) -> None:
-        packed = command if isinstance(command, bytes | str) else b"".join(command)
-        data = packed.encode() if isinstance(packed, str) else packed
-        if STREAM_APPEND.sha.encode() in data:
-            TracedConnection.writes.append("s")
-        elif b"XREAD" in data:
-            TracedConnection.writes.append("r")
-        await super().send_packed_command(command, check_health)
-
-
-async def test_a_reply_sent_turns_after_its_wake_up_goes_before_the_next_read(
-    fresh_server: RedisServer,
-) -> None:
-    """A receiver's reply may be sent several event-loop turns after its wake-up
-    (here the pings' sender receives through ``wait_for``: three turns, as a Channels
-    consumer's receive is). The reader lets that chain run before writing its next
-    read, so the reply's append is written first and the read finds it at once: every
-    send is followed by a read. With the read written after one turn, it went ahead
-    of the ping (a write and the reply to its bookkeeping on the ping's way), and the
-    echo's pong followed the ping with no read between."""
-    host = {"address": fresh_server.url, "connection_class": TracedConnection}
-    layer = StreamsChannelLayer(hosts=[host], prefix="traced")
-    ping, pong = await layer.new_channel(), await layer.new_channel()
-    rounds = 40
-
-    async def echo() -> None:  # replies in the turn it wakes up
-        for _ in range(rounds):
-            message = await layer.receive(ping)
-            await layer.send(pong, {"type": "n", "i": message["i"]})
-
-    try:
-        await layer.send(ping, {"type": "warm"})  # the first read checks the cursor
-        assert (await recv(layer, ping))["type"] == "warm"
-        TracedConnection.writes.clear()
-        echoing = asyncio.ensure_future(echo())
-        for i in range(rounds):
-            await layer.send(ping, {"type": "n", "i": i})
-            assert (await recv(layer, pong))["i"] == i
-        await asyncio.wait_for(echoing, 15)
-    finally:
-        await layer.close()
-    writes = "".join(TracedConnection.writes)
-    assert writes.count("s") == 2 * rounds
-    assert writes.count("ss") <= rounds // 10, writes
 
 
 async def test_replies_to_waiting_receivers_cost_no_bookkeeping_script(

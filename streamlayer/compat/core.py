@@ -46,7 +46,7 @@ from ..keys import (
     scan_pattern,
 )
 from ..local import LocalChannels
-from ..reader import BLOCK_SECONDS, BackgroundReader, reusable_task
+from ..reader import BLOCK_SECONDS, BackgroundReader, let_woken_run, reusable_task
 from ..retry import is_out_of_memory
 from ..scripts import (
     CLASSIC_GROUP_SEND,
@@ -144,6 +144,8 @@ class _InboxReader(BackgroundReader):
         for member, score in popped:
             layer.dispatch_inbox(member, score)
         layer.local.sweep(time.time())
+        if popped:
+            await let_woken_run(self.loop_ready)
         return True
 
     async def _mark_alive(self, client: Redis) -> None:
