@@ -54,6 +54,9 @@ _TEARDOWN_GRACE = 2.0
 
 #: redis-py's default socket timeout; blocking reads must stay well inside it.
 DEFAULT_SOCKET_TIMEOUT = 5.0
+#: How late Redis may end a blocking command's wait (a cron tick at the default
+#: ``hz 10``, and some room): a blocking read stays this far inside the socket timeout.
+BLOCK_LATE = 0.15
 
 
 def consistent_hash(value: str | bytes, ring_size: int) -> int:
@@ -299,11 +302,16 @@ class ConnectionManager:
 
     def block_timeout(self, index: int, wanted: float) -> float:
         """How long a blocking command on shard ``index`` may wait: at most ``wanted``,
-        and at most half the socket timeout, so an idle wait never looks like a dead socket."""
+        and at most half the socket timeout, so an idle wait never looks like a dead socket.
+
+        Also BLOCK_LATE short of the socket timeout: Redis ends a blocking command's wait
+        at its next cron tick, up to ``1/hz`` late (100 ms at the default ``hz 10``), so
+        with a socket timeout of 0.2 s a wait of half of it timed out the socket now and
+        then, and an idle receive saw a "reconnect" a second."""
         timeout = socket_timeout(self.hosts[index])
         if timeout is None:
             return wanted
-        return max(0.01, min(wanted, timeout / 2))
+        return max(0.01, min(wanted, timeout / 2, timeout - BLOCK_LATE))
 
     async def close(self, *, sync_clients: bool = True) -> None:
         """Close this loop's clients and the sync callers' ones (a later sync call opens

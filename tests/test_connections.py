@@ -415,6 +415,28 @@ async def test_a_stopped_server_fails_sends_within_the_socket_timeout(
     await layer.close()
 
 
+@pytest.mark.parametrize(
+    "path", ["streamlayer.StreamsChannelLayer", "streamlayer.compat.core.RedisChannelLayer"]
+)
+async def test_an_idle_receive_under_a_short_socket_timeout_sees_no_reconnect(
+    redis_server: RedisServer, prefix: str, path: str
+) -> None:
+    """Redis ends a blocking read's wait at its next cron tick, up to 100 ms late:
+    with ``socket_timeout`` 0.2 s a wait of half of it (0.1 s) timed the socket out
+    now and then, and an idle receive reported a reconnect about every second (on
+    compat.core "not recovered"). The waits now stay that far inside the timeout."""
+    host = {"address": redis_server.url, "socket_timeout": 0.2}
+    layer = layer_class(path)(hosts=[host], prefix=prefix)
+    try:
+        channel = await layer.new_channel()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(layer.receive(channel), 2.5)
+        assert layer.stats()["retries"] == 0
+        assert layer.stats()["reconnects"] == 0
+    finally:
+        await layer.close()
+
+
 @pytest.mark.parametrize("protocol", [2, 3])
 async def test_exchange_reads_each_reply_under_its_own_socket_timeout(
     redis_server: RedisServer, protocol: int
@@ -429,21 +451,23 @@ async def test_exchange_reads_each_reply_under_its_own_socket_timeout(
 
     from streamlayer.redispy import exchange, lean_connection_class
 
+    # Redis ends a blocking read's wait at its next cron tick: up to 1/hz (100 ms)
+    # late. Each 0.3 s read below takes 0.3-0.4 s, under the 0.5 s timeout.
     pool = aioredis.ConnectionPool.from_url(
-        redis_server.url, protocol=protocol, socket_timeout=0.4
+        redis_server.url, protocol=protocol, socket_timeout=0.5
     )
     connection = lean_connection_class(pool.connection_class)(**pool.connection_kwargs)
     await connection.connect()
     key = f"exchange-{protocol}"
     try:
-        # Two blocking reads of 0.25 s each: 0.5 s in all, more than one socket timeout.
+        # Two blocking reads of 0.3 s each: 0.6 s in all, more than one socket timeout.
         replies = await exchange(
             connection,
             [
                 ("SET", key, "text"),
-                ("XREAD", "BLOCK", 250, "STREAMS", f"{key}-s", "$"),
+                ("XREAD", "BLOCK", 300, "STREAMS", f"{key}-s", "$"),
                 ("INCR", key),  # not an integer: an error reply
-                ("XREAD", "BLOCK", 250, "STREAMS", f"{key}-s", "$"),
+                ("XREAD", "BLOCK", 300, "STREAMS", f"{key}-s", "$"),
                 ("GET", key),
             ],
         )
@@ -454,7 +478,7 @@ async def test_exchange_reads_each_reply_under_its_own_socket_timeout(
         assert connection.is_connected
         # Idle past the timeout (the time itself is under test): the timer finds no
         # read under way and is dropped, and the next read arms one afresh.
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(0.7)
         wait = ("XREAD", "BLOCK", 300, "STREAMS", f"{key}-s", "$")
         assert await exchange(connection, [wait]) == [None]
         assert await exchange(connection, [("DEL", key)]) == [1]
