@@ -94,11 +94,18 @@ async def test_a_group_message_with_history_carries_its_position(
 
 
 def test_recent_tags_remember_a_bounded_number() -> None:
+    """At least the last ``size`` tags, at most a quarter more (generations of a
+    quarter: the oldest goes whole)."""
     tags = RecentTags(size=3)
     assert [tags.seen(t) for t in (b"a", b"b", b"c", b"a")] == [False, False, False, True]
-    assert tags.seen(b"d") is False  # "a" is the oldest now: forgotten
-    assert tags.seen(b"a") is False
-    assert tags.seen(b"d") is True
+    names = [f"t{n}".encode() for n in range(20)]
+    remembered = RecentTags(size=8)  # generations of 2
+    assert not any(remembered.seen(name) for name in names)
+    assert all(remembered.seen(name) for name in names[-8:])
+    forgetting = RecentTags(size=8)
+    for name in names:
+        forgetting.seen(name)
+    assert not any(forgetting.seen(name) for name in names[:10])  # older than 8 + 2
 
 
 def hops(loop: asyncio.AbstractEventLoop, count: int, done: list[int]) -> None:
