@@ -8,6 +8,7 @@ test report; a test that only partly relies on one asks :func:`keeps`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 from collections.abc import AsyncIterator, Callable
@@ -98,3 +99,22 @@ async def layer_factory(
             await made[0].flush()
         for layer in made:
             await layer.close()
+
+
+async def ping_pong(layer: Any, rounds: int) -> None:
+    """``rounds`` request/reply exchanges between two channels of ``layer``, checked
+    in order: the pinger receives through ``wait_for`` (three event-loop turns from
+    its wake-up, as a Channels consumer's receive is), the echo task directly (it
+    replies in the turn it wakes up)."""
+    ping, pong = await layer.new_channel(), await layer.new_channel()
+
+    async def echo() -> None:
+        for _ in range(rounds):
+            message = await layer.receive(ping)
+            await layer.send(pong, {"type": "pong", "i": message["i"]})
+
+    echoing = asyncio.ensure_future(echo())
+    for i in range(rounds):
+        await layer.send(ping, {"type": "ping", "i": i})
+        assert (await asyncio.wait_for(layer.receive(pong), 15))["i"] == i
+    await asyncio.wait_for(echoing, 15)

@@ -16,6 +16,8 @@ from streamlayer.keys import stream_inbox_key
 from streamlayer.scripts import STREAM_INBOX_ADVANCE, LuaScript
 from streamlayer.testing import RedisServer
 
+from .layers import ping_pong
+
 
 @pytest.fixture
 async def layer(fresh_server: RedisServer) -> AsyncIterator[StreamsChannelLayer]:
@@ -45,19 +47,7 @@ async def test_a_reply_within_one_process_goes_alone(layer: StreamsChannelLayer)
     goes straight out, on the second lone-call connection, never as a pipeline of one
     (a task and a lent connection; with one lone-call connection, 40-70% of the rounds
     of the latency benchmark did that)."""
-    ping, pong = await layer.new_channel(), await layer.new_channel()
-    rounds = 300
-
-    async def echo() -> None:
-        for _ in range(rounds):
-            message = await layer.receive(ping)
-            await layer.send(pong, {"type": "pong", "i": message["i"]})
-
-    echoing = asyncio.ensure_future(echo())
-    for i in range(rounds):
-        await layer.send(ping, {"type": "ping", "i": i})
-        assert (await asyncio.wait_for(layer.receive(pong), 10))["i"] == i
-    await asyncio.wait_for(echoing, 10)
+    await ping_pong(layer, 300)
     assert batcher_of(layer).pipelines == 0
 
 

@@ -19,28 +19,13 @@ from streamlayer.redispy import lean_connection_class
 from streamlayer.scripts import STREAM_APPEND
 from streamlayer.testing import RedisServer
 
+from .layers import ping_pong
+
 ROUNDS = 40
 
 
 async def recv(layer: Any, channel: str) -> dict[str, Any]:
     return await asyncio.wait_for(layer.receive(channel), 15)
-
-
-async def ping_pong(layer: Any, rounds: int) -> None:
-    """``rounds`` exchanges: the pinger receives through ``wait_for`` (three turns),
-    the echo task directly (it replies in the turn it wakes up)."""
-    ping, pong = await layer.new_channel(), await layer.new_channel()
-
-    async def echo() -> None:
-        for _ in range(rounds):
-            message = await layer.receive(ping)
-            await layer.send(pong, {"type": "n", "i": message["i"]})
-
-    echoing = asyncio.ensure_future(echo())
-    for i in range(rounds):
-        await layer.send(ping, {"type": "n", "i": i})
-        assert (await recv(layer, pong))["i"] == i
-    await asyncio.wait_for(echoing, 15)
 
 
 class TracedConnection(lean_connection_class(AsyncConnection)):  # type: ignore[misc]
