@@ -261,7 +261,10 @@ class InboxReader(BackgroundReader):
             # round trip does not wait behind our read and its bookkeeping). While a
             # queue's backlog is to be reported, one turn only: the report gives
             # room back to senders, and goes before the consumers' own sends.
-            await let_woken_run(None if local.has_reports() else self.loop_ready)
+            if local.has_reports():
+                await asyncio.sleep(0)
+            else:
+                await let_woken_run(self.loop_ready)
         return True
 
     def _bookkeeping_due(self, checking: bool, since_write: float) -> Bookkeeping | None:
