@@ -168,3 +168,71 @@ def test_pairs_refuses_an_unknown_layer() -> None:
     assert Contender.parse("compat.pubsub") == Contender("compat.pubsub", "compat.pubsub")
     with pytest.raises(ValueError, match="unknown layer 'Stream'"):
         Contender.parse("old=Stream")
+
+
+def test_paired_latency_ratios_are_read_round_by_round() -> None:
+    """A ratio of the paired latency is the median of the two layers' ratios within each
+    round, not the ratio of their medians: a drift both batches of a round shared
+    cancels. Here the layers swap places in the slow rounds: by their medians they
+    look 1.5x apart, round by round one is always 1.1x the other."""
+    from streamlayer.tools.bench.report import paired_ratio, ratio, target_ratios
+
+    fast = [100.0, 100.0, 100.0, 200.0, 200.0]
+    ours = [110.0, 110.0, 110.0, 220.0, 220.0]  # 1.1x in every round
+    theirs_p99 = [300.0, 300.0, 300.0, 300.0, 300.0]
+    results = {
+        "Streams": {
+            "latency_paired": {
+                "p50_us": 110.0,  # the medians, as compare() reports them
+                "p99_us": 330.0,
+                "batches": {"p50_us": ours, "p99_us": [330.0] * 5},
+            },
+            "p2p_concurrent": {"per_second": 30.0},
+        },
+        "compat.pubsub": {
+            "latency_paired": {
+                "p50_us": 73.0,  # a median from another run's batches: not used
+                "p99_us": 300.0,
+                "batches": {"p50_us": fast, "p99_us": theirs_p99},
+            }
+        },
+        "channels_redis pubsub": {
+            "latency_paired": {"p50_us": 100.0, "p99_us": 330.0},  # no batches kept
+            "p2p_concurrent": {"per_second": 10.0},
+        },
+    }
+    assert paired_ratio(ours, fast) == pytest.approx(1.1)
+    assert ratio(results, "Streams", "compat.pubsub", "latency_paired", "p50_us") == (
+        pytest.approx(1.1)
+    )
+    assert ratio(results, "Streams", "compat.pubsub", "latency_paired", "p99_us") == (
+        pytest.approx(1.1)
+    )
+    # Without both layers' batches: the ratio of the figures.
+    crps = "channels_redis pubsub"
+    assert ratio(results, "Streams", crps, "latency_paired", "p50_us") == pytest.approx(1.1)
+    assert ratio(results, "Streams", crps, "p2p_concurrent", "per_second") == pytest.approx(3)
+    assert ratio(results, "Streams", "raw redis-py", "latency", "p50_us") is None
+    found = {target.label: value for target, value in target_ratios(results)}
+    assert found["latency p50 vs compat.pubsub"] == pytest.approx(1.1)
+    assert found["latency p99 vs channels_redis pubsub"] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        paired_ratio([1.0, 2.0], [1.0])  # batches of different runs cannot pair
+
+
+def test_pairs_summary_keeps_each_batch(redis_server: RedisServer) -> None:
+    """compare() keeps every contender's figures batch by batch, in the order of the
+    rounds, beside their medians and paired ratios to the first."""
+    from streamlayer.tools.bench.pairs import FIGURES, Contender, compare
+
+    contenders = [Contender("a", "raw redis-py"), Contender("b", "raw redis-py")]
+    summary = compare(contenders, redis_server.url, batches=3, rounds=20)
+    for figures in summary.values():
+        assert set(figures["batches"]) == set(FIGURES)
+        for key in FIGURES:
+            assert len(figures["batches"][key]) == 3
+            assert figures[key] == sorted(figures["batches"][key])[1]
+    assert summary["a"]["p99_ratio"] == 1.0
+    a, b = summary["a"]["batches"]["p50_us"], summary["b"]["batches"]["p50_us"]
+    within = sorted(y / x for x, y in zip(a, b, strict=True))
+    assert summary["b"]["p50_ratio"] == pytest.approx(within[1])

@@ -44,14 +44,20 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import redis
 
 from .commands import LAYERS
 from .placement import client_cpu, pin_server
+from .report import paired_ratio
 
-__all__ = ["Contender", "compare", "main", "turns"]
+__all__ = ["FIGURES", "Contender", "compare", "main", "turns"]
+
+#: What a worker reports of each batch.
+FIGURES = ("p50_us", "p99_us", "cpu_us_per_round")
+#: The paired ratios to the first contender in a summary, and the figures they are of.
+RATIOS = (("p50_us", "p50_ratio"), ("p99_us", "p99_ratio"), ("cpu_us_per_round", "cpu_ratio"))
 
 
 @dataclass(frozen=True)
@@ -134,9 +140,10 @@ class _Worker:
 
 def compare(
     contenders: list[Contender], url: str, batches: int, rounds: int
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Per contender: the medians of its batches (``p50_us``, ``p99_us``,
-    ``cpu_us_per_round``) and the paired ratios of its p50 and CPU to the first's."""
+    ``cpu_us_per_round``), the paired ratios of each to the first's (``p50_ratio``,
+    ``p99_ratio``, ``cpu_ratio``), and under ``batches`` each figure batch by batch."""
     workers = [_Worker(contender, url) for contender in contenders]
     runs: list[list[dict[str, float]]] = [[] for _ in contenders]
     try:
@@ -146,17 +153,15 @@ def compare(
     finally:
         for worker in workers:
             worker.stop()
-    first = runs[0]
-    summary: dict[str, dict[str, float]] = {}
+    summary: dict[str, dict[str, Any]] = {}
     for contender, batches_run in zip(contenders, runs, strict=True):
-        figures = {
-            key: statistics.median(run[key] for run in batches_run)
-            for key in ("p50_us", "p99_us", "cpu_us_per_round")
-        }
-        for key, ratio in (("p50_us", "p50_ratio"), ("cpu_us_per_round", "cpu_ratio")):
-            figures[ratio] = statistics.median(
-                run[key] / base[key] for run, base in zip(batches_run, first, strict=True)
-            )
+        kept = {key: [run[key] for run in batches_run] for key in FIGURES}
+        figures: dict[str, Any] = {key: statistics.median(kept[key]) for key in FIGURES}
+        for key, ratio in RATIOS:
+            figures[ratio] = paired_ratio(kept[key], [run[key] for run in runs[0]])
+        # Batch by batch, in the order of the rounds: every contender ran one batch per
+        # round, so the bench reads any two contenders' ratio from these (report.ratio).
+        figures["batches"] = kept
         summary[contender.name] = figures
     return summary
 
@@ -203,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name:>24}: p50 {figures['p50_us']:6.0f} us  p99 {figures['p99_us']:6.0f} us  "
             f"CPU {figures['cpu_us_per_round']:6.0f} us/round  "
-            f"p50 {figures['p50_ratio']:.3f}x {base}  CPU {figures['cpu_ratio']:.3f}x {base}"
+            f"p50 {figures['p50_ratio']:.3f}x  p99 {figures['p99_ratio']:.3f}x  "
+            f"CPU {figures['cpu_ratio']:.3f}x {base}"
         )
     if args.json:
         with open(args.json, "w") as out:

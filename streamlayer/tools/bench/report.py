@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -10,7 +11,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["TARGETS", "print_report", "results_table", "target_ratios", "write_plot"]
+__all__ = [
+    "TARGETS",
+    "paired_ratio",
+    "print_report",
+    "ratio",
+    "results_table",
+    "target_ratios",
+    "write_plot",
+]
 
 
 def _scale_rows(members: int) -> list[tuple[str, str, str, bool]]:
@@ -118,12 +127,61 @@ def figure(results: dict[str, Any], layer: str, scenario: str, metric: str) -> f
     return float(value[metric])
 
 
+def paired_ratio(ours: list[float], theirs: list[float]) -> float:
+    """The median over rounds of each of our batches' figure over theirs in the same
+    round of paired batches (:mod:`.pairs`).
+
+    Not the ratio of the two medians: the machine's speed drifts from one round to
+    the next (one layer's batch medians ranged 145-239 us within a run), and a ratio
+    within a round cancels the drift both batches shared. In one full bench the
+    ratio of the medians was 1.15x where the paired ratio of the same batches was
+    1.09x (docs/performance.rst, "A seventh run")."""
+    return statistics.median(o / t for o, t in zip(ours, theirs, strict=True))
+
+
+def ratio(
+    results: dict[str, Any],
+    layer: str,
+    reference: str,
+    scenario: str,
+    metric: str,
+    reference_metric: str | None = None,
+) -> float | None:
+    """``layer``'s ``metric`` over ``reference``'s (its ``reference_metric`` when
+    given); paired batch by batch when the scenario kept both layers' batches (the
+    paired latency), else the ratio of the two figures. None when one is missing."""
+    theirs_metric = reference_metric or metric
+    ours, theirs = (
+        figure(results, layer, scenario, metric),
+        figure(results, reference, scenario, theirs_metric),
+    )
+    if ours is None or not theirs:
+        return None
+    ours_batches = _batches(results, layer, scenario, metric)
+    theirs_batches = _batches(results, reference, scenario, theirs_metric)
+    if (
+        ours_batches
+        and theirs_batches
+        and len(ours_batches) == len(theirs_batches)
+        and all(theirs_batches)
+    ):
+        return paired_ratio(ours_batches, theirs_batches)
+    return ours / theirs
+
+
+def _batches(results: dict[str, Any], layer: str, scenario: str, metric: str) -> list[float]:
+    value = results.get(layer, {}).get(scenario, {})
+    batches = value.get("batches", {}) if isinstance(value, dict) else {}
+    found = batches.get(metric) if isinstance(batches, dict) else None
+    return [float(v) for v in found] if isinstance(found, list) else []
+
+
 def _cell(value: float | None, base: float | None) -> str:
     if value is None:
         return "-"
     text = f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
-    if base:
-        text += f" ({value / base:.2f}x)"
+    if base is not None:
+        text += f" ({base:.2f}x)"
     return text
 
 
@@ -141,8 +199,8 @@ def results_table(results: dict[str, Any]) -> Table:
         cells = []
         for layer, value in zip(layers, values, strict=True):
             incumbent = INCUMBENT.get(layer)
-            base = figure(results, incumbent, scenario, metric) if incumbent else None
-            cells.append(_cell(value, base))
+            against = ratio(results, layer, incumbent, scenario, metric) if incumbent else None
+            cells.append(_cell(value, against))
         table.add_row(label, *cells)
     table.caption = (
         "Ratios: Streams and compat.core against channels_redis' sorted-set layer, "
@@ -236,13 +294,20 @@ TARGETS = [
 def target_ratios(results: dict[str, Any]) -> list[tuple[Target, float | None]]:
     """Each target with the measured ratio of Streams to its reference (None when one of
     the two was not measured)."""
-    found: list[tuple[Target, float | None]] = []
-    for target in TARGETS:
-        ours = figure(results, "Streams", target.scenario, target.metric)
-        metric = target.reference_metric or target.metric
-        theirs = figure(results, target.reference, target.scenario, metric)
-        found.append((target, ours / theirs if ours is not None and theirs else None))
-    return found
+    return [
+        (
+            target,
+            ratio(
+                results,
+                "Streams",
+                target.reference,
+                target.scenario,
+                target.metric,
+                target.reference_metric,
+            ),
+        )
+        for target in TARGETS
+    ]
 
 
 def write_plot(results: dict[str, Any], path: str) -> str:
