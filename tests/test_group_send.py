@@ -62,15 +62,14 @@ async def test_a_steady_group_costs_one_script_call_per_send(
     await member.group_add("steady", "jobs")  # a normal channel too
     await sender.group_send("steady", {"type": "first"})  # reads the members: two calls
     await sender.group_send("steady", {"type": "second"})  # loads the script, if need be
-    # The Streams layer plans where a steady group's sends go once (per destination
-    # stream, not per member), and keeps the plan with the members it was made for.
-    plan = getattr(sender._known_members["steady"], "plan", None)
+    # Both layers plan where a steady group's sends go once (per destination stream or
+    # key, not per member), and keep the plan with the members it was made for.
+    plan = sender._known_members["steady"].plan
     before = await asyncio.to_thread(script_calls, fresh_server)
     for i in range(10):
         await sender.group_send("steady", {"type": "m", "i": i})
     assert await asyncio.to_thread(script_calls, fresh_server) - before == 10
-    if hasattr(sender, "_known_plan"):
-        assert plan is not None and sender._known_members["steady"].plan is plan
+    assert plan is not None and sender._known_members["steady"].plan is plan
     for channel in [*channels, "jobs"]:
         got = await take(member, channel, 12)
         assert [m.get("i") for m in got] == [None, None, *range(10)]

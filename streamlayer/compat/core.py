@@ -78,6 +78,18 @@ class _Popped:
     message: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class _Destination:
+    """One sorted-set key a group send adds to, and the channels it serves there (a
+    process's local channels share its key)."""
+
+    key: str
+    shard: int
+    capacity: int
+    expiry: float
+    channels: list[str]
+
+
 async def _zpopmin(client: Redis, key: str, count: int) -> list[tuple[bytes, float]]:
     """ZPOPMIN, typed: (member, score) pairs, lowest score first."""
     popped = await client.zpopmin(key, count)
@@ -435,8 +447,8 @@ class RedisChannelLayer(StoredLayer):
         """CLASSIC_GROUP_SEND_KNOWN: check ``known`` are the members and add the messages
         to their sorted sets in one script (one server: one shard). A retry skips the
         check: it re-adds the same serialized messages, which changes nothing."""
-        batch = [entry for entries in self._plan_group_send(known, messages).values()
-                 for entry in entries]  # fmt: skip
+        plan = self._records(self._known_plan(known), messages)
+        batch = [entry for entries in plan.values() for entry in entries]
         keys = [self.group_key(group), *(key for key, _ in batch)]
         args: list[Any] = [time.time() - self.group_expiry, known.digest]
         for _, record in batch:
@@ -455,32 +467,52 @@ class RedisChannelLayer(StoredLayer):
         self, group: str, members: list[str], messages: list[dict[str, Any]]
     ) -> int:
         """One CLASSIC_GROUP_SEND per shard; returns how many deliveries were full."""
-        plan = self._plan_group_send(members, messages)
+        plan = self._records(self._destinations(members), messages)
         calls = [self._group_send_shard(group, shard, batch) for shard, batch in plan.items()]
         # One shard (the usual case) needs no task of its own: gather would make one.
         results = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         return sum(results)
 
-    def _plan_group_send(
-        self, members: Iterable[str], messages: list[dict[str, Any]]
-    ) -> dict[int, list[tuple[str, list[Any]]]]:
-        """Per shard: (key, record) for each message, in order; a record is what
-        ``add_all`` takes (payload, capacity, expiry, score). Local channels of one
-        process share a key, so they share one payload per message that names all of
-        them (as channels_redis does)."""
+    def _known_plan(self, known: KnownMembers) -> list[_Destination]:
+        """The destinations of a group's known members, sorted out at its first send and
+        kept with them while they are the members: a steady group's send then costs per
+        destination key, not per member (sorting 10,000 members out took 2-3 ms)."""
+        plan: list[_Destination] | None = known.plan
+        if plan is None:
+            plan = known.plan = self._destinations(known)
+        return plan
+
+    def _destinations(self, members: Iterable[str]) -> list[_Destination]:
+        """``members`` sorted into the sorted-set keys a send to them adds to: local
+        channels of one process share their process's key, so they share one payload
+        per message that names all of them (as channels_redis does)."""
         targets: dict[str, list[str]] = {}
         for channel in members:
             targets.setdefault(classic_channel_key(self.prefix, channel), []).append(channel)
+        return [
+            _Destination(
+                key,
+                self.connections.shard_for(non_local_name(channels[0])),
+                self.get_capacity(channels[0]),
+                self.key_expiry(channels[0]),
+                channels,
+            )
+            for key, channels in targets.items()
+        ]
+
+    def _records(
+        self, destinations: list[_Destination], messages: list[dict[str, Any]]
+    ) -> dict[int, list[tuple[str, list[Any]]]]:
+        """Per shard: (key, record) for each destination and message, in order; a record
+        is what ``add_all`` takes (payload, capacity, expiry, score)."""
         plan: dict[int, list[tuple[str, list[Any]]]] = {}
         now = time.time()
-        for key, channels in targets.items():
-            shard = self.connections.shard_for(non_local_name(channels[0]))
-            capacity = self.get_capacity(channels[0])
-            expiry = self.key_expiry(channels[0])
-            entries = plan.setdefault(shard, [])
+        for target in destinations:
+            entries = plan.setdefault(target.shard, [])
             for index, message in enumerate(messages):
-                payload = self.serialize({**message, RESERVED_KEY: channels})
-                entries.append((key, [payload, capacity, expiry, _score(now, index)]))
+                payload = self.serialize({**message, RESERVED_KEY: target.channels})
+                record = [payload, target.capacity, target.expiry, _score(now, index)]
+                entries.append((target.key, record))
         return plan
 
     async def _group_send_shard(
