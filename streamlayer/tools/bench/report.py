@@ -176,12 +176,13 @@ def _batches(results: dict[str, Any], layer: str, scenario: str, metric: str) ->
     return [float(v) for v in found] if isinstance(found, list) else []
 
 
-def _cell(value: float | None, base: float | None) -> str:
+def _cell(value: float | None, against: float | None) -> str:
+    """A figure, and its ratio to channels_redis' when there is one."""
     if value is None:
         return "-"
     text = f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
-    if base is not None:
-        text += f" ({base:.2f}x)"
+    if against is not None:
+        text += f" ({against:.2f}x)"
     return text
 
 
