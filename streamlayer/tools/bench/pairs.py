@@ -153,12 +153,14 @@ def compare(
     finally:
         for worker in workers:
             worker.stop()
+    kept_all = [
+        {key: [run[key] for run in batches_run] for key in FIGURES} for batches_run in runs
+    ]
     summary: dict[str, dict[str, Any]] = {}
-    for contender, batches_run in zip(contenders, runs, strict=True):
-        kept = {key: [run[key] for run in batches_run] for key in FIGURES}
+    for contender, kept in zip(contenders, kept_all, strict=True):
         figures: dict[str, Any] = {key: statistics.median(kept[key]) for key in FIGURES}
         for key, ratio in RATIOS:
-            figures[ratio] = paired_ratio(kept[key], [run[key] for run in runs[0]])
+            figures[ratio] = paired_ratio(kept[key], kept_all[0][key])
         # Batch by batch, in the order of the rounds: every contender ran one batch per
         # round, so the bench reads any two contenders' ratio from these (report.ratio).
         figures["batches"] = kept

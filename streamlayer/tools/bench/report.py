@@ -151,10 +151,8 @@ def ratio(
     given); paired batch by batch when the scenario kept both layers' batches (the
     paired latency), else the ratio of the two figures. None when one is missing."""
     theirs_metric = reference_metric or metric
-    ours, theirs = (
-        figure(results, layer, scenario, metric),
-        figure(results, reference, scenario, theirs_metric),
-    )
+    ours = figure(results, layer, scenario, metric)
+    theirs = figure(results, reference, scenario, theirs_metric)
     if ours is None or not theirs:
         return None
     ours_batches = _batches(results, layer, scenario, metric)
