@@ -30,6 +30,7 @@ __all__ = [
     "DaphneServers",
     "RedisServer",
     "SentinelSetup",
+    "ServerExited",
     "ServerUnavailable",
     "find_redis_server",
     "free_port",
@@ -52,6 +53,16 @@ SERVER_BUILDS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 class ServerUnavailable(RuntimeError):
     """The server build asked for is not installed here, or cannot run on this machine."""
+
+
+class ServerExited(RuntimeError):
+    """A redis-server ended while it was starting; the message ends with its log."""
+
+    @property
+    def port_taken(self) -> bool:
+        """Whether it could not bind a port: another process took it between the check
+        that it was free and the bind."""
+        return "Address already in use" in str(self)
 
 
 def server_build(name: str) -> str:
@@ -114,9 +125,11 @@ def free_cluster_port() -> int:
     """A free port whose cluster bus port (port + 10000) is free too, both below the
     kernel's ephemeral range: a port checked free there can be handed to some
     client's outgoing connection before the node binds it (two test workers
-    starting clusters at once made their nodes miss each other)."""
+    starting clusters at once made their nodes miss each other). Node ports come
+    from 10000-19999 and bus ports from 20000 up, so one node's port is never
+    another's bus port."""
     rng = random.Random()
-    top = _ephemeral_low() - 10000
+    top = min(20000, _ephemeral_low() - 10000)
     for _ in range(200):
         port = rng.randrange(10000, max(10001, top))
         if _port_free(port) and _port_free(port + 10000):
@@ -300,12 +313,19 @@ class RedisServer:
         return self
 
     def _ready(self) -> bool:
+        """Whether this server answers on its port. Another process's server answering
+        there does not count: a port checked free can be taken before this one binds
+        it, and then this one exits (ServerExited) while the other answers every
+        probe (a cluster node so taken joined the other worker's cluster)."""
         if self.process is not None and self.process.poll() is not None:
             log = (self.dir / "server.log").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"redis-server exited with {self.process.returncode}:\n{log}")
+            raise ServerExited(f"redis-server exited with {self.process.returncode}:\n{log}")
         with self.client() as client:
+            answering = int(client.info("server")["process_id"])
+            if self.process is not None and answering != self.process.pid:
+                return False
             if self.sentinel:
-                return bool(client.ping())
+                return True
             return int(client.info("persistence").get("loading", 0)) == 0
 
     def client(self) -> redis.Redis:
@@ -454,6 +474,8 @@ class SentinelSetup:
 
 
 _SLOTS = 16384
+#: Times a cluster is built on fresh ports when another process took one of its ports.
+_CLUSTER_ATTEMPTS = 3
 
 
 class ClusterSetup:
@@ -462,13 +484,19 @@ class ClusterSetup:
     A short node timeout makes a killed master fail over in a couple of seconds."""
 
     def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
-        cluster_args = (
+        self._shape = (masters, replicas)
+        self._cluster_args = (
             "--cluster-enabled", "yes",
             "--cluster-node-timeout", str(node_timeout_ms),
             "--cluster-replica-validity-factor", "0",
         )  # fmt: skip
-        self.masters = [self._node(cluster_args) for _ in range(masters)]
-        self.replicas = [self._node(cluster_args) for _ in range(masters * replicas)]
+        self._pick_nodes()
+
+    def _pick_nodes(self) -> None:
+        """The nodes to start, each on a port (and bus port) free now."""
+        masters, replicas = self._shape
+        self.masters = [self._node(self._cluster_args) for _ in range(masters)]
+        self.replicas = [self._node(self._cluster_args) for _ in range(masters * replicas)]
         for server in (*self.masters, *self.replicas):
             config = str(server.dir / "nodes.conf")
             server.extra_args = (*server.extra_args, "--cluster-config-file", config)
@@ -482,11 +510,22 @@ class ClusterSetup:
         return [*self.masters, *self.replicas]
 
     def start(self) -> ClusterSetup:
-        try:
-            return self._start()
-        except BaseException:
-            self.cleanup()  # no node outlives a setup that failed
-            raise
+        """Start the nodes and build the cluster. A node whose port another process took
+        before it bound it (test workers start clusters at once) fails the attempt:
+        the cluster is built again on other ports, up to _CLUSTER_ATTEMPTS times."""
+        attempt = 1
+        while True:
+            try:
+                return self._start()
+            except ServerExited as exc:
+                self.cleanup()  # no node outlives a setup that failed
+                if not exc.port_taken or attempt >= _CLUSTER_ATTEMPTS:
+                    raise
+            except BaseException:
+                self.cleanup()
+                raise
+            attempt += 1
+            self._pick_nodes()
 
     def _start(self) -> ClusterSetup:
         for server in self.servers:

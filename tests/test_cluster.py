@@ -14,7 +14,7 @@ from streamlayer.compat.core import RedisChannelLayer
 from streamlayer.compat.pubsub import RedisPubSubChannelLayer
 from streamlayer.config import ConfigError
 from streamlayer.keys import stream_channel_key
-from streamlayer.testing import ClusterSetup
+from streamlayer.testing import ClusterSetup, RedisServer, ServerExited, running
 
 
 def test_compat_core_refuses_a_cluster() -> None:
@@ -40,3 +40,39 @@ async def test_group_members_on_many_slots(cluster_setup: ClusterSetup, prefix: 
     finally:
         await layer.flush()
         await layer.close()
+
+
+def test_a_server_whose_port_was_taken_says_so() -> None:
+    """A port checked free can be taken before the server binds it (test workers start
+    servers at once). The other process's server then answers every probe on it: the
+    start must see its own server exit, not take the other one for it (a cluster node
+    so taken once made two workers' clusters one, and neither met in 30 s)."""
+    with running(RedisServer()) as holder:
+        late = RedisServer(port=holder.port)
+        try:
+            with pytest.raises(ServerExited) as exited:
+                late.start()
+            assert exited.value.port_taken
+        finally:
+            late.cleanup()
+
+
+def test_a_cluster_built_where_a_port_was_taken_moves_to_other_ports() -> None:
+    """ClusterSetup builds the cluster again on fresh ports when a node's port was
+    taken before it bound it, and the cluster it returns is whole and its own."""
+    setup = ClusterSetup(masters=2, replicas=0)
+    taken = setup.masters[1].port
+    with running(RedisServer(port=taken)) as holder:
+        setup.start()
+        try:
+            ports = {server.port for server in setup.servers}
+            assert taken not in ports and len(ports) == 2
+            assert setup.healthy()
+            for server in setup.servers:
+                with server.client() as client:
+                    nodes = client.execute_command("CLUSTER", "NODES").decode().splitlines()
+                assert len(nodes) == 2
+            with holder.client() as client:
+                assert client.ping()  # the other process's server, untouched
+        finally:
+            setup.cleanup()
