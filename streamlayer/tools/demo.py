@@ -23,6 +23,7 @@ from redis.asyncio.connection import Connection as AsyncConnection
 
 from ..backends import BACKENDS
 from ..testing import RedisServer
+from .bench.errors import BenchError
 from .bench.scenarios import Sizes, fanout, normal_channel, p2p_sequential
 
 #: name -> (class path, the row its ratios are against). The incumbents come last.
@@ -51,6 +52,8 @@ class Result:
     p2p_per_second: float
     worker_per_second: float
     fanout_per_second: float
+    #: What a scenario's own check found (a lost, duplicated or reordered message).
+    failure: str = ""
 
 
 def _load(path: str) -> type | None:
@@ -121,14 +124,21 @@ async def _measure(name: str, baseline: str, cls: type, url: str, count: int) ->
         fanout_members=(50,),
         fanout_sends=max(20, count // 20),
     )
-    p2p = (await p2p_sequential(layer, sizes))["per_second"]
     broadcast = any(word in cls.__module__ for word in _BROADCAST)
-    worker = float("nan") if broadcast else (await normal_channel(layer, sizes))["per_second"]
-    fanout_rate = (await fanout(layer, sizes))["members_50_per_second"]
-    await layer.flush()
-    if hasattr(layer, "close"):
-        await layer.close()
-    return Result(name, baseline, per_send, per_group_send, p2p, worker, fanout_rate)
+    p2p = worker = fanout_rate = float("nan")
+    failure = ""
+    try:
+        p2p = (await p2p_sequential(layer, sizes))["per_second"]
+        if not broadcast:
+            worker = (await normal_channel(layer, sizes))["per_second"]
+        fanout_rate = (await fanout(layer, sizes))["members_50_per_second"]
+    except BenchError as exc:
+        failure = str(exc)
+    finally:
+        await layer.flush()
+        if hasattr(layer, "close"):
+            await layer.close()
+    return Result(name, baseline, per_send, per_group_send, p2p, worker, fanout_rate, failure)
 
 
 def _table(results: Sequence[Result]) -> str:
@@ -197,4 +207,16 @@ def run_demo(hosts: str | None = None, count: int = 2000) -> int:
         "The full benchmark suite (latency percentiles, fan-out, memory, the raw\n"
         "redis-py floor): ./scripts/demo bench   (or --quick for a smoke run)"
     )
-    return 0
+    return _failures(results)
+
+
+def _failures(results: Sequence[Result]) -> int:
+    """Prints what each layer's checks found; the exit status is 1 when one of ours
+    failed. channels_redis' failures are findings about it, not about this demo:
+    they are printed, and the demo goes on to compare the rest."""
+    ours_failed = False
+    for result in results:
+        if result.failure:
+            print(f"\n{result.name} FAILED a check: {result.failure}")
+            ours_failed = ours_failed or result.name.startswith("streamlayer ")
+    return 1 if ours_failed else 0

@@ -15,6 +15,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import BenchError
+from .probe import receive, until_heard
+
 __all__ = [
     "SCENARIOS",
     "BenchError",
@@ -28,10 +31,6 @@ __all__ = [
 BODY = "x" * 200
 #: How long any one wait for a message may take before the run is declared broken.
 _WAIT = 60.0
-
-
-class BenchError(RuntimeError):
-    """A scenario saw a lost, duplicated or reordered message."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +149,10 @@ async def join_all(layer: Any, group: str, channels: list[str], presence: bool =
 
 
 async def _wait(awaitable: Awaitable[Any]) -> Any:
-    return await asyncio.wait_for(awaitable, _WAIT)
+    try:
+        return await asyncio.wait_for(awaitable, _WAIT)
+    except TimeoutError:
+        raise BenchError(f"waited {_WAIT:.0f} s for a message that never came") from None
 
 
 def _check_sequence(got: list[int], expected: int, what: str) -> None:
@@ -167,10 +169,11 @@ async def p2p_sequential(layer: Any, sizes: Sizes) -> Metrics:
     count = sizes.sequential
     channel = await layer.new_channel()
     received: list[int] = []
+    await until_heard(layer, [channel])
 
     async def receiver() -> None:
         while len(received) < count:
-            received.append((await layer.receive(channel))["i"])
+            received.append((await receive(layer, channel))["i"])
 
     reading = asyncio.ensure_future(receiver())
     started = time.perf_counter()
@@ -187,9 +190,10 @@ async def p2p_concurrent(layer: Any, sizes: Sizes) -> Metrics:
     each read by its own receiver; all concurrent."""
     channels = [await layer.new_channel() for _ in range(sizes.senders)]
     count = sizes.per_sender
+    await until_heard(layer, channels)
 
     async def receiver(channel: str) -> list[int]:
-        return [(await layer.receive(channel))["i"] for _ in range(count)]
+        return [(await receive(layer, channel))["i"] for _ in range(count)]
 
     async def sender(channel: str) -> None:
         for i in range(count):
@@ -239,10 +243,11 @@ async def latency(layer: Any, sizes: Sizes) -> Metrics:
     """Ping-pong between two channels; one-way latency is half a round."""
     ping, pong = await layer.new_channel(), await layer.new_channel()
     rounds = sizes.latency_rounds
+    await until_heard(layer, [ping, pong])
 
     async def echo() -> None:
         for _ in range(rounds):
-            message = await layer.receive(ping)
+            message = await receive(layer, ping)
             await layer.send(pong, {"type": "bench.pong", "i": message["i"], "body": BODY})
 
     echoing = asyncio.ensure_future(echo())
@@ -250,7 +255,7 @@ async def latency(layer: Any, sizes: Sizes) -> Metrics:
     for i in range(rounds):
         started = time.perf_counter()
         await layer.send(ping, {"type": "bench.ping", "i": i, "body": BODY})
-        answer = await _wait(layer.receive(pong))
+        answer = await _wait(receive(layer, pong))
         samples.append((time.perf_counter() - started) / 2)
         if answer["i"] != i:
             raise BenchError(f"latency: pong {answer['i']} answered ping {i}")
@@ -273,12 +278,12 @@ async def fanout(layer: Any, sizes: Sizes) -> Metrics:
         for channel in channels:
             await layer.group_add(group, channel)
         sends = sizes.fanout_sends
+        await until_heard(layer, channels, group)
 
         async def member(channel: str, sends: int = sends) -> list[int]:
-            return [(await layer.receive(channel))["n"] for _ in range(sends)]
+            return [(await receive(layer, channel))["n"] for _ in range(sends)]
 
         readers = [asyncio.ensure_future(member(c)) for c in channels]
-        await asyncio.sleep(0)  # let every receiver register before the clock starts
         started = time.perf_counter()
         for n in range(sends):
             await layer.group_send(group, {"type": "bench.fanout", "n": n, "body": BODY})
@@ -295,10 +300,11 @@ async def many_channels(layer: Any, sizes: Sizes) -> Metrics:
     then all received concurrently."""
     channels = [await layer.new_channel() for _ in range(sizes.many_channels)]
     count = sizes.per_channel
+    await until_heard(layer, channels)
     started = time.perf_counter()
 
     async def receiver(channel: str) -> list[int]:
-        return [(await layer.receive(channel))["i"] for _ in range(count)]
+        return [(await receive(layer, channel))["i"] for _ in range(count)]
 
     readers = [asyncio.ensure_future(receiver(c)) for c in channels]
     for i in range(count):
@@ -368,7 +374,7 @@ async def stall_burst(
 
     async def member(channel: str) -> None:
         while True:
-            message = await layer.receive(channel)
+            message = await receive(layer, channel)
             got[channel].append((message["s"], message["n"]))
             progress["total"] += 1
             progress["last_at"] = time.perf_counter()
@@ -391,8 +397,8 @@ async def stall_burst(
             await layer.group_send(group, message)
         await typing
 
+    await until_heard(layer, members, group)
     readers = [asyncio.ensure_future(member(m)) for m in members]
-    await asyncio.sleep(0.2)  # every member waits in receive() (Pub/Sub: subscribed)
     sending = asyncio.gather(*(sender(s) for s in range(sizes.burst_senders)))
     await asyncio.sleep(sizes.burst_seconds / 4)
     await asyncio.to_thread(pause, STALL_MS)
@@ -452,6 +458,8 @@ async def bulk(layer: Any, sizes: Sizes) -> Metrics:
     members = [await layer.new_channel() for _ in range(sizes.bulk_members)]
     for member in members:
         await layer.group_add(group, member)
+    await until_heard(layer, [channel])
+    await until_heard(layer, members, group)
 
     async def singles(target: str, send: Callable[[str, Any], Awaitable[None]]) -> None:
         for message in messages:
@@ -465,7 +473,7 @@ async def bulk(layer: Any, sizes: Sizes) -> Metrics:
 
     async def timed(sending: Awaitable[None], receivers: list[str]) -> float:
         async def receive_all(receiver: str) -> None:
-            got = [(await _wait(layer.receive(receiver)))["n"] for _ in range(count)]
+            got = [(await _wait(receive(layer, receiver)))["n"] for _ in range(count)]
             _check_sequence(got, count, f"bulk to {receiver}")
 
         started = time.perf_counter()

@@ -18,11 +18,14 @@ per call, as asgiref runs any other coroutine, is reported beside it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import json
 import subprocess
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import asgiref.sync
@@ -30,6 +33,7 @@ import redis
 from asgiref.sync import async_to_sync
 
 from .commands import worker_command
+from .probe import PROBE, probing
 from .scenarios import BODY, BenchError, Metrics, close_layer
 
 __all__ = ["sync_calls", "sync_floor"]
@@ -50,11 +54,10 @@ def sync_calls(
         bufsize=1,
     )
     try:
-        if _line(member) != "ready":
+        if _line(member) != "joined":
             raise BenchError("sync calls: the member process failed to start")
-        if broadcast:
-            time.sleep(0.2)  # let a Pub/Sub subscription settle (no event to wait on)
         layer = make()
+        _until_member_heard(layer, group, member)
         send = async_to_sync(layer.group_send)
         send(group, {"type": "bench.sync", "n": 0, "body": BODY})
         with redis.Redis.from_url(url) as client:
@@ -77,6 +80,26 @@ def sync_calls(
         member.wait()
         if member.stdout is not None:
             member.stdout.close()
+
+
+def _until_member_heard(layer: Any, group: str, member: subprocess.Popen[str]) -> None:
+    """Probe the group until the member process says it heard (see probe.py). Its
+    answer is read in a thread the probing loop does not wait for at its end: were
+    the member never to answer, the loop would otherwise wait on that read."""
+    reading = ThreadPoolExecutor(max_workers=1)
+    answer = reading.submit(_line, member)
+
+    async def probe_until_answered() -> None:
+        await probing(
+            functools.partial(layer.group_send, group, PROBE), [asyncio.wrap_future(answer)]
+        )
+
+    try:
+        async_to_sync(probe_until_answered)()
+    finally:
+        reading.shutdown(wait=False)
+    if answer.result() != "heard":
+        raise BenchError(f"sync calls: the member said {answer.result()!r}, not 'heard'")
 
 
 def _calls_alone(layer: Any, count: int, broadcast: bool) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import importlib
 import json
@@ -19,6 +20,7 @@ from typing import Any
 import redis
 
 from .commands import worker_command
+from .probe import PROBE, heard, probing, receive, until_heard
 from .raw import RAW_SCENARIOS
 from .scenarios import (
     BODY,
@@ -64,8 +66,8 @@ async def _run_layer(path: str, url: str, sizes: Sizes, broadcast: bool) -> dict
         finally:
             await close_layer(layer)
     results["cross_process"] = await _cross_process(path, url, sizes.cross_process)
-    results["fanout_spread"] = await _fanout_spread(path, url, sizes, broadcast)
-    results["fanout_scale"] = await _fanout_scale(path, url, sizes, broadcast)
+    results["fanout_spread"] = await _fanout_spread(path, url, sizes)
+    results["fanout_scale"] = await _fanout_scale(path, url, sizes)
     results["burst"] = await _burst(path, url, sizes)
     return results
 
@@ -93,15 +95,14 @@ async def _cross_process(path: str, url: str, count: int) -> Metrics | dict[str,
     layer = make_layer(path, url, "bench-cross", capacity=100_000)
     try:
         channel = await layer.new_channel()
-        receiving = asyncio.ensure_future(layer.receive(channel))  # subscribes (Pub/Sub)
-        await asyncio.sleep(0.2)  # let a Pub/Sub subscription settle before the sender starts
+        await until_heard(layer, [channel])
         command = worker_command("send", path, url, channel, str(count))
         sender = await asyncio.create_subprocess_exec(*command)
         try:
-            first = await asyncio.wait_for(receiving, 60)
+            first = await asyncio.wait_for(receive(layer, channel), 60)
             got = [first["i"]]
             for _ in range(count - 1):
-                got.append((await asyncio.wait_for(layer.receive(channel), 60))["i"])
+                got.append((await asyncio.wait_for(receive(layer, channel), 60))["i"])
             finished = time.time()
         finally:
             await asyncio.wait_for(sender.wait(), 60)
@@ -116,22 +117,18 @@ async def _cross_process(path: str, url: str, count: int) -> Metrics | dict[str,
 SPREAD_PROCESSES = 4
 
 
-async def _fanout_spread(
-    path: str, url: str, sizes: Sizes, broadcast: bool
-) -> Metrics | dict[str, str]:
+async def _fanout_spread(path: str, url: str, sizes: Sizes) -> Metrics | dict[str, str]:
     """One group whose members live in SPREAD_PROCESSES other OS processes (the size of
     the first fan-out, split evenly), ``fanout_sends`` group_sends from this one;
     deliveries per second from the first send to the last receive anywhere."""
     try:
-        spread = await _spread(path, url, sizes.fanout_members[0], sizes.fanout_sends, broadcast)
+        spread = await _spread(path, url, sizes.fanout_members[0], sizes.fanout_sends)
     except BenchError as exc:
         return {"error": str(exc)}
     return {"per_second": spread["per_second"], "processes": SPREAD_PROCESSES}
 
 
-async def _fanout_scale(
-    path: str, url: str, sizes: Sizes, broadcast: bool
-) -> Metrics | dict[str, str]:
+async def _fanout_scale(path: str, url: str, sizes: Sizes) -> Metrics | dict[str, str]:
     """The scale curve: a group of each size in ``scale_members``, spread over
     SPREAD_PROCESSES receiving processes, ``scale_sends`` group_sends each. Per size:
     deliveries/s, CPU microseconds per delivery on our side (the sender's and every
@@ -140,7 +137,7 @@ async def _fanout_scale(
     metrics: Metrics = {}
     for members in sizes.scale_members:
         try:
-            spread = await _spread(path, url, members, sizes.scale_sends, broadcast)
+            spread = await _spread(path, url, members, sizes.scale_sends)
         except BenchError as exc:
             return {"error": f"{members} members: {exc}"}
         for name, value in spread.items():
@@ -148,9 +145,7 @@ async def _fanout_scale(
     return metrics
 
 
-async def _spread(
-    path: str, url: str, members: int, sends: int, broadcast: bool
-) -> dict[str, float]:
+async def _spread(path: str, url: str, members: int, sends: int) -> dict[str, float]:
     """``members`` members split over SPREAD_PROCESSES processes, ``sends`` group_sends
     from this one; raises BenchError when a member missed, doubled or reordered one."""
     per_process = max(1, members // SPREAD_PROCESSES)
@@ -162,12 +157,10 @@ async def _spread(
         for _ in range(SPREAD_PROCESSES)
     ]
     try:
-        for child in children:  # each says "ready" once its members are in the group
-            line = await _line_of(child)
-            if line.strip() != b"ready":
-                raise BenchError(f"a member process failed to start: {line!r}")
-        if broadcast:
-            await asyncio.sleep(0.2)  # let Pub/Sub subscriptions settle (no event to wait on)
+        for child in children:  # each says "joined" once its members are in the group
+            await _expect(child, b"joined")
+        probe = functools.partial(layer.group_send, group, PROBE)
+        await probing(probe, [_expect(child, b"heard") for child in children])
         with redis.Redis.from_url(url) as client:
             before = _server_counters(client)
             started, cpu_started = time.time(), time.process_time()
@@ -204,6 +197,12 @@ def _server_counters(client: redis.Redis) -> tuple[int, int]:
     return calls, int(stats["total_net_input_bytes"]) + int(stats["total_net_output_bytes"])
 
 
+async def _expect(child: asyncio.subprocess.Process, word: bytes) -> None:
+    line = await _line_of(child)
+    if line.strip() != word:
+        raise BenchError(f"a member process said {line!r}, not {word!r}")
+
+
 async def _line_of(child: asyncio.subprocess.Process) -> bytes:
     if child.stdout is None:
         raise BenchError("a member process has no stdout")
@@ -215,22 +214,25 @@ _CHILD_WAIT = 300.0
 
 
 async def _members_here(path: str, url: str, group: str, count: int, sends: int) -> None:
-    """The receiving side of a spread fan-out: ``count`` members of ``group``; reports
-    whether each got every message in order, when the last arrived, and the CPU
-    seconds this process spent from "ready" to then."""
+    """The receiving side of a spread fan-out: ``count`` members of ``group``. Says
+    "joined" once they are in the group and "heard" once each heard a probe (the
+    sender probes the group meanwhile, see probe.py); then reports whether each got
+    every message in order, when the last arrived, and the CPU seconds this process
+    spent from "heard" to then."""
     layer = make_layer(path, url, "bench-spread", capacity=100_000)
     try:
         channels = [await layer.new_channel() for _ in range(count)]
         await join_all(layer, group, channels)
+        print("joined", flush=True)
+        await asyncio.wait_for(asyncio.gather(*(heard(layer, c) for c in channels)), _CHILD_WAIT)
 
         async def member(channel: str) -> bool:
-            got = [(await layer.receive(channel))["n"] for _ in range(sends)]
+            got = [(await receive(layer, channel))["n"] for _ in range(sends)]
             return got == list(range(sends))
 
         receiving = [asyncio.ensure_future(member(c)) for c in channels]
-        await asyncio.sleep(0)  # every receive() is waiting (or subscribing) before "ready"
         cpu_started = time.process_time()
-        print("ready", flush=True)
+        print("heard", flush=True)
         ok = all(await asyncio.wait_for(asyncio.gather(*receiving), _CHILD_WAIT))
         done, cpu = time.time(), time.process_time() - cpu_started
         print(json.dumps({"ok": ok, "done": done, "cpu": cpu}), flush=True)
