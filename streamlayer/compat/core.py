@@ -200,7 +200,7 @@ class _InboxReader(BackgroundReader):
         return [result]
 
 
-class RedisChannelLayer(StoredLayer):
+class RedisChannelLayer(StoredLayer[list[_Destination]]):
     """Sorted-set channel layer; drop-in for ``channels_redis.core.RedisChannelLayer``."""
 
     default_random_prefix_length = 12  # sorted-set members must be unique
@@ -442,12 +442,12 @@ class RedisChannelLayer(StoredLayer):
         ]
 
     async def send_to_known(
-        self, group: str, known: KnownMembers, messages: list[dict[str, Any]]
+        self, group: str, known: KnownMembers[list[_Destination]], messages: list[dict[str, Any]]
     ) -> int | list[str]:
         """CLASSIC_GROUP_SEND_KNOWN: check ``known`` are the members and add the messages
         to their sorted sets in one script (one server: one shard). A retry skips the
         check: it re-adds the same serialized messages, which changes nothing."""
-        plan = self._records(self._known_plan(known), messages)
+        plan = self._records(self.known_plan(known), messages)
         batch = [entry for entries in plan.values() for entry in entries]
         keys = [self.group_key(group), *(key for key, _ in batch)]
         args: list[Any] = [time.time() - self.group_expiry, known.digest]
@@ -467,22 +467,13 @@ class RedisChannelLayer(StoredLayer):
         self, group: str, members: list[str], messages: list[dict[str, Any]]
     ) -> int:
         """One CLASSIC_GROUP_SEND per shard; returns how many deliveries were full."""
-        plan = self._records(self._destinations(members), messages)
+        plan = self._records(self.plan_for(members), messages)
         calls = [self._group_send_shard(group, shard, batch) for shard, batch in plan.items()]
         # One shard (the usual case) needs no task of its own: gather would make one.
         results = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         return sum(results)
 
-    def _known_plan(self, known: KnownMembers) -> list[_Destination]:
-        """The destinations of a group's known members, sorted out at its first send and
-        kept with them while they are the members: a steady group's send then costs per
-        destination key, not per member (sorting 10,000 members out took 2-3 ms)."""
-        plan: list[_Destination] | None = known.plan
-        if plan is None:
-            plan = known.plan = self._destinations(known)
-        return plan
-
-    def _destinations(self, members: Iterable[str]) -> list[_Destination]:
+    def plan_for(self, members: Iterable[str]) -> list[_Destination]:
         """``members`` sorted into the sorted-set keys a send to them adds to: local
         channels of one process share their process's key, so they share one payload
         per message that names all of them (as channels_redis does)."""
