@@ -257,12 +257,19 @@ async def test_bulk_sends_wait_out_a_pause(fresh_server: RedisServer, path: str)
         await receiver.group_add("bulk-room", own)
         await sender.send_bulk(own, numbered(10))  # connected and scripts loaded
         pausing = asyncio.ensure_future(asyncio.to_thread(fresh_server.pause, 500))
-        started, rounds = time.monotonic(), 0
-        while not pausing.done() or rounds < 3:
+        started, rounds, paused_rounds = time.monotonic(), 0, 0
+        # Until a round began once Redis had answered the CLIENT PAUSE: on a loaded
+        # machine the thread may take longer to send it than three rounds take, and
+        # the test once ended before any send met the pause.
+        while paused_rounds == 0 or rounds < 3:
+            paused = pausing.done()
             start = 10 + rounds * 20
             await sender.send_bulk(own, numbered(10, start))
             await sender.group_send_bulk("bulk-room", numbered(10, start + 10))
             rounds += 1
+            paused_rounds += paused
+            if not paused:  # pace the rounds before it (capacity 5000: 250 rounds)
+                await asyncio.wait([pausing], timeout=0.01)
         await pausing
         assert time.monotonic() - started >= 0.4, "no bulk send waited for the pause"
         expected = list(range(10 + rounds * 20))
