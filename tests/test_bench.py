@@ -75,6 +75,7 @@ def test_quick_bench_runs_every_layer_and_checks_every_message(
                 "cpu_us_per_delivery",
                 "commands_per_send",
                 "bytes_per_send",
+                "redis_us_per_send",
             ):
                 assert scale[f"members_{members}_{metric}"] > 0, f"{name}: {members} {metric}"
         assert ("redis_bytes_per_message" in memory) is not broadcast

@@ -33,6 +33,8 @@ def _scale_rows(members: int) -> list[tuple[str, str, str, bool]]:
          f"{size}, Redis commands per group_send", True),
         ("fanout_scale", f"{metric}_bytes_per_send",
          f"{size}, network bytes per group_send", True),
+        ("fanout_scale", f"{metric}_redis_us_per_send",
+         f"{size}, Redis CPU per group_send (us)", True),
     ]  # fmt: skip
 
 

@@ -15,7 +15,7 @@ import subprocess
 import time
 import tracemalloc
 from dataclasses import asdict
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -177,8 +177,9 @@ async def _spread(path: str, url: str, members: int, sends: int) -> dict[str, fl
         return {
             "per_second": delivered / (finished - started),
             "cpu_us_per_delivery": cpu * 1e6 / delivered,
-            "commands_per_send": (after[0] - before[0]) / sends,
-            "bytes_per_send": (after[1] - before[1]) / sends,
+            "commands_per_send": (after.calls - before.calls) / sends,
+            "bytes_per_send": (after.bytes - before.bytes) / sends,
+            "redis_us_per_send": (after.usec - before.usec) / sends,
         }
     finally:
         for child in children:
@@ -188,13 +189,27 @@ async def _spread(path: str, url: str, members: int, sends: int) -> dict[str, fl
         await close_layer(layer)
 
 
-def _server_counters(client: redis.Redis) -> tuple[int, int]:
-    """Commands the server ran (every client's, INFO's own included) and the bytes it
-    read and wrote on the network, so far."""
+class _Counters(NamedTuple):
+    #: Commands the server ran (every client's, INFO's own included).
+    calls: int
+    #: Bytes it read and wrote on the network.
+    bytes: int
+    #: Its CPU time in microseconds (INFO cpu: user and system), all of it: commands,
+    #: scripts, network I/O. commandstats would count a script's commands twice
+    #: (alone and inside the script's time).
+    usec: float
+
+
+def _server_counters(client: redis.Redis) -> _Counters:
+    """The server's counters so far: how much it ran, moved and spent."""
     commands = client.info("commandstats")
     stats = client.info("stats")
-    calls = sum(int(entry["calls"]) for entry in commands.values())
-    return calls, int(stats["total_net_input_bytes"]) + int(stats["total_net_output_bytes"])
+    cpu = client.info("cpu")
+    return _Counters(
+        calls=sum(int(entry["calls"]) for entry in commands.values()),
+        bytes=int(stats["total_net_input_bytes"]) + int(stats["total_net_output_bytes"]),
+        usec=(float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])) * 1e6,
+    )
 
 
 async def _expect(child: asyncio.subprocess.Process, word: bytes) -> None:
