@@ -203,7 +203,7 @@ def run_demo(hosts: str | None = None, count: int = 2000) -> int:
         "against the channels_redis layer of the same kind (Pub/Sub against Pub/Sub).\n"
         "worker = one normal channel, two receiving workers (n/a on Pub/Sub: every\n"
         "subscriber gets a copy). Every message was checked: none lost, none\n"
-        "duplicated, order kept per sender.\n\n"
+        "duplicated, order kept per sender, unless a layer is listed below as FAILED.\n\n"
         "The full benchmark suite (latency percentiles, fan-out, memory, the raw\n"
         "redis-py floor): ./scripts/demo bench   (or --quick for a smoke run)"
     )
