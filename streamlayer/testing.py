@@ -321,12 +321,10 @@ class RedisServer:
             log = (self.dir / "server.log").read_text(errors="replace")[-2000:]
             raise ServerExited(f"redis-server exited with {self.process.returncode}:\n{log}")
         with self.client() as client:
-            answering = int(client.info("server")["process_id"])
-            if self.process is not None and answering != self.process.pid:
+            info = client.info()  # server and persistence (a sentinel has no "loading")
+            if self.process is not None and int(info["process_id"]) != self.process.pid:
                 return False
-            if self.sentinel:
-                return True
-            return int(client.info("persistence").get("loading", 0)) == 0
+            return int(info.get("loading", 0)) == 0
 
     def client(self) -> redis.Redis:
         return redis.Redis(host=self.host, port=self.port, socket_timeout=5)

@@ -49,6 +49,10 @@ async def heard(layer: Any, channel: str) -> None:
         pass
 
 
+class _Unanswered(Exception):
+    """Some readers have not heard a probe yet (probe again)."""
+
+
 async def probing(
     probe: Callable[[], Awaitable[object]], answers: Collection[Awaitable[Any]]
 ) -> None:
@@ -81,10 +85,6 @@ async def probing(
         for answer in pending:
             answer.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-
-
-class _Unanswered(Exception):
-    """Some readers have not heard a probe yet (probe again)."""
 
 
 async def until_heard(layer: Any, channels: Collection[str], group: str | None = None) -> None:

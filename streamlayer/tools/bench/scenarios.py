@@ -26,6 +26,7 @@ __all__ = [
     "close_layer",
     "join_all",
     "stall_burst",
+    "wait",
 ]
 
 BODY = "x" * 200
@@ -145,10 +146,11 @@ async def join_all(layer: Any, group: str, channels: list[str], presence: bool =
             ]
         else:
             calls = [layer.group_add(group, c) for c in joins]
-        await _wait(asyncio.gather(*calls))
+        await wait(asyncio.gather(*calls))
 
 
-async def _wait(awaitable: Awaitable[Any]) -> Any:
+async def wait(awaitable: Awaitable[Any]) -> Any:
+    """``awaitable``, or BenchError once it took ``_WAIT`` seconds (the message is lost)."""
     try:
         return await asyncio.wait_for(awaitable, _WAIT)
     except TimeoutError:
@@ -179,7 +181,7 @@ async def p2p_sequential(layer: Any, sizes: Sizes) -> Metrics:
     started = time.perf_counter()
     for i in range(count):
         await layer.send(channel, {"type": "bench.message", "i": i, "body": BODY})
-    await _wait(reading)
+    await wait(reading)
     elapsed = time.perf_counter() - started
     _check_sequence(received, count, "p2p sequential")
     return {"per_second": count / elapsed}
@@ -201,8 +203,8 @@ async def p2p_concurrent(layer: Any, sizes: Sizes) -> Metrics:
 
     readers = [asyncio.ensure_future(receiver(c)) for c in channels]
     started = time.perf_counter()
-    await _wait(asyncio.gather(*(sender(c) for c in channels)))
-    results = await _wait(asyncio.gather(*readers))
+    await wait(asyncio.gather(*(sender(c) for c in channels)))
+    results = await wait(asyncio.gather(*readers))
     elapsed = time.perf_counter() - started
     for got in results:
         _check_sequence(got, count, "p2p concurrent")
@@ -227,7 +229,7 @@ async def normal_channel(layer: Any, sizes: Sizes) -> Metrics:
     started = time.perf_counter()
     for i in range(count):
         await layer.send(channel, {"type": "bench.job", "i": i, "body": BODY})
-    await _wait(done.wait())
+    await wait(done.wait())
     elapsed = time.perf_counter() - started
     for task in workers:
         task.cancel()
@@ -255,11 +257,11 @@ async def latency(layer: Any, sizes: Sizes) -> Metrics:
     for i in range(rounds):
         started = time.perf_counter()
         await layer.send(ping, {"type": "bench.ping", "i": i, "body": BODY})
-        answer = await _wait(receive(layer, pong))
+        answer = await wait(receive(layer, pong))
         samples.append((time.perf_counter() - started) / 2)
         if answer["i"] != i:
             raise BenchError(f"latency: pong {answer['i']} answered ping {i}")
-    await _wait(echoing)
+    await wait(echoing)
     return _percentiles(samples[rounds // 10 :])  # the first tenth warms up
 
 
@@ -287,7 +289,7 @@ async def fanout(layer: Any, sizes: Sizes) -> Metrics:
         started = time.perf_counter()
         for n in range(sends):
             await layer.group_send(group, {"type": "bench.fanout", "n": n, "body": BODY})
-        results = await _wait(asyncio.gather(*readers))
+        results = await wait(asyncio.gather(*readers))
         elapsed = time.perf_counter() - started
         for got in results:
             _check_sequence(got, sends, f"fan-out to {members}")
@@ -310,7 +312,7 @@ async def many_channels(layer: Any, sizes: Sizes) -> Metrics:
     for i in range(count):
         for channel in channels:
             await layer.send(channel, {"type": "bench.message", "i": i, "body": BODY})
-    results = await _wait(asyncio.gather(*readers))
+    results = await wait(asyncio.gather(*readers))
     elapsed = time.perf_counter() - started
     for got in results:
         _check_sequence(got, count, "many channels")
@@ -403,7 +405,7 @@ async def stall_burst(
     await asyncio.sleep(sizes.burst_seconds / 4)
     await asyncio.to_thread(pause, STALL_MS)
     stall_ended = time.perf_counter() + STALL_MS / 1000
-    await _wait(sending)
+    await wait(sending)
     await _until_delivered(everything, progress, settle)
     for reader in readers:
         reader.cancel()
@@ -438,7 +440,7 @@ async def membership(layer: Any, sizes: Sizes) -> Metrics:
         samples = []
         for _ in range(sizes.membership_rounds):
             started = time.perf_counter()
-            answer = await _wait(call())
+            answer = await wait(call())
             samples.append((time.perf_counter() - started) * 1000)
             _check_membership(name, answer, count)
         metrics[name] = statistics.median(samples)
@@ -473,11 +475,11 @@ async def bulk(layer: Any, sizes: Sizes) -> Metrics:
 
     async def timed(sending: Awaitable[None], receivers: list[str]) -> float:
         async def receive_all(receiver: str) -> None:
-            got = [(await _wait(receive(layer, receiver)))["n"] for _ in range(count)]
+            got = [(await wait(receive(layer, receiver)))["n"] for _ in range(count)]
             _check_sequence(got, count, f"bulk to {receiver}")
 
         started = time.perf_counter()
-        await _wait(asyncio.gather(sending, *(receive_all(r) for r in receivers)))
+        await wait(asyncio.gather(sending, *(receive_all(r) for r in receivers)))
         return count * len(receivers) / (time.perf_counter() - started)
 
     send_bulk = getattr(layer, "send_bulk", None)

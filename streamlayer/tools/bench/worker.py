@@ -31,6 +31,7 @@ from .scenarios import (
     close_layer,
     join_all,
     stall_burst,
+    wait,
 )
 from .sync_calls import sync_calls, sync_floor
 
@@ -99,11 +100,13 @@ async def _cross_process(path: str, url: str, count: int) -> Metrics | dict[str,
         command = worker_command("send", path, url, channel, str(count))
         sender = await asyncio.create_subprocess_exec(*command)
         try:
-            first = await asyncio.wait_for(receive(layer, channel), 60)
+            first = await wait(receive(layer, channel))
             got = [first["i"]]
             for _ in range(count - 1):
-                got.append((await asyncio.wait_for(receive(layer, channel), 60))["i"])
+                got.append((await wait(receive(layer, channel)))["i"])
             finished = time.time()
+        except BenchError as exc:
+            return {"error": f"cross process: {exc}"}
         finally:
             await asyncio.wait_for(sender.wait(), 60)
         if got != list(range(count)):
