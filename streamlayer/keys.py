@@ -26,6 +26,7 @@ STREAM_KEY_KINDS = (
     "chan",
     "done",
     "group",
+    "gdigest",
     "history",
     "hmeta",
     "presence",
@@ -45,6 +46,7 @@ __all__ = [
     "scan_pattern",
     "stream_channel_key",
     "stream_delivered_key",
+    "stream_group_digest_key",
     "stream_group_key",
     "stream_history_key",
     "stream_history_meta_key",
@@ -142,6 +144,13 @@ def stream_delivered_key(prefix: str, channel: str) -> str:
 def stream_group_key(prefix: str, group: str) -> str:
     """Sorted set of a group's member channels, scored by the time they joined."""
     return f"{prefix}:s:group:{{{group}}}"
+
+
+def stream_group_digest_key(prefix: str, group: str) -> str:
+    """String beside a group's members (same slot): their count and the XOR of their
+    SHA-1s, kept by every script that changes them, so a group send checks its plan
+    without reading the members (see ``_MEMBERSHIP`` in :mod:`streamlayer.scripts`)."""
+    return f"{prefix}:s:gdigest:{{{group}}}"
 
 
 def stream_history_key(prefix: str, group: str) -> str:

@@ -103,7 +103,7 @@ class HistoryHost(LayerHost, Protocol):
     group_expiry: int
     local: LocalChannels
 
-    def group_key(self, group: str) -> str: ...
+    def membership_keys(self, group: str) -> list[str]: ...
 
     def new_tag(self) -> str: ...
 
@@ -131,6 +131,12 @@ class GroupHistory:
         prefix = self.layer.prefix
         return [stream_history_key(prefix, group), stream_history_meta_key(prefix, group)]
 
+    def _keys_with_members(self, group: str) -> list[str]:
+        """KEYS of the history scripts that read or change the members: the group's
+        members, its history keys, the members' digest."""
+        members, digest = self.layer.membership_keys(group)
+        return [members, *self._keys(group), digest]
+
     def _retention(self, length: int) -> list[Any]:
         """Length, MINID (older entries are past ``group_history_expiry``), TTL in ms,
         and an epoch for a stream that has none."""
@@ -148,7 +154,7 @@ class GroupHistory:
         """Record ``batch``'s messages in ``group``'s history; their positions and the
         members."""
         layer = self.layer
-        keys = [layer.group_key(group), *self._keys(group)]
+        keys = self._keys_with_members(group)
         tag = layer.new_tag()
 
         def args() -> list[Any]:
@@ -194,7 +200,7 @@ class GroupHistory:
 
     async def _join(self, group: str, channel: str, since: Position, length: int) -> _Read:
         layer = self.layer
-        keys = [layer.group_key(group), *self._keys(group)]
+        keys = self._keys_with_members(group)
 
         def args() -> list[Any]:
             join = [channel, time.time(), layer.group_expiry, since.epoch, since.entry_id]

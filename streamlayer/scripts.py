@@ -37,6 +37,7 @@ __all__ = [
     "CLASSIC_GROUP_SEND_KNOWN",
     "CLASSIC_RESTORE_BACKUP",
     "CLASSIC_SEND",
+    "GROUP_ADD",
     "GROUP_MEMBERS",
     "PRESENCE_JOIN",
     "PRESENCE_LEAVE",
@@ -147,14 +148,152 @@ return added
 """,
 )
 
+# A group's members are a sorted set (channel -> join time). The Streams layer keeps
+# a digest beside it (see keys.stream_group_digest_key): how many channels the set
+# holds, ':', and the XOR of each one's SHA-1 as 40 hex digits. Adding a member and
+# removing it flip the same bits, so every change keeps the digest in O(1), and the
+# same members give the same digest whatever happened in between (an empty restart
+# and the joins that restored it included): a sender's plan is checked against it
+# without reading the members (STREAM_GROUP_SEND_KNOWN). So every script that changes
+# a Streams group does it through these functions. compat.core passes no digest key:
+# channels_redis processes change its groups without one.
+#
+# A digest that does not follow its set (evicted by a maxmemory policy, or its set
+# evicted or changed by hand: its count differs from ZCARD) is dropped at the next
+# change and rebuilt from the members by the next group send that finds them as
+# planned (after its messages: see the module docstring on memory).
+_MEMBERSHIP = """
+local function parse_digest(raw)
+    -- {count, words} of a stored digest; nil when it is not one
+    local count, hex = string.match(raw, '^(%d+):(%x+)$')
+    if not count or #hex ~= 40 then
+        return nil
+    end
+    local words = {}
+    for w = 1, 5 do
+        words[w] = tonumber(string.sub(hex, 8 * w - 7, 8 * w), 16)
+    end
+    return tonumber(count), words
+end
+
+local function open_members(group, digest_key)
+    -- The members of ``group`` with their digest, for the functions below. words:
+    -- false when no digest is kept (compat.core) or it is missing or stale.
+    local m = {group = group, key = digest_key, words = false, count = 0, changed = false}
+    if not digest_key then
+        return m
+    end
+    local raw = redis.call('GET', digest_key)
+    local size = redis.call('ZCARD', group)
+    local count, words = nil, nil
+    if raw then
+        count, words = parse_digest(raw)
+    end
+    if count and count == size then
+        m.words, m.count = words, count
+    elseif size == 0 then
+        m.words, m.changed = {0, 0, 0, 0, 0}, raw ~= false
+    elseif raw then
+        m.stale = true  -- dropped at close: the next group send rebuilds it
+    end
+    return m
+end
+
+local function flip(m, channel, delta)
+    if m.words then
+        local hex = redis.sha1hex(channel)
+        local words = m.words
+        for w = 1, 5 do
+            words[w] = bit.bxor(words[w], tonumber(string.sub(hex, 8 * w - 7, 8 * w), 16))
+        end
+        m.count = m.count + delta
+        m.changed = true
+    end
+end
+
+local function digest_text(m)
+    local w = m.words
+    return m.count .. ':' .. bit.tohex(w[1]) .. bit.tohex(w[2]) .. bit.tohex(w[3])
+        .. bit.tohex(w[4]) .. bit.tohex(w[5])
+end
+
+local function add_member(m, channel, joined)
+    -- 1 when ``channel`` is new to the group, else 0 (its join time is renewed).
+    local added = redis.call('ZADD', m.group, joined, channel)
+    if added == 1 then
+        flip(m, channel, 1)
+    end
+    return added
+end
+
+local function remove_member(m, channel)
+    if redis.call('ZREM', m.group, channel) == 1 then
+        flip(m, channel, -1)
+    end
+end
+
+local function expire_members(m, cutoff)
+    -- Drops the members that joined at or before ``cutoff``.
+    if m.words then
+        for _, channel in ipairs(redis.call('ZRANGEBYSCORE', m.group, '-inf', cutoff)) do
+            flip(m, channel, -1)
+        end
+    end
+    redis.call('ZREMRANGEBYSCORE', m.group, '-inf', cutoff)
+end
+
+local function close_members(m, ttl)
+    -- Stores the digest if it changed. ``ttl`` (seconds): the group's new TTL, or nil
+    -- to keep the set's; the digest always lives exactly as long as its set.
+    if m.stale or (m.changed and m.count == 0) then
+        redis.call('DEL', m.key)
+    elseif m.changed then
+        redis.call('SET', m.key, digest_text(m))
+        if not ttl then
+            local left = redis.call('PTTL', m.group)
+            if left > 0 then
+                redis.call('PEXPIRE', m.key, left)
+            end
+        end
+    end
+    if ttl then
+        redis.call('EXPIRE', m.group, ttl)
+        if m.key and m.words and m.count > 0 then
+            redis.call('EXPIRE', m.key, ttl)
+        end
+    end
+end
+"""
+
 GROUP_MEMBERS = LuaScript(
     "group_members",
-    """
--- KEYS[1]: the group's sorted set of channel names
+    _MEMBERSHIP
+    + """
+-- KEYS[1]: the group's sorted set of channel names   KEYS[2]: its digest (Streams)
 -- ARGV[1]: drop members that joined at or before this time (now - group_expiry)
 -- Returns the remaining member channel names.
-redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
+local m = open_members(KEYS[1], KEYS[2])
+expire_members(m, ARGV[1])
+close_members(m)
 return redis.call('ZRANGE', KEYS[1], 0, -1)
+""",
+)
+
+GROUP_ADD = LuaScript(
+    "group_add",
+    _MEMBERSHIP
+    + """
+-- KEYS[1]: the group's sorted set of channel names   KEYS[2]: its digest (Streams)
+-- ARGV[1]: join time   ARGV[2]: the group's TTL in seconds   ARGV[3..]: channels
+-- Adds the channels (group_add, and memberships restored after Redis lost its data)
+-- and refreshes the group's TTL. Returns how many were new.
+local m = open_members(KEYS[1], KEYS[2])
+local added = 0
+for i = 3, #ARGV do
+    added = added + add_member(m, ARGV[i], ARGV[1])
+end
+close_members(m, ARGV[2])
+return added
 """,
 )
 
@@ -592,28 +731,47 @@ return append_all(0, ARGV, 0)
 
 STREAM_GROUP_SEND_KNOWN = LuaScript(
     "stream_group_send_known",
-    _MEMBERS_CHANGED
+    _MEMBERSHIP
     + _STREAM_APPEND
     + """
--- KEYS[1]: the group's sorted set of members
--- KEYS[2..]: as STREAM_APPEND, for the members the caller knows of
+-- KEYS[1]: the group's sorted set of members   KEYS[2]: its digest
+-- KEYS[3..]: as STREAM_APPEND, for the members the caller knows of
 -- ARGV[1]: drop members that joined at or before this time (now - group_expiry)
--- ARGV[2]: SHA-1 of the members the destinations were planned for, sorted, joined by
--- newlines
+-- ARGV[2]: the digest of the members the destinations were planned for (their count,
+-- ':', the XOR of their SHA-1s: see _MEMBERSHIP)
 -- ARGV[3..]: as STREAM_APPEND (the batch, destinations, group, now, '1' on a retry)
 -- One round trip for a group whose members have not changed since the caller last
 -- read them: when they are still those, appends as STREAM_APPEND does and returns
 -- {full}; otherwise appends nothing and returns {-1, member...} for the caller to plan
--- again. A retry checks too (its first attempt may not have landed, and a member may
--- have left since): when the members are unchanged, appending to the same
--- destinations again is found out by the dedup tags; when they changed, the caller
--- plans again with the same tags.
-local changed = members_changed(KEYS[1], ARGV[1], ARGV[2], true)
-if changed then
-    return changed
+-- again. The members are compared through the kept digest, less those that expired
+-- (O(1) for a steady group: the members are not read); only a digest that is missing
+-- or stale is rebuilt from them, and stored after the send. A retry checks too (its
+-- first attempt may not have landed, and a member may have left since): when the
+-- members are unchanged, appending to the same destinations again is found out by the
+-- dedup tags; when they changed, the caller plans again with the same tags.
+local m = open_members(KEYS[1], KEYS[2])
+if not m.words then
+    m.words, m.count, m.stale = {0, 0, 0, 0, 0}, 0, false
+    for _, channel in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+        flip(m, channel, 1)
+    end
 end
-local full = append_all(1, ARGV, 2)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+for _, channel in ipairs(expired) do
+    flip(m, channel, -1)
+end
+if digest_text(m) ~= ARGV[2] then
+    local reply = {-1}
+    for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf')) do
+        reply[#reply + 1] = member
+    end
+    return reply
+end
+local full = append_all(2, ARGV, 2)
+if #expired > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+end
+close_members(m)
 return {full}
 """,
 )
@@ -841,8 +999,10 @@ end
 STREAM_GROUP_PUBLISH = LuaScript(
     "stream_group_publish",
     _HISTORY
+    + _MEMBERSHIP
     + """
 -- KEYS[1]: the group's members   KEYS[2]: its history stream   KEYS[3]: its history meta
+-- KEYS[4]: the members' digest
 -- ARGV[1]: drop members that joined at or before this time   ARGV[2]: the batch's
 -- dedup tag (its messages' tags are it, ':' and their number; a batch of one: it)
 -- ARGV[3]: history length   ARGV[4]: history MINID   ARGV[5]: history TTL in ms
@@ -887,7 +1047,9 @@ if not landed then
     trim_history(KEYS[2], KEYS[3], tonumber(ARGV[3]), ARGV[4])
 end
 keep_alive(KEYS[2], KEYS[3], ARGV[5])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
+local members = open_members(KEYS[1], KEYS[4])
+expire_members(members, ARGV[1])
+close_members(members)
 local result = {epoch, n}
 for m = 1, n do
     result[#result + 1] = ids[m]
@@ -902,16 +1064,19 @@ return result
 STREAM_GROUP_JOIN = LuaScript(
     "stream_group_join",
     _HISTORY
+    + _MEMBERSHIP
     + """
 -- KEYS[1]: the group's members   KEYS[2]: its history stream   KEYS[3]: its history meta
+-- KEYS[4]: the members' digest
 -- ARGV[1]: channel   ARGV[2]: join time   ARGV[3]: membership TTL in seconds
 -- ARGV[4]: epoch of the caller's position   ARGV[5]: entry id of that position
 -- ARGV[6]: history length   ARGV[7]: history MINID   ARGV[8]: history TTL in ms
 -- ARGV[9]: a new epoch, if the stream has none
 -- Joins and reads the history after the position in one atomic step (see
 -- stream_group_publish). Returns {epoch, complete, newest id, entries}.
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+local members = open_members(KEYS[1], KEYS[4])
+add_member(members, ARGV[1], ARGV[2])
+close_members(members, ARGV[3])
 local epoch = epoch_of(KEYS[3], ARGV[9])
 trim_history(KEYS[2], KEYS[3], tonumber(ARGV[6]), ARGV[7])
 keep_alive(KEYS[2], KEYS[3], ARGV[8])
@@ -940,9 +1105,10 @@ return read_history(KEYS[1], KEYS[2], epoch, ARGV[1], ARGV[2], tonumber(ARGV[3])
 #
 # A group's presence sits beside its membership, on the same slot (Streams) or shard
 # (compat.core), in two keys besides the members' sorted set (KEYS[1] of every script
-# here): a hash, member channel -> its presence record (the serialized info and join
-# time; '' after a sweep ended it), and a sorted set of deadlines, member channel -> when
-# its presence ends unless its process refreshes it. A negative deadline is a
+# here; KEYS[4], the Streams layer's, is the members' digest: see _MEMBERSHIP): a
+# hash, member channel -> its presence record (the serialized info and join time; ''
+# after a sweep ended it), and a sorted set of deadlines, member channel -> when its
+# presence ends unless its process refreshes it. A negative deadline is a
 # tombstone, minus the time it was set: the presence was swept (record '') or the
 # channel discarded (no record), kept so that the channel's process, if it is still
 # there, tells which when it next refreshes (a swept member comes back; a discarded
@@ -950,19 +1116,23 @@ return read_history(KEYS[1], KEYS[2], epoch, ARGV[1], ARGV[2], tonumber(ARGV[3])
 
 PRESENCE_JOIN = LuaScript(
     "presence_join",
-    """
+    _MEMBERSHIP
+    + """
 -- KEYS[1]: the group's members   KEYS[2]: its presence records   KEYS[3]: their deadlines
+-- KEYS[4]: the members' digest (Streams)
 -- ARGV[1]: channel   ARGV[2]: now (the join time)   ARGV[3]: the keys' TTL in seconds
 -- ARGV[4]: the channel's presence record   ARGV[5]: when its presence ends unless
 -- refreshed
 -- Joins the group with presence in one step. Returns 1 when the channel had no
 -- presence in the group (a join to tell the members of), 0 when it had (its record is
 -- replaced).
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+local members = open_members(KEYS[1], KEYS[4])
+add_member(members, ARGV[1], ARGV[2])
 local before = redis.call('HGET', KEYS[2], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
-for i = 1, 3 do
+close_members(members, ARGV[3])
+for i = 2, 3 do
     redis.call('EXPIRE', KEYS[i], ARGV[3])
 end
 if before and before ~= '' then
@@ -974,13 +1144,16 @@ return 1
 
 PRESENCE_LEAVE = LuaScript(
     "presence_leave",
-    """
+    _MEMBERSHIP
+    + """
 -- KEYS: as PRESENCE_JOIN   ARGV[1]: channel   ARGV[2]: now
 -- Removes the channel from the group (group_discard) and ends its presence. Returns
 -- its presence record, or false when it had none. A channel that had presence leaves
 -- a tombstone: its process, if another one discarded it, forgets it instead of
 -- restoring it.
-redis.call('ZREM', KEYS[1], ARGV[1])
+local members = open_members(KEYS[1], KEYS[4])
+remove_member(members, ARGV[1])
+close_members(members)
 local record = redis.call('HGET', KEYS[2], ARGV[1])
 if not record then
     return false
@@ -1044,7 +1217,8 @@ return reply
 
 PRESENCE_REFRESH = LuaScript(
     "presence_refresh",
-    """
+    _MEMBERSHIP
+    + """
 -- KEYS: as PRESENCE_JOIN
 -- ARGV[1]: now   ARGV[2]: the new deadline of this process's members' presence
 -- ARGV[3]: members that joined at or before this time have expired (now - group_expiry)
@@ -1063,6 +1237,7 @@ PRESENCE_REFRESH = LuaScript(
 -- the group, its presence ended, a tombstone kept: 'swept' (with records).
 -- Returns {back, left (channel, record...), gone, swept (channel, record...)}.
 local now, deadline, cutoff = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local members = open_members(KEYS[1], KEYS[4])
 local back, left, gone, swept = {}, {}, {}, {}
 for i = 5, #ARGV, 2 do
     local channel, record = ARGV[i], ARGV[i + 1]
@@ -1076,7 +1251,7 @@ for i = 5, #ARGV, 2 do
         end
         redis.call('ZADD', KEYS[3], deadline, channel)
     elseif held == '' or (not joined and not held and not ends) then
-        redis.call('ZADD', KEYS[1], now, channel)
+        add_member(members, channel, now)
         redis.call('HSET', KEYS[2], channel, record)
         redis.call('ZADD', KEYS[3], deadline, channel)
         back[#back + 1] = channel
@@ -1086,14 +1261,14 @@ for i = 5, #ARGV, 2 do
             left[#left + 1] = held
             redis.call('HDEL', KEYS[2], channel)
         end
-        redis.call('ZREM', KEYS[1], channel)
+        remove_member(members, channel)
         redis.call('ZREM', KEYS[3], channel)
         gone[#gone + 1] = channel
     end
 end
 for _, channel in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '(0', now)) do
     local held = redis.call('HGET', KEYS[2], channel)
-    redis.call('ZREM', KEYS[1], channel)
+    remove_member(members, channel)
     redis.call('HSET', KEYS[2], channel, '')
     redis.call('ZADD', KEYS[3], -now, channel)
     if held and held ~= '' then
@@ -1112,9 +1287,12 @@ if #old > 0 then
     redis.call('ZREMRANGEBYSCORE', KEYS[3], oldest, '(0')
 end
 if #back > 0 then
-    for i = 1, 3 do
+    close_members(members, ARGV[4])
+    for i = 2, 3 do
         redis.call('EXPIRE', KEYS[i], ARGV[4])
     end
+else
+    close_members(members)
 end
 return {back, left, gone, swept}
 """,

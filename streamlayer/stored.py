@@ -18,17 +18,25 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from functools import partial
+from functools import partial, reduce
+from operator import xor
 from typing import Any, Generic, TypeVar
 
 from .base import NAME_CACHE, StreamlayerLayer
 from .local import LocalChannels
 from .memo import Memo
 from .presence import PresenceBook
-from .scripts import GROUP_MEMBERS
+from .scripts import GROUP_ADD, GROUP_MEMBERS
 from .sync import sync_aware
 
-__all__ = ["KnownMembers", "StoredLayer", "decode_members", "known_send_outcome"]
+__all__ = [
+    "KnownMembers",
+    "StoredLayer",
+    "decode_members",
+    "known_send_outcome",
+    "sorted_digest",
+    "xor_digest",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +48,31 @@ _KNOWN_GROUPS = 10_000
 PlanT = TypeVar("PlanT")
 
 
+def sorted_digest(members: Iterable[str]) -> str:
+    """SHA-1 of the names sorted and joined by newlines (no channel name contains one):
+    what compat.core's one-trip group send compares, hashing the members it reads the
+    same way (channels_redis processes change its groups, so nothing can be kept)."""
+    return hashlib.sha1("\n".join(sorted(members)).encode()).hexdigest()
+
+
+def xor_digest(members: Iterable[str]) -> str:
+    """The count of ``members``, ':', and the XOR of their SHA-1s in 40 hex digits: the
+    digest the Streams layer keeps beside each group in Redis, changed at every join
+    and leave without reading the other members (``_MEMBERSHIP`` in
+    :mod:`streamlayer.scripts`)."""
+    names = list(members)
+    hashes = (int.from_bytes(hashlib.sha1(name.encode()).digest(), "big") for name in names)
+    return f"{len(names)}:{reduce(xor, hashes, 0):040x}"
+
+
 class KnownMembers(list[str], Generic[PlanT]):
     """A group's members as last read, with the form a script compares them in."""
 
-    def __init__(self, members: list[str]) -> None:
+    def __init__(self, members: list[str], digest: str) -> None:
         super().__init__(members)
-        #: SHA-1 of the names sorted and joined by newlines (no channel name contains
-        #: one): 40 bytes on the wire whatever the group's size; the script hashes the
-        #: members it finds the same way (redis.sha1hex).
-        self.digest = hashlib.sha1("\n".join(sorted(members)).encode()).hexdigest()
+        #: The members' digest as the layer's script compares it (``members_digest``):
+        #: a few dozen bytes on the wire whatever the group's size.
+        self.digest = digest
         #: The layer's plan of where a send to these members goes, made at the first
         #: send to them and kept while they are the members (see StoredLayer.known_plan).
         self.plan: PlanT | None = None
@@ -140,12 +164,19 @@ class StoredLayer(StreamlayerLayer, Generic[PlanT]):
         """The sorted set holding ``group``'s members (each layer names its own)."""
         raise NotImplementedError
 
+    def membership_keys(self, group: str) -> list[str]:
+        """The keys a change of ``group``'s members writes (one slot): its sorted set,
+        and the Streams layer's digest of it (each layer's own)."""
+        raise NotImplementedError
+
+    def members_digest(self, members: Iterable[str]) -> str:
+        """``members`` in the form the layer's one-trip group send compares (each
+        layer's own: :func:`xor_digest` or :func:`sorted_digest`)."""
+        raise NotImplementedError
+
     async def join_group(self, group: str, channel: str) -> None:
         """The plain join (each layer's own; this is the sorted-set one)."""
-        key, shard = self.group_key(group), self.connections.shard_for(group)
-        await self.with_retry(
-            f"group_add to {group!r}", partial(self._add_all, shard, [(key, [channel])])
-        )
+        await self._add_all(group, [channel], f"group_add to {group!r}")
         self.note_membership(group, channel, joined=True)
 
     @sync_aware
@@ -205,30 +236,31 @@ class StoredLayer(StreamlayerLayer, Generic[PlanT]):
         waits on it or one came within ``group_expiry`` (its membership would have
         expired anyway). One pipeline per shard; returns how many memberships."""
         live = self.local.live_channels(self.group_expiry)
-        by_shard: dict[int, list[tuple[str, list[str]]]] = {}
+        restoring: dict[str, list[str]] = {}
         for group, channels in list(self._joined.items()):
             keep = channels & live
             if not keep:
                 del self._joined[group]
                 continue
             self._joined[group] = keep
-            entry = (self.group_key(group), sorted(keep))
-            by_shard.setdefault(self.connections.shard_for(group), []).append(entry)
-        for shard, entries in by_shard.items():
-            await self.with_retry(
-                "restore group memberships", partial(self._add_all, shard, entries)
-            )
-        return sum(len(channels) for entries in by_shard.values() for _, channels in entries)
+            restoring[group] = sorted(keep)
+        # Together: the calls of one shard travel in one pipeline (the batcher's).
+        await asyncio.gather(
+            *(self._add_all(g, c, f"restore members of {g!r}") for g, c in restoring.items())
+        )
+        return sum(len(channels) for channels in restoring.values())
 
-    async def _add_all(self, shard: int, entries: list[tuple[str, list[str]]]) -> None:
-        """Add ``channels`` to each group key of ``entries`` and refresh its TTL, in one
-        pipeline on ``shard`` (group_add, and restoring memberships)."""
-        pipe = self.connections.client(shard).pipeline(transaction=False)
-        now = time.time()
-        for key, channels in entries:
-            pipe.zadd(key, dict.fromkeys(channels, now))
-            pipe.expire(key, self.group_expiry)
-        await pipe.execute()
+    async def _add_all(self, group: str, channels: list[str], what: str) -> None:
+        """Add ``channels`` to ``group`` and refresh its TTL (GROUP_ADD: with the
+        Streams layer's digest), for group_add and for restoring memberships."""
+        shard = self.connections.shard_for(group)
+        await self.call_script(
+            what,
+            GROUP_ADD,
+            shard,
+            self.membership_keys(group),
+            lambda: [time.time(), self.group_expiry, *channels],
+        )
 
     def want_notices(self, channel: str) -> None:
         """See :meth:`StreamlayerLayer.want_notices`: one of this process's channels."""
@@ -292,7 +324,7 @@ class StoredLayer(StreamlayerLayer, Generic[PlanT]):
         self.count_group_send(group, len(members) * len(messages), full_count)
 
     def _remember_members(self, group: str, members: list[str]) -> None:
-        self._known_members.remember(group, KnownMembers(members))
+        self._known_members.remember(group, KnownMembers(members, self.members_digest(members)))
 
     def known_plan(self, known: KnownMembers[PlanT]) -> PlanT:
         """Where a send to a group's known members goes, planned at its first send and
@@ -330,10 +362,10 @@ class StoredLayer(StreamlayerLayer, Generic[PlanT]):
 
     async def group_members(self, group: str) -> list[str]:
         """The live members of ``group``; members older than ``group_expiry`` are dropped."""
-        key, shard = self.group_key(group), self.connections.shard_for(group)
+        keys, shard = self.membership_keys(group), self.connections.shard_for(group)
         cutoff = time.time() - self.group_expiry
         raw = await self.call_script(
-            f"group_send to {group!r}", GROUP_MEMBERS, shard, [key], [cutoff]
+            f"group_send to {group!r}", GROUP_MEMBERS, shard, keys, [cutoff]
         )
         return decode_members(raw)
 

@@ -34,6 +34,7 @@ from .keys import (
     scan_pattern,
     stream_channel_key,
     stream_delivered_key,
+    stream_group_digest_key,
     stream_group_key,
     stream_inbox_key,
     stream_inbox_state_key,
@@ -45,7 +46,7 @@ from .memo import Memo
 from .normal import NormalChannels
 from .replay import GroupHistory
 from .scripts import STREAM_APPEND, STREAM_GROUP_SEND_KNOWN, LuaScript
-from .stored import KnownMembers, StoredLayer, known_send_outcome
+from .stored import KnownMembers, StoredLayer, known_send_outcome, xor_digest
 from .sync import sync_aware, sync_aware_on_loop
 
 __all__ = ["StreamsChannelLayer"]
@@ -205,12 +206,19 @@ class StreamsChannelLayer(StoredLayer[list[_Scope]]):
     def group_key(self, group: str) -> str:
         return stream_group_key(self.prefix, group)
 
+    def membership_keys(self, group: str) -> list[str]:
+        return [stream_group_key(self.prefix, group), stream_group_digest_key(self.prefix, group)]
+
+    def members_digest(self, members: Iterable[str]) -> str:
+        return xor_digest(members)
+
     def presence_keys(self, group: str) -> list[str]:
         prefix = self.prefix
         return [
             stream_group_key(prefix, group),
             stream_presence_key(prefix, group),
             stream_presence_live_key(prefix, group),
+            stream_group_digest_key(prefix, group),
         ]
 
     @sync_aware
@@ -284,7 +292,7 @@ class StreamsChannelLayer(StoredLayer[list[_Scope]]):
         dedup tags and serialized batch, so the second trip finds what it appended
         instead of appending it twice."""
         batch = Batch([self.serialize(message) for message in messages])
-        keys: list[str] = [self.group_key(group)]
+        keys = self.membership_keys(group)
         args: list[Any] = [time.time() - self.group_expiry, known.digest, *batch.args()]
         tags: dict[str, str] = {}
         for _shard, destinations, records in self._tagged(self.known_plan(known), tags):

@@ -436,18 +436,11 @@ class SyncCallerClient:
 
 
 class SyncCallerPipeline:
-    """The pipeline a sync caller's call queues (group_add: ZADD and EXPIRE per group;
-    the Pub/Sub layer's bulk sends: PUBLISH per message), whose ``execute`` is
-    awaited as the asyncio one's is."""
+    """The pipeline a sync caller's call queues (the Pub/Sub layer's bulk sends:
+    PUBLISH per message), whose ``execute`` is awaited as the asyncio one's is."""
 
     def __init__(self, pipeline: Any) -> None:
         self._pipeline = pipeline
-
-    def zadd(self, key: str, mapping: dict[str, float]) -> None:
-        self._pipeline.zadd(key, mapping)
-
-    def expire(self, key: str, seconds: int) -> None:
-        self._pipeline.expire(key, seconds)
 
     def publish(self, channel: str, message: bytes) -> None:
         self._pipeline.publish(channel, message)

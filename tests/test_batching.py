@@ -138,7 +138,7 @@ async def test_a_merged_call_stays_behind_another_script_on_its_keys() -> None:
         return _Call(script, list(keys), [], loop.create_future())
 
     a1, b1 = call(STREAM_APPEND, "in:a", "st:a"), call(STREAM_APPEND, "in:b", "st:b")
-    group = call(STREAM_GROUP_SEND_KNOWN, "members", "in:a", "st:a")
+    group = call(STREAM_GROUP_SEND_KNOWN, "members", "digest", "in:a", "st:a")
     a2, b2 = call(STREAM_APPEND, "in:a", "st:a"), call(STREAM_APPEND, "in:b", "st:b")
     a3 = call(STREAM_APPEND, "in:a", "st:a")
     units = merge([a1, b1, group, a2, b2, a3])

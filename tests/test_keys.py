@@ -18,6 +18,7 @@ from streamlayer import keys
         (keys.stream_channel_key, "chan"),
         (keys.stream_delivered_key, "done"),
         (keys.stream_group_key, "group"),
+        (keys.stream_group_digest_key, "gdigest"),
         (keys.stream_history_key, "history"),
         (keys.stream_history_meta_key, "hmeta"),
         (keys.stream_presence_key, "presence"),
@@ -79,6 +80,7 @@ _KEY_FUNCTIONS = [
     keys.stream_channel_key,
     keys.stream_delivered_key,
     keys.stream_group_key,
+    keys.stream_group_digest_key,
     keys.stream_history_key,
     keys.stream_history_meta_key,
     keys.stream_presence_key,
@@ -90,7 +92,12 @@ def test_a_groups_presence_sits_beside_its_membership() -> None:
     """Same hash slot (Streams), same shard by group name (compat.core), and no name a
     channel could have (channel names hold no colon)."""
     group = keys.stream_group_key("p", "room")
-    for key in (keys.stream_presence_key("p", "room"), keys.stream_presence_live_key("p", "room")):
+    beside = (
+        keys.stream_presence_key("p", "room"),
+        keys.stream_presence_live_key("p", "room"),
+        keys.stream_group_digest_key("p", "room"),
+    )
+    for key in beside:
         assert key.endswith("{room}") and group.endswith("{room}")
     assert keys.classic_presence_key("asgi", "room") == "asgi:presence:room"
     assert keys.classic_presence_live_key("asgi", "room") == "asgi:plive:room"

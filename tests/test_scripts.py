@@ -25,6 +25,7 @@ from streamlayer.scripts import (
     CLASSIC_GROUP_SEND_KNOWN,
     CLASSIC_RESTORE_BACKUP,
     CLASSIC_SEND,
+    GROUP_ADD,
     GROUP_MEMBERS,
     PRESENCE_JOIN,
     PRESENCE_LEAVE,
@@ -42,6 +43,7 @@ from streamlayer.scripts import (
     STREAM_JOIN_CONSUMERS,
     LuaScript,
 )
+from streamlayer.stored import xor_digest
 from streamlayer.testing import RedisServer
 
 
@@ -98,6 +100,86 @@ async def test_group_members_drops_expired(client: Redis) -> None:
     await client.zadd("g", {"stale": now - 100, "fresh": now})
     assert await GROUP_MEMBERS(client, ["g"], [now - 50]) == [b"fresh"]
     assert await client.zcard("g") == 1
+    # With the Streams layer's digest: it follows.
+    await _kept_group(client, "g", "gd", {"stale": now - 100, "fresh": now, "new": now})
+    assert sorted(await GROUP_MEMBERS(client, ["g", "gd"], [now - 50])) == [b"fresh", b"new"]
+    await _assert_digest_follows(client, "g", "gd")
+
+
+# --- a group's digest (the Streams layer's; see _MEMBERSHIP) ---------------------------
+
+
+async def _kept_group(client: Redis, key: str, digest: str, members: dict[str, float]) -> None:
+    """A group as the Streams layer keeps it: its members and their digest, one TTL."""
+    await client.delete(key, digest)
+    await client.zadd(key, members)
+    await client.set(digest, xor_digest(members), ex=60)
+    await client.expire(key, 60)
+
+
+async def _assert_digest_follows(client: Redis, key: str, digest: str) -> None:
+    """The stored digest is the digest of the members the set holds (none: no digest),
+    and it lives as long as the set."""
+    members = [m.decode() for m in await client.zrange(key, 0, -1)]
+    stored = await client.get(digest)
+    if not members:
+        assert stored is None, f"a digest {stored!r} outlived its group"
+        return
+    assert stored == xor_digest(members).encode(), f"digest {stored!r} for {members}"
+    assert abs(await client.pttl(key) - await client.pttl(digest)) <= 5
+
+
+def test_the_digest_is_order_free_and_counts() -> None:
+    assert xor_digest(["a", "b", "c"]) == xor_digest(["c", "a", "b"])
+    assert xor_digest([]) == "0:" + "0" * 40
+    assert xor_digest(["a"]).startswith("1:") and len(xor_digest(["a"])) == 42
+    assert xor_digest(["a", "b"]) != xor_digest(["a", "c"])
+
+
+async def test_group_add_keeps_the_digest_from_an_empty_group(client: Redis) -> None:
+    now = time.time()
+    assert await GROUP_ADD(client, ["g", "gd"], [now, 60, "a", "b"]) == 2
+    await _assert_digest_follows(client, "g", "gd")
+    assert await GROUP_ADD(client, ["g", "gd"], [now + 1, 90, "b", "c"]) == 1  # b renewed
+    await _assert_digest_follows(client, "g", "gd")
+    assert 60 < await client.ttl("gd") <= 90
+    assert await client.zscore("g", "b") == pytest.approx(now + 1)
+    # Without a digest key (compat.core): a plain ZADD and EXPIRE.
+    assert await GROUP_ADD(client, ["plain"], [now, 60, "x"]) == 1
+    assert await client.zrange("plain", 0, -1) == [b"x"] and await client.ttl("plain") > 0
+
+
+async def test_a_digest_that_does_not_follow_its_group_is_dropped(client: Redis) -> None:
+    """Evicted (missing while the group has members): left missing, never started
+    from nothing. Stale (its count is not the group's: the set was evicted or changed
+    by hand): dropped at the next change. Not a digest: dropped too."""
+    now = time.time()
+    await client.zadd("g", {"a": now})
+    await GROUP_ADD(client, ["g", "gd"], [now, 60, "b"])
+    assert await client.exists("gd") == 0
+    await client.set("gd", xor_digest(["a", "b", "c"]))
+    await GROUP_ADD(client, ["g", "gd"], [now, 60, "d"])
+    assert await client.exists("gd") == 0
+    await client.set("gd", "junk")
+    await GROUP_MEMBERS(client, ["g", "gd"], [now - 50])
+    assert await client.exists("gd") == 0
+    # A group that is gone (expired, evicted) beside a digest: a new group starts afresh.
+    await client.delete("g")
+    await client.set("gd", xor_digest(["a", "b"]))
+    await GROUP_ADD(client, ["g", "gd"], [now, 60, "z"])
+    await _assert_digest_follows(client, "g", "gd")
+
+
+async def test_the_steady_send_compares_the_digest_not_the_members(client: Redis) -> None:
+    """A digest set by hand for members the set does not hold is believed: the check
+    reads the digest (and the expired members), not every member."""
+    now = time.time()
+    await client.zadd("g", {"a": now, "x": now})
+    await client.set("gd", xor_digest(["a", "b"]))
+    args = [now - 50, xor_digest(["a"]), *_append([b"m"], ["t1", "", 5, 60_000])]
+    planned_for_b = [now - 50, xor_digest(["a", "b"]), *_append([b"m"], ["t1", "", 5, 60_000])]
+    assert (await STREAM_GROUP_SEND_KNOWN(client, ["g", "gd", "a", "da"], args))[0] == -1
+    assert await STREAM_GROUP_SEND_KNOWN(client, ["g", "gd", "a", "da"], planned_for_b) == [0]
 
 
 async def test_group_send_skips_full_keys(client: Redis) -> None:
@@ -144,8 +226,8 @@ def _publish_args(tag: str, retry: str, *payloads: bytes, length: int = 3) -> li
 
 
 async def test_group_publish_retry_records_the_message_once(client: Redis) -> None:
-    keys = ["g:{r}", "h:{r}", "m:{r}"]
-    await client.zadd("g:{r}", {"member": time.time()})
+    keys = ["g:{r}", "h:{r}", "m:{r}", "gd:{r}"]
+    await _kept_group(client, "g:{r}", "gd:{r}", {"member": time.time(), "old": 0.0})
     first = await STREAM_GROUP_PUBLISH(client, keys, _publish_args("tag1", "0", b"p"))
     again = await STREAM_GROUP_PUBLISH(client, keys, _publish_args("tag1", "1", b"p"))
     assert first == again  # the retry found the first attempt's entry
@@ -160,6 +242,7 @@ async def test_group_publish_retry_records_the_message_once(client: Redis) -> No
         await STREAM_GROUP_PUBLISH(client, keys, _publish_args("tag3", "1", b"x", b"y")) == batch
     )
     assert await client.xlen("h:{r}") == 3  # capped at 3
+    await _assert_digest_follows(client, "g:{r}", "gd:{r}")  # without "old"
 
 
 async def test_group_publish_caps_history_and_remembers_the_newest_trimmed(client: Redis) -> None:
@@ -372,27 +455,41 @@ async def test_stream_append_sends_to_each_destination_and_counts_the_full(
     assert (await client.xlen("s1"), await client.xlen("inbox")) == (1, 1)
 
 
+@pytest.mark.parametrize("digest", ["kept", "missing", "stale"])
 async def test_stream_group_send_known_appends_only_for_the_planned_members(
-    client: Redis,
+    client: Redis, digest: str
 ) -> None:
+    """Whatever the digest's state (kept by the scripts; missing: evicted, or the
+    group older than it; stale: its count is not the group's), the members are
+    compared rightly, and after a send the digest follows the group."""
     now = time.time()
-    await client.zadd("g", {"a": now, "b": now, "gone": now - 100})
+    await _kept_group(client, "g", "gd", {"a": now, "b": now, "gone": now - 100})
+    if digest == "missing":
+        await client.delete("gd")
+    elif digest == "stale":
+        await client.set("gd", xor_digest(["a", "b"]), ex=60)
     record = ["t1", "", 5, 60_000]
     changed = await STREAM_GROUP_SEND_KNOWN(
-        client, ["g", "a", "da"], [now - 50, _digest("a"), *_append([b"m"], record)]
+        client, ["g", "gd", "a", "da"], [now - 50, xor_digest(["a"]), *_append([b"m"], record)]
     )
     assert changed[0] == -1 and sorted(changed[1:]) == [b"a", b"b"]
     assert await client.exists("a") == 0
-    keys = ["g", "a", "da", "b", "db"]
+    assert await client.zscore("g", "gone")  # nothing written when nothing was sent
+    keys = ["g", "gd", "a", "da", "b", "db"]
     records = [record, ["t2", "", 5, 60_000]]
-    planned = [now - 50, _digest("a", "b"), *_append([b"m", b"n"], *records)]
+    planned = [now - 50, xor_digest(["a", "b"]), *_append([b"m", b"n"], *records)]
     assert await STREAM_GROUP_SEND_KNOWN(client, keys, planned) == [0]
     assert (await client.xlen("a"), await client.xlen("b")) == (2, 2)
     assert await client.zscore("g", "gone") is None
+    await _assert_digest_follows(client, "g", "gd")
     # A retry checks the members too (its first attempt may not have landed), and
     # the tags keep what did land from being stored twice.
-    retried = [now - 50, _digest("a", "b"), *_append([b"m", b"n"], *records, retry="1")]
+    retried = [now - 50, xor_digest(["a", "b"]), *_append([b"m", b"n"], *records, retry="1")]
     assert await STREAM_GROUP_SEND_KNOWN(client, keys, retried) == [0]
+    assert (await client.xlen("a"), await client.xlen("b")) == (2, 2)
+    # A member that joined since: found, nothing sent.
+    await GROUP_ADD(client, ["g", "gd"], [now, 60, "c"])
+    assert (await STREAM_GROUP_SEND_KNOWN(client, keys, planned))[0] == -1
     assert (await client.xlen("a"), await client.xlen("b")) == (2, 2)
 
 
@@ -462,7 +559,7 @@ async def test_stream_inbox_advance_records_trims_and_reports(client: Redis) -> 
 
 
 async def test_stream_group_join_joins_and_reads_after_the_position(client: Redis) -> None:
-    keys = ["g:{j}", "h:{j}", "m:{j}"]
+    keys = ["g:{j}", "h:{j}", "m:{j}", "gd:{j}"]
     ids = []
     for n in range(3):
         reply = await STREAM_GROUP_PUBLISH(
@@ -475,16 +572,18 @@ async def test_stream_group_join_joins_and_reads_after_the_position(client: Redi
     assert (epoch, complete, newest) == (b"e1", 1, ids[2])
     assert [entry[0] for entry in entries] == ids[1:]
     assert await client.zscore("g:{j}", "chan") == pytest.approx(now)
+    await _assert_digest_follows(client, "g:{j}", "gd:{j}")
     # From another epoch (Redis lost the history the position came from): everything
     # retained, marked incomplete.
     args = ["chan", now, 60, "older", ids[0], 10, "1-0", 60_000, "e2"]
     _epoch, complete, _newest, entries = await STREAM_GROUP_JOIN(client, keys, args)
     assert complete == 0 and [entry[0] for entry in entries] == ids
+    await _assert_digest_follows(client, "g:{j}", "gd:{j}")
 
 
 # --- presence --------------------------------------------------------------------------
 
-PKEYS = ["m", "p", "d"]  # members, presence records, deadlines
+PKEYS = ["m", "p", "d", "md"]  # members, presence records, deadlines, members' digest
 
 
 async def test_presence_join_says_whether_the_presence_is_new(client: Redis) -> None:
@@ -495,18 +594,24 @@ async def test_presence_join_says_whether_the_presence_is_new(client: Redis) -> 
     assert await client.zscore("m", "tab") == pytest.approx(now)
     assert await client.zscore("d", "tab") == pytest.approx(now + 30)
     assert all([0 < await client.ttl(k) <= 60 for k in PKEYS])
+    await _assert_digest_follows(client, "m", "md")
 
 
 async def test_presence_leave_returns_the_record_and_leaves_a_tombstone(client: Redis) -> None:
     now = time.time()
     await PRESENCE_JOIN(client, PKEYS, ["tab", now, 60, b"rec", now + 30])
+    await PRESENCE_JOIN(client, PKEYS, ["other", now, 60, b"rec", now + 30])
     assert await PRESENCE_LEAVE(client, PKEYS, ["tab", now]) == b"rec"
+    await _assert_digest_follows(client, "m", "md")
     assert await client.zscore("m", "tab") is None and await client.hget("p", "tab") is None
     assert await client.zscore("d", "tab") == pytest.approx(-now)  # discarded: a tombstone
     assert await PRESENCE_LEAVE(client, PKEYS, ["tab", now]) is None
-    await client.zadd("m", {"worker": now})  # a member without presence
+    await GROUP_ADD(client, ["m", "md"], [now, 60, "worker"])  # a member without presence
     assert await PRESENCE_LEAVE(client, PKEYS, ["worker", now]) is None
     assert await client.zscore("d", "worker") is None
+    await _assert_digest_follows(client, "m", "md")
+    assert await PRESENCE_LEAVE(client, PKEYS, ["other", now]) == b"rec"
+    await _assert_digest_follows(client, "m", "md")  # the last one: no digest left
 
 
 async def test_presence_read_leaves_out_the_expired_and_the_ended(client: Redis) -> None:
@@ -523,7 +628,7 @@ async def test_presence_read_leaves_out_the_expired_and_the_ended(client: Redis)
 async def test_presence_refresh_keeps_restores_forgets_and_sweeps(client: Redis) -> None:
     now = time.time()
     cutoff = now - 60
-    await client.zadd("m", {"kept": now, "expired": now - 120, "dead": now})
+    await _kept_group(client, "m", "md", {"kept": now, "expired": now - 120, "dead": now})
     await client.hset("p", mapping={"kept": b"rk", "expired": b"re", "dead": b"rd", "swept": b""})
     await client.zadd("d", {"kept": now + 1, "dead": now - 1, "swept": -now, "kicked": -now})
     await client.zadd("d", {"ancient": -(now - 120)})  # a tombstone from before the cutoff
@@ -543,6 +648,7 @@ async def test_presence_refresh_keeps_restores_forgets_and_sweeps(client: Redis)
     assert (
         await client.zscore("d", "ancient") is None and await client.hget("p", "ancient") is None
     )
+    await _assert_digest_follows(client, "m", "md")
 
 
 def test_every_script_has_a_test_here() -> None:

@@ -54,7 +54,7 @@ from ..scripts import (
     CLASSIC_RESTORE_BACKUP,
     CLASSIC_SEND,
 )
-from ..stored import KnownMembers, StoredLayer, known_send_outcome
+from ..stored import KnownMembers, StoredLayer, known_send_outcome, sorted_digest
 from ..sync import sync_aware, sync_aware_on_loop
 
 __all__ = ["RedisChannelLayer"]
@@ -432,6 +432,12 @@ class RedisChannelLayer(StoredLayer[list[_Destination]]):
 
     def group_key(self, group: str) -> str:
         return classic_group_key(self.prefix, group)
+
+    def membership_keys(self, group: str) -> list[str]:
+        return [classic_group_key(self.prefix, group)]  # no digest: see sorted_digest
+
+    def members_digest(self, members: Iterable[str]) -> str:
+        return sorted_digest(members)
 
     def presence_keys(self, group: str) -> list[str]:
         prefix = self.prefix

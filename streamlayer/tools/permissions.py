@@ -26,6 +26,7 @@ from ..keys import (
     classic_group_key,
     stream_channel_key,
     stream_delivered_key,
+    stream_group_digest_key,
     stream_group_key,
     stream_history_key,
     stream_history_meta_key,
@@ -47,6 +48,7 @@ def _streams(prefix: str) -> list[tuple[str, ...]]:
     inbox, state = stream_inbox_key(prefix, _PROBE), stream_inbox_state_key(prefix, _PROBE)
     chan, done = stream_channel_key(prefix, _PROBE), stream_delivered_key(prefix, _PROBE)
     group = stream_group_key(prefix, _PROBE)
+    digest = stream_group_digest_key(prefix, _PROBE)
     history = stream_history_key(prefix, _PROBE)
     meta = stream_history_meta_key(prefix, _PROBE)
     return [
@@ -77,6 +79,11 @@ def _streams(prefix: str) -> list[tuple[str, ...]]:
         ("ZADD", group, "1", "x"),
         ("ZADD", done, "1", "x"),
         ("ZREM", group, "x"),
+        ("ZCARD", group),
+        ("PTTL", group),
+        ("GET", digest),
+        ("SET", digest, "x"),
+        ("DEL", digest),
         ("ZRANGE", group, "0", "-1"),
         ("ZRANGEBYSCORE", group, "0", "1"),
         ("ZREMRANGEBYSCORE", done, "0", "1"),
