@@ -60,7 +60,8 @@ class PresenceHost(ScriptHost, Protocol):
     def group_expiry(self) -> int: ...
 
     def presence_keys(self, group: str) -> list[str]:
-        """The group's members, presence records and deadlines (one slot)."""
+        """The group's members, presence records and deadlines, and (Streams) the
+        members' digest: KEYS of the presence scripts (one slot)."""
         ...
 
     def owns(self, channel: str) -> bool: ...

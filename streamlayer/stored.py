@@ -176,7 +176,7 @@ class StoredLayer(StreamlayerLayer, Generic[PlanT]):
 
     async def join_group(self, group: str, channel: str) -> None:
         """The plain join (each layer's own; this is the sorted-set one)."""
-        await self._add_all(group, [channel], f"group_add to {group!r}")
+        await self._add_members(group, [channel], f"group_add to {group!r}")
         self.note_membership(group, channel, joined=True)
 
     @sync_aware
@@ -192,8 +192,8 @@ class StoredLayer(StreamlayerLayer, Generic[PlanT]):
     # --- presence: see streamlayer.presence -----------------------------------------
 
     def presence_keys(self, group: str) -> list[str]:
-        """The group's members, presence records and presence deadlines (each layer
-        names its own; one slot)."""
+        """The group's members, presence records and presence deadlines, and the
+        Streams layer's digest of the members (each layer names its own; one slot)."""
         raise NotImplementedError
 
     async def join_with_presence(
@@ -234,7 +234,8 @@ class StoredLayer(StreamlayerLayer, Generic[PlanT]):
         and still think they are members, so every group_send would otherwise reach
         nobody until each of them reconnects. A channel is live while a receive()
         waits on it or one came within ``group_expiry`` (its membership would have
-        expired anyway). One pipeline per shard; returns how many memberships."""
+        expired anyway). A script call per group, those of one shard in one pipeline
+        (the batcher's); returns how many memberships."""
         live = self.local.live_channels(self.group_expiry)
         restoring: dict[str, list[str]] = {}
         for group, channels in list(self._joined.items()):
@@ -244,13 +245,12 @@ class StoredLayer(StreamlayerLayer, Generic[PlanT]):
                 continue
             self._joined[group] = keep
             restoring[group] = sorted(keep)
-        # Together: the calls of one shard travel in one pipeline (the batcher's).
         await asyncio.gather(
-            *(self._add_all(g, c, f"restore members of {g!r}") for g, c in restoring.items())
+            *(self._add_members(g, c, f"restore members of {g!r}") for g, c in restoring.items())
         )
         return sum(len(channels) for channels in restoring.values())
 
-    async def _add_all(self, group: str, channels: list[str], what: str) -> None:
+    async def _add_members(self, group: str, channels: list[str], what: str) -> None:
         """Add ``channels`` to ``group`` and refresh its TTL (GROUP_ADD: with the
         Streams layer's digest), for group_add and for restoring memberships."""
         shard = self.connections.shard_for(group)

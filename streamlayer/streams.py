@@ -213,13 +213,10 @@ class StreamsChannelLayer(StoredLayer[list[_Scope]]):
         return xor_digest(members)
 
     def presence_keys(self, group: str) -> list[str]:
+        members, digest = self.membership_keys(group)
         prefix = self.prefix
-        return [
-            stream_group_key(prefix, group),
-            stream_presence_key(prefix, group),
-            stream_presence_live_key(prefix, group),
-            stream_group_digest_key(prefix, group),
-        ]
+        live = stream_presence_live_key(prefix, group)
+        return [members, stream_presence_key(prefix, group), live, digest]
 
     @sync_aware
     async def group_add(
