@@ -32,8 +32,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
+from .batching import PendingCall
 from .entries import (
     Entry,
     RecentTags,
@@ -49,7 +51,7 @@ from .host import LayerHost
 from .keys import stream_inbox_key, stream_inbox_state_key
 from .local import LocalChannels
 from .reader import BLOCK_SECONDS, BackgroundReader, let_woken_run, reusable_task
-from .redispy import KeptConnection, evalsha, exchange
+from .redispy import KeptConnection, evalsha, exchange, read_replies, write_now
 from .scripts import STREAM_INBOX_ADVANCE
 
 __all__ = ["Inbox", "InboxPosition"]
@@ -224,12 +226,15 @@ class InboxReader(BackgroundReader):
             for block, ms in self._block_ms.items()
         }
         self._xread_now = ("XREAD", "COUNT", READ_BATCH, "STREAMS", self.key)
+        #: The next read, written with a script call that rode with it and not read
+        #: yet (see ride): the next _read reads its replies instead of writing.
+        self._riding: _Ride | None = None
         super().__init__(self.layer, self.key)
 
     async def step(self) -> bool:
         layer, local = self.layer, self.layer.local
         now = time.monotonic()
-        if local.waiting() or local.queued():
+        if local.waiting() or local.queued() or self._riding is not None:
             self._wanted_at = now
         elif now - self._wanted_at >= LINGER_SECONDS:
             # Nobody has waited for a while: record and trim what we consumed and
@@ -264,7 +269,44 @@ class InboxReader(BackgroundReader):
             if local.has_reports():
                 await asyncio.sleep(0)
             else:
-                await let_woken_run(self.loop_ready)
+                await self._let_woken_run()
+        return True
+
+    async def _let_woken_run(self) -> None:
+        """let_woken_run, offering this reader's next read to the first lone script
+        call the receivers make meanwhile (see :meth:`ride`)."""
+        connections = self.layer.connections
+        if connections.is_cluster:  # a cluster's reads go through its client
+            await let_woken_run(self.loop_ready)
+            return
+        batcher = connections.batcher(self.shard)
+        batcher.rider = self
+        try:
+            await let_woken_run(self.loop_ready)
+        finally:
+            if batcher.rider is self:
+                batcher.rider = None
+
+    def ride(self, call: PendingCall) -> bool:
+        """Write this reader's next read now, with ``call`` (a lone script call from
+        one of the receivers it woke) between the read's bookkeeping and its XREAD,
+        in one write on the reader's connection; the next _read reads the replies
+        and settles the call's future with its own. One write a hop instead of two
+        in a request/reply exchange, and the XREAD finds the call's entry at once
+        when it came to this process (streamlayer.batching). False, writing
+        nothing, when the write could wait (the call then goes the usual way)."""
+        connection = self._connection.ready()
+        if connection is None or self._riding is not None:
+            return False
+        local = self.layer.local
+        block = BLOCK_SECONDS if local.waiting() and not local.queued() else SHORT_BLOCK_SECONDS
+        read = self._commands(block)
+        at = len(read.commands) - 1  # the call goes right before the XREAD
+        commands = list(read.commands)
+        commands.insert(at, evalsha(call.script.sha, call.keys, call.args))
+        if not write_now(connection, commands):
+            return False
+        self._riding = _Ride(read, commands, call, at)
         return True
 
     def _bookkeeping_due(self, checking: bool, since_write: float) -> Bookkeeping | None:
@@ -391,43 +433,116 @@ class InboxReader(BackgroundReader):
             raise reply
         self.inbox.position.trimmed_to = trimmed_to
 
-    async def _read(self, block_seconds: float) -> list[Entry]:
-        """Bookkeeping (when due) and the blocking XREAD in one round trip, on the
-        reader's own connection; on a Redis Cluster, whose pipelines refuse scripts, in
-        two, through the cluster client."""
-        layer, position = self.layer, self.inbox.position
+    def _commands(self, block_seconds: float) -> _Read:
+        """The next read's commands: the bookkeeping due, if any, then the XREAD."""
+        position = self.inbox.position
         since_write = time.monotonic() - position.cursor_written_at
         checking = self._cursor_check_due(since_write)
         due = self._bookkeeping_due(checking, since_write)
-        trimmed_to = position.last_id
-        if layer.connections.is_cluster:
-            client = layer.connections.client(self.shard)
-            if due is Bookkeeping.ADVANCE:
-                await self._advance()
-            elif due is Bookkeeping.TRIM:
-                minid = next_stream_id(trimmed_to)
-                self._trimmed(
-                    await client.xtrim(self.key, minid=minid, approximate=False), trimmed_to
-                )
-            block = None if checking else self._block_ms[block_seconds]  # see _cursor_check_due
-            streams: dict[Any, Any] = {self.key: position.last_id}
-            return stream_entries(await client.xread(streams, count=READ_BATCH, block=block))
         xread = self._xread_now if checking else self._xreads[block_seconds]
-        commands = [(*xread, position.last_id)]
+        commands: list[tuple[Any, ...]] = [(*xread, position.last_id)]
         if due is Bookkeeping.ADVANCE:
             keys = [self.state_key, self.key]
             commands.insert(0, evalsha(STREAM_INBOX_ADVANCE.sha, keys, self._advance_args()))
         elif due is Bookkeeping.TRIM:
-            commands.insert(0, self._trim_command(trimmed_to))
-        connection = self._connection.ready() or await self._connection.get()
-        replies = await exchange(connection, commands)
+            commands.insert(0, self._trim_command(position.last_id))
+        return _Read(commands, due, checking, position.last_id)
+
+    async def _read(self, block_seconds: float) -> list[Entry]:
+        """Bookkeeping (when due) and the blocking XREAD in one round trip, on the
+        reader's own connection (or the replies of the read a call rode with); on a
+        Redis Cluster, whose pipelines refuse scripts, in two, through the cluster
+        client."""
+        layer, position = self.layer, self.inbox.position
+        if layer.connections.is_cluster:
+            read = self._commands(block_seconds)
+            client = layer.connections.client(self.shard)
+            if read.due is Bookkeeping.ADVANCE:
+                await self._advance()
+            elif read.due is Bookkeeping.TRIM:
+                minid = next_stream_id(read.trimmed_to)
+                self._trimmed(
+                    await client.xtrim(self.key, minid=minid, approximate=False), read.trimmed_to
+                )
+            # See _cursor_check_due: a check does not block.
+            block = None if read.checking else self._block_ms[block_seconds]
+            streams: dict[Any, Any] = {self.key: position.last_id}
+            return stream_entries(await client.xread(streams, count=READ_BATCH, block=block))
+        riding, self._riding = self._riding, None
+        if riding is not None:
+            read = riding.read
+            replies = await self._read_ridden(riding)
+        else:
+            read = self._commands(block_seconds)
+            connection = self._connection.ready() or await self._connection.get()
+            replies = await exchange(connection, read.commands)
         if isinstance(replies[-1], Exception):
             raise replies[-1]
-        if due is Bookkeeping.ADVANCE:
+        if read.due is Bookkeeping.ADVANCE:
             await self._bookkeeping_result(replies[0])
-        elif due is Bookkeeping.TRIM:
-            self._trimmed(replies[0], trimmed_to)
+        elif read.due is Bookkeeping.TRIM:
+            self._trimmed(replies[0], read.trimmed_to)
         return raw_stream_entries(replies[-1])
 
+    async def _read_ridden(self, riding: _Ride) -> list[Any]:
+        """The replies of a read a call rode with, less the call's, which settles the
+        call as soon as it is read. A failure fails the call too: the caller retries
+        it, as after any lost reply."""
+        connection = self._connection.ready()
+        call = riding.call
+
+        def settle(index: int, reply: Any) -> None:
+            if index == riding.at and not call.future.done():
+                if isinstance(reply, Exception):
+                    call.future.set_exception(reply)
+                else:
+                    call.future.set_result(reply)
+
+        try:
+            if connection is None:
+                raise RedisConnectionError("the reader's connection closed under a ride")
+            replies = await read_replies(connection, len(riding.commands), settle)
+        except BaseException as exc:
+            riding.fail(exc)
+            raise
+        del replies[riding.at]
+        return replies
+
     async def release(self) -> None:
+        riding, self._riding = self._riding, None
+        if riding is not None:  # written, never read: its replies would come to the next user
+            riding.fail(RedisConnectionError("the inbox reader stopped before its reply"))
+            connection = self._connection.ready()
+            if connection is not None:
+                await connection.disconnect(nowait=True)
         await self._connection.give_back()
+
+
+@dataclass
+class _Read:
+    """A reader's next read: its commands (the bookkeeping due, then the XREAD)."""
+
+    commands: list[tuple[Any, ...]]
+    due: Bookkeeping | None
+    #: Whether it checks the cursor (a read that does not block).
+    checking: bool
+    #: The id up to which its bare trim, if any, trims.
+    trimmed_to: str
+
+
+@dataclass
+class _Ride:
+    """A read written with a script call that rode with it (InboxReader.ride)."""
+
+    read: _Read
+    #: What was written: the read's commands with the call's EVALSHA at ``at``.
+    commands: list[tuple[Any, ...]]
+    call: PendingCall
+    at: int
+
+    def fail(self, error: BaseException) -> None:
+        """The call's reply is lost with the connection: the caller retries."""
+        if not self.call.future.done():
+            if not isinstance(error, Exception):  # cancelled: the reader is stopping
+                error = RedisConnectionError("the inbox reader stopped before its reply")
+            self.call.future.set_exception(error)

@@ -52,6 +52,8 @@ __all__ = [
     "make_writes_lean",
     "open_own_connection",
     "read_push",
+    "read_replies",
+    "write_now",
 ]
 
 
@@ -109,6 +111,24 @@ class _LeanWrites:
             except TypeError:
                 pass
         return cast(list[bytes], super().pack_commands(commands))  # type: ignore[misc]
+
+    def write_now(self, commands: list[tuple[Any, ...]]) -> bool:
+        """Write ``commands`` as one write, at once and without awaiting, if that
+        cannot wait (see :func:`_write_cannot_wait`); False, writing nothing, if it
+        could or the connection is not up. What lets a script call ride with the
+        inbox reader's next read from the caller's own task (no other task can run
+        between the check and the write)."""
+        connection = cast(Connection, self)
+        if not connection.is_connected:
+            return False
+        packed = self.pack_commands(commands)
+        if not _write_cannot_wait(connection, packed):
+            return False
+        try:
+            _write_at_once(connection, packed)
+        except OSError:
+            return False  # closing: nothing was written
+        return True
 
     async def send_packed_command(
         self, command: bytes | str | Iterable[bytes], check_health: bool = True
@@ -280,7 +300,32 @@ async def exchange(connection: AbstractConnection, commands: list[tuple[Any, ...
         raise
 
 
-async def _read_replies(connection: AbstractConnection, count: int) -> list[Any]:
+def write_now(connection: AbstractConnection, commands: list[tuple[Any, ...]]) -> bool:
+    """``connection.write_now(commands)`` on a connection whose writes are lean
+    (:func:`make_writes_lean`); False, writing nothing, on any other."""
+    write = getattr(connection, "write_now", None)
+    return bool(write(commands)) if write is not None else False
+
+
+async def read_replies(
+    connection: AbstractConnection, count: int, each: Callable[[int, Any], None]
+) -> list[Any]:
+    """The ``count`` replies to a write made with :func:`write_now`, as :func:`exchange`
+    reads them, telling ``each`` of every reply (its index, the reply) as it comes:
+    a ride's caller has its answer without waiting for the blocking read behind it.
+    Any failure closes the connection (replies may be left unread)."""
+    try:
+        return await _read_replies(connection, count, each)
+    except BaseException:
+        await connection.disconnect(nowait=True)
+        raise
+
+
+async def _read_replies(
+    connection: AbstractConnection,
+    count: int,
+    each: Callable[[int, Any], None] | None = None,
+) -> list[Any]:
     """``count`` replies, straight from the connection's parser, each within
     ``socket_timeout`` of the one before (as redis-py gives each reply).
 
@@ -292,7 +337,16 @@ async def _read_replies(connection: AbstractConnection, count: int) -> list[Any]
     reply as its exception in the list, a closed or failed socket as
     ``ConnectionError``, a silent one as ``TimeoutError``. The caller closes the
     connection on any of them (replies may be left unread)."""
-    read = connection._parser.read_response  # type: ignore[attr-defined]  # redis-py reads with it
+    parse = connection._parser.read_response  # type: ignore[attr-defined]  # redis-py reads with it
+    if each is None:
+        read = parse
+    else:
+
+        async def read() -> Any:
+            reply = await parse()
+            each(len(replies), reply)
+            return reply
+
     replies: list[Any] = []
     watch = _Watch.of(connection)
     try:

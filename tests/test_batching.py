@@ -129,13 +129,13 @@ async def test_a_merged_call_stays_behind_another_script_on_its_keys() -> None:
     """What merge() may reorder: calls of one script to the same keys join the first of
     them, but not past a call of another script that touched those keys in between
     (that one's effect stays before theirs); calls to other keys are not held back."""
-    from streamlayer.batching import _Call, merge
+    from streamlayer.batching import PendingCall, merge
     from streamlayer.scripts import STREAM_APPEND, STREAM_GROUP_SEND_KNOWN
 
     loop = asyncio.get_running_loop()
 
-    def call(script: LuaScript, *keys: str) -> _Call:
-        return _Call(script, list(keys), [], loop.create_future())
+    def call(script: LuaScript, *keys: str) -> PendingCall:
+        return PendingCall(script, list(keys), [], loop.create_future())
 
     a1, b1 = call(STREAM_APPEND, "in:a", "st:a"), call(STREAM_APPEND, "in:b", "st:b")
     group = call(STREAM_GROUP_SEND_KNOWN, "members", "digest", "in:a", "st:a")
