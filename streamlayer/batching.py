@@ -46,7 +46,7 @@ A lone call may also *ride*: while this loop's inbox reader lets the receivers
 it just woke run before it writes its next read, the first lone call made (a
 receiver's reply, typically) is written together with that read, on the
 reader's connection, in one write (:class:`Rider`). Redis runs the reader's
-bookkeeping, then the call, then the read, which finds the call's entry at once
+trim, then the call, then the read, which finds the call's entry at once
 when it went to this process; the caller gets its reply as soon as it is read,
 without waiting for the blocking read behind it. A request/reply exchange then
 makes one write a hop instead of two: the Streams layer's ping-pong took 11% less

@@ -289,18 +289,24 @@ class InboxReader(BackgroundReader):
 
     def ride(self, call: PendingCall) -> bool:
         """Write this reader's next read now, with ``call`` (a lone script call from
-        one of the receivers it woke) between the read's bookkeeping and its XREAD,
+        one of the receivers it woke) between the read's bare trim and its XREAD,
         in one write on the reader's connection; the next _read reads the replies
         and settles the call's future with its own. One write a hop instead of two
         in a request/reply exchange, and the XREAD finds the call's entry at once
         when it came to this process (streamlayer.batching). False, writing
-        nothing, when the write could wait (the call then goes the usual way)."""
+        nothing, when the bookkeeping script is due or the write could wait (the
+        call then goes the usual way)."""
         connection = self._connection.ready()
         if connection is None or self._riding is not None:
             return False
+        checking, due = self._due()
+        if due is Bookkeeping.ADVANCE:
+            # Its arguments take the queues' reports, which must reach Redis; and a
+            # report goes before the consumers' sends anyway (see step).
+            return False
         local = self.layer.local
         block = BLOCK_SECONDS if local.waiting() and not local.queued() else SHORT_BLOCK_SECONDS
-        read = self._commands(block)
+        read = self._commands(block, checking, due)
         at = len(read.commands) - 1  # the call goes right before the XREAD
         commands = list(read.commands)
         commands.insert(at, evalsha(call.script.sha, call.keys, call.args))
@@ -433,12 +439,16 @@ class InboxReader(BackgroundReader):
             raise reply
         self.inbox.position.trimmed_to = trimmed_to
 
-    def _commands(self, block_seconds: float) -> _Read:
-        """The next read's commands: the bookkeeping due, if any, then the XREAD."""
-        position = self.inbox.position
-        since_write = time.monotonic() - position.cursor_written_at
+    def _due(self) -> tuple[bool, Bookkeeping | None]:
+        """Whether the next read checks the cursor, and the bookkeeping due with it."""
+        since_write = time.monotonic() - self.inbox.position.cursor_written_at
         checking = self._cursor_check_due(since_write)
-        due = self._bookkeeping_due(checking, since_write)
+        return checking, self._bookkeeping_due(checking, since_write)
+
+    def _commands(self, block_seconds: float, checking: bool, due: Bookkeeping | None) -> _Read:
+        """The next read's commands: the bookkeeping due, if any, then the XREAD (the
+        bookkeeping script's arguments take the queues' reports: build it to send it)."""
+        position = self.inbox.position
         xread = self._xread_now if checking else self._xreads[block_seconds]
         commands: list[tuple[Any, ...]] = [(*xread, position.last_id)]
         if due is Bookkeeping.ADVANCE:
@@ -446,7 +456,7 @@ class InboxReader(BackgroundReader):
             commands.insert(0, evalsha(STREAM_INBOX_ADVANCE.sha, keys, self._advance_args()))
         elif due is Bookkeeping.TRIM:
             commands.insert(0, self._trim_command(position.last_id))
-        return _Read(commands, due, checking, position.last_id)
+        return _Read(commands, due, position.last_id)
 
     async def _read(self, block_seconds: float) -> list[Entry]:
         """Bookkeeping (when due) and the blocking XREAD in one round trip, on the
@@ -455,17 +465,17 @@ class InboxReader(BackgroundReader):
         client."""
         layer, position = self.layer, self.inbox.position
         if layer.connections.is_cluster:
-            read = self._commands(block_seconds)
+            checking, due = self._due()
+            trimmed_to = position.last_id
             client = layer.connections.client(self.shard)
-            if read.due is Bookkeeping.ADVANCE:
+            if due is Bookkeeping.ADVANCE:
                 await self._advance()
-            elif read.due is Bookkeeping.TRIM:
-                minid = next_stream_id(read.trimmed_to)
+            elif due is Bookkeeping.TRIM:
+                minid = next_stream_id(trimmed_to)
                 self._trimmed(
-                    await client.xtrim(self.key, minid=minid, approximate=False), read.trimmed_to
+                    await client.xtrim(self.key, minid=minid, approximate=False), trimmed_to
                 )
-            # See _cursor_check_due: a check does not block.
-            block = None if read.checking else self._block_ms[block_seconds]
+            block = None if checking else self._block_ms[block_seconds]  # see _cursor_check_due
             streams: dict[Any, Any] = {self.key: position.last_id}
             return stream_entries(await client.xread(streams, count=READ_BATCH, block=block))
         riding, self._riding = self._riding, None
@@ -473,7 +483,7 @@ class InboxReader(BackgroundReader):
             read = riding.read
             replies = await self._read_ridden(riding)
         else:
-            read = self._commands(block_seconds)
+            read = self._commands(block_seconds, *self._due())
             connection = self._connection.ready() or await self._connection.get()
             replies = await exchange(connection, read.commands)
         if isinstance(replies[-1], Exception):
@@ -524,8 +534,6 @@ class _Read:
 
     commands: list[tuple[Any, ...]]
     due: Bookkeeping | None
-    #: Whether it checks the cursor (a read that does not block).
-    checking: bool
     #: The id up to which its bare trim, if any, trims.
     trimmed_to: str
 
