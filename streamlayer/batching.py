@@ -49,8 +49,8 @@ reader's connection, in one write (:class:`Rider`). Redis runs the reader's
 trim, then the call, then the read, which finds the call's entry at once
 when it went to this process; the caller gets its reply as soon as it is read,
 without waiting for the blocking read behind it. A request/reply exchange then
-makes one write a hop instead of two: the Streams layer's ping-pong took 11% less
-client CPU and 6% less time a round (docs/performance.rst, "A ninth run"). A ride
+makes one write a hop instead of two: the Streams layer's ping-pong took 10% less
+client CPU and 5-6% less time a round (docs/performance.rst, "A ninth run"). A ride
 changes nothing else: the call is the same EVALSHA, a failure is a connection
 error the caller retries, NOSCRIPT sends it again the usual way (it did not run).
 
