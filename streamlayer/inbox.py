@@ -35,7 +35,7 @@ from typing import Any, Protocol, TypeVar
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
-from .batching import PendingCall
+from .batching import PendingCall, ShardBatcher
 from .entries import (
     Entry,
     RecentTags,
@@ -229,6 +229,8 @@ class InboxReader(BackgroundReader):
         #: The next read, written with a script call that rode with it and not read
         #: yet (see ride): the next _read reads its replies instead of writing.
         self._riding: _Ride | None = None
+        #: The shard's batcher in this reader's loop, which calls ride with its reads.
+        self._batcher: ShardBatcher | None = None
         super().__init__(self.layer, self.key)
 
     async def step(self) -> bool:
@@ -244,14 +246,11 @@ class InboxReader(BackgroundReader):
             await self._report_back()
             if not (local.waiting() or local.queued()):
                 return False
-        # Between a receive() that returned and the next one of the same consumer
-        # nobody waits for a moment; reading on (briefly blocking) costs less than
-        # stopping and starting over, which a request/reply exchange would do for
-        # every message. While a consumer works through its queue, or may come back
-        # for more, short reads carry the shrinking backlog to Redis.
-        block = BLOCK_SECONDS if local.waiting() and not local.queued() else SHORT_BLOCK_SECONDS
         entries = await layer.with_retry(
-            self._what, partial(self._read, block), on_error=self.lost_connection, reader=True
+            self._what,
+            partial(self._read, self._block_seconds()),
+            on_error=self.lost_connection,
+            reader=True,
         )
         if self._back is not None:
             await self._report_back()
@@ -272,14 +271,28 @@ class InboxReader(BackgroundReader):
                 await self._let_woken_run()
         return True
 
+    def _block_seconds(self) -> float:
+        """How long the next read may block. Between a receive() that returned and the
+        next one of the same consumer nobody waits for a moment; reading on (briefly
+        blocking) costs less than stopping and starting over, which a request/reply
+        exchange would do for every message. While a consumer works through its
+        queue, or may come back for more, short reads carry the shrinking backlog to
+        Redis."""
+        local = self.layer.local
+        return BLOCK_SECONDS if local.waiting() and not local.queued() else SHORT_BLOCK_SECONDS
+
     async def _let_woken_run(self) -> None:
         """let_woken_run, offering this reader's next read to the first lone script
         call the receivers make meanwhile (see :meth:`ride`)."""
-        connections = self.layer.connections
-        if connections.is_cluster:  # a cluster's reads go through its client
+        if self.layer.connections.is_cluster:  # a cluster's reads go through its client
             await let_woken_run(self.loop_ready)
             return
-        batcher = connections.batcher(self.shard)
+        batcher = self._batcher
+        if batcher is None:
+            # Looked up once: the reader lives in one loop, whose batcher for the shard
+            # stays while the reader does (finding it asks for the running loop, a
+            # system call on Python 3.11, once a hop otherwise).
+            batcher = self._batcher = self.layer.connections.batcher(self.shard)
         batcher.rider = self
         try:
             await let_woken_run(self.loop_ready)
@@ -304,9 +317,7 @@ class InboxReader(BackgroundReader):
             # Its arguments take the queues' reports, which must reach Redis; and a
             # report goes before the consumers' sends anyway (see step).
             return False
-        local = self.layer.local
-        block = BLOCK_SECONDS if local.waiting() and not local.queued() else SHORT_BLOCK_SECONDS
-        read = self._commands(block, checking, due)
+        read = self._commands(self._block_seconds(), checking, due)
         at = len(read.commands) - 1  # the call goes right before the XREAD
         commands = list(read.commands)
         commands.insert(at, evalsha(call.script.sha, call.keys, call.args))

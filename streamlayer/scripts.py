@@ -163,17 +163,22 @@ return added
 # change and rebuilt from the members by the next group send that finds them as
 # planned (after its messages: see the module docstring on memory).
 _MEMBERSHIP = """
-local function parse_digest(raw)
-    -- {count, words} of a stored digest; nil when it is not one
-    local count, hex = string.match(raw, '^(%d+):(%x+)$')
-    if not count or #hex ~= 40 then
-        return nil
-    end
+local function words_of(hex)
+    -- 40 hex digits as five 32-bit words (what bit.bxor works on)
     local words = {}
     for w = 1, 5 do
         words[w] = tonumber(string.sub(hex, 8 * w - 7, 8 * w), 16)
     end
-    return tonumber(count), words
+    return words
+end
+
+local function parse_digest(raw)
+    -- The count and words of a stored digest; nil when it is not one
+    local count, hex = string.match(raw, '^(%d+):(%x+)$')
+    if not count or #hex ~= 40 then
+        return nil
+    end
+    return tonumber(count), words_of(hex)
 end
 
 local function open_members(group, digest_key)
@@ -201,10 +206,9 @@ end
 
 local function flip(m, channel, delta)
     if m.words then
-        local hex = redis.sha1hex(channel)
-        local words = m.words
+        local words, its = m.words, words_of(redis.sha1hex(channel))
         for w = 1, 5 do
-            words[w] = bit.bxor(words[w], tonumber(string.sub(hex, 8 * w - 7, 8 * w), 16))
+            words[w] = bit.bxor(words[w], its[w])
         end
         m.count = m.count + delta
         m.changed = true
